@@ -1,0 +1,25 @@
+//! carpool: a reverse proxy that carpools deferrable LLM calls into provider
+//! batch jobs and passes everything else straight through.
+//!
+//! # Layout
+//! - [`model`]: ids, request states, dialects, batchable endpoints (pure).
+//! - [`config`]: raw TOML + env overrides, validated into typed settings.
+//! - [`server`]: the HTTP edge: router, handlers, the one error → HTTP mapping.
+//! - [`proxy`]: pass-through forwarding and the defer / pass / reject decision.
+//! - [`store`]: the durable contract (state transitions) and its backends.
+//! - [`providers`]: batch APIs of each dialect behind one trait.
+//! - [`deferral`]: intake, window policy and the flusher.
+//! - [`metrics`]: every Prometheus family carpool exports.
+//! - [`app`]: builds the shared state, starts workers, serves, shuts down.
+//! - [`sim`]: the simulated provider used by tests, benches and the demo.
+
+pub mod app;
+pub mod config;
+pub mod deferral;
+pub mod metrics;
+pub mod model;
+pub mod providers;
+pub mod proxy;
+pub mod server;
+pub mod sim;
+pub mod store;

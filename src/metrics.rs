@@ -1,0 +1,1 @@
+//! Every Prometheus family carpool exports.

@@ -1,0 +1,211 @@
+//! The neutral vocabulary every layer shares: ids, request states, dialects
+//! and batchable endpoints. Nothing here does I/O.
+
+use std::fmt;
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            pub const PREFIX: &'static str = $prefix;
+
+            /// A fresh id: the prefix and 128 random bits in hex.
+            pub fn generate() -> Self {
+                let mut bytes = [0u8; 16];
+                rand::thread_rng().fill_bytes(&mut bytes);
+                Self(format!("{}{}", $prefix, hex::encode(bytes)))
+            }
+
+            /// Accepts only ids of this kind's shape, so a caller-supplied
+            /// string never reaches the store unchecked.
+            pub fn parse(s: &str) -> Option<Self> {
+                let rest = s.strip_prefix($prefix)?;
+                (rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .then(|| Self(s.to_owned()))
+            }
+
+            /// Wraps a value read back from our own store.
+            pub fn from_stored(s: String) -> Self {
+                Self(s)
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A deferred request; also the `custom_id` of its batch line.
+    RequestId,
+    "cpr_"
+);
+id_type!(
+    /// A window: the requests that go into one batch job.
+    WindowId,
+    "cpw_"
+);
+
+/// The state of a deferred request as callers see it (SPEC section 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestStatus {
+    Queued,
+    Submitted,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Expired,
+}
+
+impl RequestStatus {
+    pub const ALL: [RequestStatus; 6] = [
+        Self::Queued,
+        Self::Submitted,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+        Self::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Submitted => "submitted",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Finished requests never change again.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Queued | Self::Submitted)
+    }
+}
+
+/// Who produced a request's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServedBy {
+    Batch,
+    Realtime,
+}
+
+impl ServedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Batch => "batch",
+            Self::Realtime => "realtime",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "batch" => Some(Self::Batch),
+            "realtime" => Some(Self::Realtime),
+            _ => None,
+        }
+    }
+}
+
+/// The batch API a provider speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    Mistral,
+    Openai,
+}
+
+impl Dialect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mistral => "mistral",
+            Self::Openai => "openai",
+        }
+    }
+
+    /// Endpoints this dialect's batch API accepts (SPEC section 1).
+    pub fn batchable(self, endpoint: &str) -> bool {
+        match self {
+            Self::Mistral => matches!(
+                endpoint,
+                "/v1/chat/completions"
+                    | "/v1/embeddings"
+                    | "/v1/fim/completions"
+                    | "/v1/moderations"
+                    | "/v1/chat/moderations"
+                    | "/v1/ocr"
+                    | "/v1/classifications"
+            ),
+            Self::Openai => matches!(
+                endpoint,
+                "/v1/chat/completions" | "/v1/embeddings" | "/v1/completions" | "/v1/moderations"
+            ),
+        }
+    }
+
+    /// Requests per job and bytes per input file the provider accepts
+    /// (reference sections A6 and B6: size windows to the smaller figure).
+    pub fn limits(self) -> (u64, u64) {
+        match self {
+            Self::Mistral => (100_000, 512 * 1_000_000),
+            Self::Openai => (50_000, 200 * 1_000_000),
+        }
+    }
+}
+
+/// Endpoints some dialect can batch; the deferral decision checks the
+/// routed upstream's dialect with [`Dialect::batchable`].
+pub const BATCHABLE_ENDPOINTS: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/fim/completions",
+    "/v1/moderations",
+    "/v1/chat/moderations",
+    "/v1/ocr",
+    "/v1/classifications",
+    "/v1/completions",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_round_trip_and_reject_foreign_shapes() {
+        let id = RequestId::generate();
+        assert_eq!(RequestId::parse(id.as_str()), Some(id.clone()));
+        assert!(id.as_str().len() <= 64);
+        assert_eq!(RequestId::parse("cpr_123"), None);
+        assert_eq!(WindowId::parse(id.as_str()), None);
+    }
+
+    #[test]
+    fn only_queued_and_submitted_are_open() {
+        let open: Vec<_> = RequestStatus::ALL
+            .into_iter()
+            .filter(|s| !s.is_final())
+            .collect();
+        assert_eq!(open, vec![RequestStatus::Queued, RequestStatus::Submitted]);
+    }
+}
