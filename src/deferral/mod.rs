@@ -1,8 +1,17 @@
 //! The deferred path: intake, window policy, submission.
 //!
-//! Owns: deciding whether a call is deferred ([`optin`]), when a window is
-//! due ([`policy`]), and replaying a result as a stream ([`sse`]).
+//! Owns: deciding whether a call is deferred ([`optin`]), storing it and
+//! answering it ([`intake`], [`answer`], [`handles`]), when a window is due
+//! ([`policy`]), and turning sealed windows into batch jobs ([`flusher`]).
+//! Results come back through [`crate::resolution`].
 
+pub mod answer;
+pub mod engine;
+pub mod flusher;
+pub mod handles;
+pub mod intake;
 pub mod optin;
 pub mod policy;
 pub mod sse;
+
+pub use engine::Deferral;

@@ -1,0 +1,124 @@
+//! The deferred path's shared state: the store, one batch client per
+//! upstream, the waiters, and the wake-ups of the workers. Cheap to clone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashSet;
+use tokio::sync::Notify;
+
+use crate::config::{AuthMode, Config, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::model::WindowId;
+use crate::providers::{BatchClient, RetryPolicy};
+use crate::resolution::waiters::Waiters;
+use crate::store::{Store, WindowRecord};
+
+/// One upstream as the batch workers see it.
+pub struct BatchUpstream {
+    pub config: UpstreamConfig,
+    pub client: BatchClient,
+}
+
+impl BatchUpstream {
+    /// The key a window's batch calls use: carpool's own for managed
+    /// upstreams, the window owner's for passthrough ones.
+    pub fn key_for<'a>(&'a self, window: &'a WindowRecord) -> Option<&'a str> {
+        match self.config.auth {
+            AuthMode::Managed => self.config.api_key.as_ref().map(|k| k.expose()),
+            AuthMode::Passthrough => window.upstream_key.as_deref(),
+        }
+    }
+}
+
+pub struct Inner {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub upstreams: HashMap<String, BatchUpstream>,
+    pub waiters: Waiters,
+    pub metrics: Metrics,
+    /// Rings when a window was sealed or may be due.
+    pub flush_wake: Notify,
+    /// Rings when a job was created, so it is polled without delay.
+    pub poll_wake: Notify,
+    /// Windows this process is working on right now (submitting or reconciling).
+    pub busy: DashSet<WindowId>,
+}
+
+#[derive(Clone)]
+pub struct Deferral {
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for Deferral {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl Deferral {
+    pub fn new(config: Arc<Config>, store: Store, http: reqwest::Client, metrics: Metrics) -> Self {
+        let retry = RetryPolicy {
+            observer: Some(metrics.upstream_retry_observer()),
+            ..RetryPolicy::default()
+        };
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let client = BatchClient::new(http.clone(), u.base_url.as_str(), u.dialect, retry.clone());
+                (u.name.clone(), BatchUpstream { config: u.clone(), client })
+            })
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                upstreams,
+                waiters: Waiters::default(),
+                metrics,
+                flush_wake: Notify::new(),
+                poll_wake: Notify::new(),
+                busy: DashSet::new(),
+            }),
+        }
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&BatchUpstream> {
+        self.upstreams.get(name)
+    }
+}
+
+/// Marks a window busy for as long as the guard lives.
+pub struct BusyGuard {
+    deferral: Deferral,
+    id: WindowId,
+}
+
+impl BusyGuard {
+    pub fn try_take(deferral: &Deferral, id: &WindowId) -> Option<Self> {
+        deferral.busy.insert(id.clone()).then(|| Self {
+            deferral: deferral.clone(),
+            id: id.clone(),
+        })
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.deferral.busy.remove(&self.id);
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}

@@ -1,0 +1,181 @@
+//! The flusher: seals windows that are due and submits sealed windows as
+//! provider batch jobs, one step (one store transition) at a time, so a
+//! crash anywhere resumes from the last step on restart.
+//!
+//! Steps: sealed → upload the JSONL streamed from the store → uploaded →
+//! creating (recorded before the create call) → create the job with the
+//! window id in its metadata → submitted. A window found in `creating` at
+//! start may already have a job: it is looked up by that metadata and
+//! adopted instead of created twice.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{now_ms, BusyGuard, Deferral};
+use super::policy;
+use crate::providers::{write_input_line, ProviderError};
+use crate::store::{FlushReason, StoreError, WindowOutcome, WindowRecord, WindowState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error("upstream {0} is not configured")]
+    UnknownUpstream(String),
+    #[error("no upstream key for window {0}")]
+    NoKey(String),
+}
+
+/// How long the flusher sleeps when nothing is open.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Runs until `shutdown`; then seals every open window (reason shutdown)
+/// so a restart submits them at once.
+pub async fn run(deferral: Deferral, shutdown: CancellationToken) {
+    loop {
+        let next = match tick(&deferral).await {
+            Ok(next) => next,
+            Err(err) => {
+                tracing::error!(error = %err, "flusher pass failed; retrying");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = deferral.flush_wake.notified() => {}
+            _ = tokio::time::sleep(next) => {}
+        }
+    }
+}
+
+/// Seals the windows that are due, starts submitting the sealed ones, and
+/// says when to look again.
+async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
+    let now = now_ms();
+    let mut next = IDLE_CHECK;
+    for window in deferral.store.open_windows().await? {
+        let Some(upstream) = deferral.upstream(&window.key.upstream) else {
+            continue;
+        };
+        let policy = deferral.config.batching.policy_for(&window.key.model, upstream.config.dialect);
+        let age = policy::WindowAge {
+            age_ms: now - window.opened_at,
+            until_deadline_ms: window.earliest_deadline.map(|d| d - now),
+        };
+        let turnaround = deferral.config.batching.poll_interval;
+        match policy::due(age, policy.max_wait, policy.fallback_margin, turnaround) {
+            Some(reason) => {
+                if deferral.store.seal_window(&window.id, reason, now).await? {
+                    deferral.metrics.flushes.with_label_values(&[reason.as_str()]).inc();
+                }
+            }
+            None => next = next.min(policy::next_check(age, policy.max_wait, policy.fallback_margin, turnaround)),
+        }
+    }
+    let states = [WindowState::Sealed, WindowState::Uploaded, WindowState::Creating];
+    for window in deferral.store.windows_in(&states).await? {
+        let Some(guard) = BusyGuard::try_take(deferral, &window.id) else {
+            continue;
+        };
+        let deferral = deferral.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let id = window.id.clone();
+            if let Err(err) = submit(&deferral, window).await {
+                tracing::warn!(window = %id, error = %err, "window submission failed; will retry");
+                deferral.metrics.submit_failures.inc();
+            }
+        });
+    }
+    Ok(next)
+}
+
+/// Seals every open window with `reason` (shutdown, operator flush).
+pub async fn seal_all(deferral: &Deferral, reason: FlushReason) -> Result<usize, StoreError> {
+    let now = now_ms();
+    let mut sealed = 0;
+    for window in deferral.store.open_windows().await? {
+        if deferral.store.seal_window(&window.id, reason, now).await? {
+            deferral.metrics.flushes.with_label_values(&[reason.as_str()]).inc();
+            sealed += 1;
+        }
+    }
+    deferral.flush_wake.notify_one();
+    Ok(sealed)
+}
+
+/// Takes one window from wherever it stands to `submitted`.
+pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(), SubmitError> {
+    let upstream = deferral
+        .upstream(&window.key.upstream)
+        .ok_or_else(|| SubmitError::UnknownUpstream(window.key.upstream.clone()))?;
+    let key = upstream
+        .key_for(&window)
+        .ok_or_else(|| SubmitError::NoKey(window.id.to_string()))?
+        .to_owned();
+    let client = &upstream.client;
+
+    if window.state == WindowState::Sealed {
+        if deferral.store.open_request_ids(&window.id).await?.is_empty() {
+            // Every member was cancelled: nothing to submit.
+            deferral.store.finish_window(&window.id, WindowOutcome::Completed, now_ms()).await?;
+            return Ok(());
+        }
+        let store = deferral.store.clone();
+        let (id, dialect, endpoint) = (window.id.clone(), client.dialect(), window.key.endpoint.clone());
+        let file_id = client
+            .upload(&key, &format!("{id}.jsonl"), move || {
+                let endpoint = endpoint.clone();
+                store.window_lines(&id).map(move |row| {
+                    let (request, body) = row.map_err(std::io::Error::other)?;
+                    let mut line = Vec::with_capacity(body.len() + 96);
+                    write_input_line(dialect, request.as_str(), &endpoint, &body, &mut line)
+                        .map_err(std::io::Error::other)?;
+                    Ok::<Bytes, std::io::Error>(Bytes::from(line))
+                })
+            })
+            .await?;
+        deferral.store.record_upload(&window.id, &file_id).await?;
+        window.state = WindowState::Uploaded;
+        window.file_id = Some(file_id);
+    }
+
+    // A window already in `creating` may have a job whose id we never
+    // stored (a crash, or a create that timed out after it succeeded).
+    let adopt = window.state == WindowState::Creating;
+    if window.state == WindowState::Uploaded {
+        deferral.store.mark_creating(&window.id).await?;
+    }
+    let file_id = window.file_id.clone().unwrap_or_default();
+    let existing = if adopt {
+        let since = window.sealed_at.unwrap_or(window.opened_at) / 1000 - 3600;
+        client.find_job_for_window(&key, &window.id, since).await?
+    } else {
+        None
+    };
+    let job = match existing {
+        Some(job) => {
+            tracing::info!(window = %window.id, job = %job.id, "adopted a job created before a restart");
+            job
+        }
+        None => {
+            client
+                .create_job(&key, &file_id, &window.key.model, &window.key.endpoint, &window.id)
+                .await?
+        }
+    };
+    deferral.store.record_job(&window.id, &job.id, now_ms()).await?;
+    deferral
+        .metrics
+        .batch_jobs
+        .with_label_values(&[&window.key.upstream, &window.key.model, "submitted"])
+        .inc();
+    tracing::info!(window = %window.id, job = %job.id, requests = window.count, "batch job submitted");
+    deferral.poll_wake.notify_one();
+    Ok(())
+}

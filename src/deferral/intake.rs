@@ -1,0 +1,220 @@
+//! Intake: a deferrable call becomes a stored request, then is answered in
+//! the mode its caller chose. The request is committed to the store before
+//! anything is acknowledged (the 202, or the first byte of a held answer).
+
+use std::convert::Infallible;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::answer::{accepted_response, carpool_headers, final_response, final_status_and_body, wait_final};
+use super::engine::{now_ms, Deferral};
+use super::optin::{self, Answer};
+use super::sse;
+use crate::config::UpstreamConfig;
+use crate::model::RequestId;
+use crate::server::auth::Caller;
+use crate::server::error::ApiError;
+use crate::store::{DeliveryMode, NewRequest, RequestRecord, StoreError, WindowLimits};
+
+/// SSE comment cadence while a streamed wait-mode call is held.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::IdempotencyConflict => ApiError::Unprocessable {
+                message: "this Idempotency-Key was already used with a different request body".to_owned(),
+                code: "idempotency_key_reused",
+            },
+            other => ApiError::Internal { reason: other.to_string() },
+        }
+    }
+}
+
+impl From<optin::OptInError> for ApiError {
+    fn from(err: optin::OptInError) -> Self {
+        ApiError::bad_request(err.to_string(), "invalid_carpool_header")
+    }
+}
+
+/// A deferrable call, already authenticated, routed and parsed.
+pub struct Deferred<'a> {
+    pub caller: &'a Caller,
+    pub upstream: &'a UpstreamConfig,
+    /// The endpoint as the provider names it, e.g. `/v1/chat/completions`.
+    pub endpoint: &'a str,
+    pub model: String,
+    pub stream: bool,
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
+    pub answer: Answer,
+}
+
+/// The request's fingerprint for retry detection: endpoint and exact body.
+pub fn body_hash(endpoint: &str, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(endpoint.as_bytes());
+    h.update([0]);
+    h.update(body);
+    hex::encode(h.finalize())
+}
+
+/// Stores the call, then answers it.
+pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, ApiError> {
+    if !call.upstream.dialect.batchable(call.endpoint) {
+        return Err(ApiError::Unprocessable {
+            message: format!(
+                "{} cannot be deferred: the {} batch API does not accept it",
+                call.endpoint,
+                call.upstream.dialect.as_str()
+            ),
+            code: "not_batchable",
+        });
+    }
+    let deadline = optin::deadline(call.headers, &call.answer, SystemTime::now())?;
+    let idempotency_key = match call.headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| ApiError::bad_request("Idempotency-Key must be 1 to 255 characters of text", "invalid_idempotency_key"))?
+                .to_owned(),
+        ),
+    };
+    let policy = deferral.config.batching.policy_for(&call.model, call.upstream.dialect);
+    let mode = match call.answer {
+        Answer::Wait => DeliveryMode::Wait,
+        _ => DeliveryMode::Async,
+    };
+    let accepted = deferral
+        .store
+        .accept(NewRequest {
+            id: RequestId::generate(),
+            credential_hash: call.caller.credential_hash.clone(),
+            upstream: call.upstream.name.clone(),
+            endpoint: call.endpoint.to_owned(),
+            model: call.model.clone(),
+            body_hash: body_hash(call.endpoint, &call.body),
+            body: call.body,
+            idempotency_key,
+            sdk_retry: optin::is_sdk_retry(call.headers),
+            mode,
+            deadline,
+            callback_url: None,
+            upstream_key: call.caller.upstream_key.as_ref().map(|k| k.expose().to_owned()),
+            limits: WindowLimits {
+                max_requests: policy.max_requests,
+                max_bytes: policy.max_bytes,
+            },
+            now: now_ms(),
+        })
+        .await?;
+    let sealed = accepted.sealed_previous.is_some() || accepted.window.as_ref().is_some_and(|w| w.sealed.is_some());
+    if sealed || accepted.created {
+        deferral.flush_wake.notify_one();
+    }
+    deferral
+        .metrics
+        .deferred_accepted
+        .with_label_values(&[mode.as_str(), if accepted.created { "new" } else { "reattached" }])
+        .inc();
+    let record = accepted.record;
+    let credential = call.caller.credential_hash.as_str();
+
+    match call.answer {
+        Answer::Wait if call.stream => Ok(held_stream(deferral.clone(), record, credential.to_owned())),
+        Answer::Wait => {
+            let done = wait_final(deferral, &record.id, credential, None).await?;
+            Ok(final_response(&done.unwrap_or(record)))
+        }
+        Answer::Async { .. } => Ok(with_preference(accepted_response(&record, retry_after(deferral)), &call.answer)),
+        Answer::AsyncAfter(limit) => {
+            let now = wait_final(deferral, &record.id, credential, Some(limit)).await?.unwrap_or(record);
+            let response = if now.status.is_final() {
+                final_response(&now)
+            } else {
+                accepted_response(&now, retry_after(deferral))
+            };
+            Ok(with_preference(response, &call.answer))
+        }
+    }
+}
+
+fn retry_after(deferral: &Deferral) -> Duration {
+    deferral.config.batching.poll_interval.max(Duration::from_secs(1))
+}
+
+fn with_preference(mut response: Response, answer: &Answer) -> Response {
+    if let Some(applied) = optin::preference_applied(answer) {
+        if let Ok(v) = HeaderValue::from_str(&applied) {
+            response.headers_mut().insert("preference-applied", v);
+        }
+        response.headers_mut().insert(header::VARY, HeaderValue::from_static("Prefer"));
+    }
+    response
+}
+
+/// A streamed wait-mode call: SSE at once, keep-alive comments while the
+/// request waits, then the result replayed as chunk events.
+fn held_stream(deferral: Deferral, record: RequestRecord, credential: String) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let id = record.id.clone();
+    tokio::spawn(async move {
+        if tx.send(Bytes::from_static(sse::KEEP_ALIVE)).await.is_err() {
+            return;
+        }
+        let done = loop {
+            tokio::select! {
+                result = wait_final(&deferral, &id, &credential, Some(KEEP_ALIVE_EVERY)) => match result {
+                    Ok(Some(r)) if r.status.is_final() => break r,
+                    Ok(Some(_)) => {
+                        if tx.send(Bytes::from_static(sse::KEEP_ALIVE)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(err) => {
+                        tracing::error!(request = %id, error = %err, "store read failed while holding a stream");
+                        return;
+                    }
+                },
+                _ = tx.closed() => return,
+            }
+        };
+        let (status, body) = final_status_and_body(&done);
+        for event in sse::replay(status.as_u16(), &body) {
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (Ok::<Bytes, Infallible>(chunk), rx))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    carpool_headers(&record, headers);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_hash_depends_on_endpoint_and_exact_bytes() {
+        let a = body_hash("/v1/chat/completions", b"{\"model\":\"m\"}");
+        assert_eq!(a, body_hash("/v1/chat/completions", b"{\"model\":\"m\"}"));
+        assert_ne!(a, body_hash("/v1/embeddings", b"{\"model\":\"m\"}"));
+        assert_ne!(a, body_hash("/v1/chat/completions", b"{\"model\": \"m\"}"));
+    }
+}

@@ -1,0 +1,93 @@
+//! The poller: asks the provider about every submitted job each
+//! `poll_interval`, and reconciles the ones that ended.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::reconcile::{reconcile, ReconcileError};
+use crate::deferral::engine::{now_ms, BusyGuard, Deferral};
+use crate::providers::JobPhase;
+use crate::store::{StoreError, WindowOutcome, WindowRecord, WindowState};
+
+pub async fn run(deferral: Deferral, shutdown: CancellationToken) {
+    let interval = deferral.config.batching.poll_interval;
+    loop {
+        if let Err(err) = tick(&deferral, &shutdown).await {
+            tracing::error!(error = %err, "poller pass failed; retrying");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = deferral.poll_wake.notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+async fn tick(deferral: &Deferral, shutdown: &CancellationToken) -> Result<(), StoreError> {
+    for window in deferral.store.windows_in(&[WindowState::Submitted]).await? {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let Some(guard) = BusyGuard::try_take(deferral, &window.id) else {
+            continue;
+        };
+        let deferral = deferral.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let id = window.id.clone();
+            if let Err(err) = poll_one(&deferral, window).await {
+                tracing::warn!(window = %id, error = %err, "polling a batch job failed; will retry");
+            }
+        });
+    }
+    Ok(())
+}
+
+async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), ReconcileError> {
+    let Some(upstream) = deferral.upstream(&window.key.upstream) else {
+        return Ok(());
+    };
+    let (Some(key), Some(job_id)) = (upstream.key_for(&window), window.job_id.as_deref()) else {
+        return Ok(());
+    };
+    let client = &upstream.client;
+    let job = client.get_job(key, job_id).await?;
+    if window.provider_status.as_deref() != Some(job.raw_status.as_str()) {
+        deferral.store.record_job_status(&window.id, &job.raw_status).await?;
+    }
+    if !job.phase.is_terminal() {
+        return Ok(());
+    }
+    let started = window.submitted_at.unwrap_or(window.opened_at);
+    let tally = reconcile(deferral, client, key, &window, &job).await?;
+    let outcome = if job.phase == JobPhase::Completed {
+        WindowOutcome::Completed
+    } else {
+        WindowOutcome::Failed
+    };
+    deferral.store.finish_window(&window.id, outcome, now_ms()).await?;
+    deferral
+        .metrics
+        .batch_jobs
+        .with_label_values(&[&window.key.upstream, &window.key.model, job.phase.as_str()])
+        .inc();
+    deferral
+        .metrics
+        .batch_turnaround
+        .observe(Duration::from_millis((now_ms() - started).max(0) as u64).as_secs_f64());
+    tracing::info!(
+        window = %window.id, job = %job.id, status = %job.raw_status,
+        succeeded = tally.succeeded, failed = tally.failed, missing = tally.missing,
+        "batch job reconciled"
+    );
+    if deferral.config.batching.delete_files {
+        let files = [window.file_id.as_deref(), job.output_file.as_deref(), job.error_file.as_deref()];
+        for file in files.into_iter().flatten() {
+            if let Err(err) = client.delete_file(key, file).await {
+                tracing::warn!(window = %window.id, file, error = %err, "could not delete a provider file");
+            }
+        }
+    }
+    Ok(())
+}

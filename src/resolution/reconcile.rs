@@ -1,0 +1,192 @@
+//! Reconciliation: a finished job's output and error files, streamed line
+//! by line into stored results, then every member found in neither file
+//! failed to its caller. Idempotent: re-running it after a crash changes
+//! only requests that are still open.
+
+use bytes::Bytes;
+
+use crate::deferral::engine::{now_ms, Deferral};
+use crate::model::{RequestId, ServedBy};
+use crate::providers::{parse_result_line, BatchClient, JobPhase, JobView, LineReader, ProviderError};
+use crate::store::{ResolvedStatus, Resolution, StoreError, WindowRecord};
+
+/// Results written to the store per transaction.
+const CHUNK: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+}
+
+/// What one reconciliation did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub unmatched_lines: u64,
+    pub missing: u64,
+}
+
+/// Maps one result line to a resolution; `None` for a line that names no
+/// request of ours (logged and counted by the caller).
+pub fn resolution_of(line: &[u8], now: i64) -> Result<Resolution, Option<String>> {
+    let outcome = parse_result_line(line).map_err(|e| Some(e.to_string()))?;
+    let id = RequestId::parse(&outcome.custom_id).ok_or(None)?;
+    let succeeded = outcome.succeeded();
+    let (error_code, error_message) = match (&outcome.error, succeeded) {
+        (Some(f), _) => (Some(f.code.clone()), Some(f.message.clone())),
+        (None, true) => (None, None),
+        (None, false) => (
+            Some(format!("upstream_{}", outcome.status_code)),
+            Some(upstream_message(&outcome.body)),
+        ),
+    };
+    let expired = outcome.error.as_ref().is_some_and(|f| f.code == "batch_expired");
+    Ok(Resolution {
+        id,
+        status: if succeeded {
+            ResolvedStatus::Succeeded
+        } else if expired {
+            ResolvedStatus::Expired
+        } else {
+            ResolvedStatus::Failed
+        },
+        served_by: Some(ServedBy::Batch),
+        response_status: Some(outcome.status_code),
+        response_body: Some(outcome.body),
+        error_code,
+        error_message,
+        completed_at: now,
+    })
+}
+
+fn upstream_message(body: &Bytes) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| "the upstream refused this request".to_owned())
+}
+
+/// Streams one file into the store, waking waiters chunk by chunk.
+async fn apply_file(
+    deferral: &Deferral,
+    client: &BatchClient,
+    key: &str,
+    window: &WindowRecord,
+    file_id: &str,
+    tally: &mut Tally,
+) -> Result<(), ReconcileError> {
+    let stream = client.download(key, file_id).await?;
+    let mut reader = LineReader::new(Box::pin(stream));
+    let mut chunk = Vec::with_capacity(CHUNK);
+    while let Some(line) = reader.next_line().await? {
+        match resolution_of(&line, now_ms()) {
+            Ok(resolution) => {
+                if resolution.status == ResolvedStatus::Succeeded {
+                    tally.succeeded += 1;
+                } else {
+                    tally.failed += 1;
+                }
+                chunk.push(resolution);
+            }
+            Err(reason) => {
+                tally.unmatched_lines += 1;
+                tracing::warn!(window = %window.id, file = file_id, reason = reason.as_deref().unwrap_or("foreign custom_id"), "result line skipped");
+            }
+        }
+        if chunk.len() >= CHUNK {
+            store_chunk(deferral, window, std::mem::take(&mut chunk)).await?;
+        }
+    }
+    if !chunk.is_empty() {
+        store_chunk(deferral, window, chunk).await?;
+    }
+    Ok(())
+}
+
+async fn store_chunk(deferral: &Deferral, window: &WindowRecord, chunk: Vec<Resolution>) -> Result<(), StoreError> {
+    for r in &chunk {
+        deferral.metrics.record_result(&window.key.model, r);
+    }
+    let changed = deferral.store.resolve(&window.id, chunk).await?;
+    deferral.waiters.wake(&changed);
+    Ok(())
+}
+
+/// Reconciles a job that reached a terminal phase.
+pub async fn reconcile(
+    deferral: &Deferral,
+    client: &BatchClient,
+    key: &str,
+    window: &WindowRecord,
+    job: &JobView,
+) -> Result<Tally, ReconcileError> {
+    let mut tally = Tally::default();
+    for file in [&job.output_file, &job.error_file].into_iter().flatten() {
+        apply_file(deferral, client, key, window, file, &mut tally).await?;
+    }
+    let (code, message) = match job.phase {
+        JobPhase::Completed => (
+            "missing_result".to_owned(),
+            "the provider returned no result for this request".to_owned(),
+        ),
+        phase => (
+            format!("batch_{}", phase.as_str()),
+            if job.errors.is_empty() {
+                format!("the batch job {} ended {} ({})", job.id, phase.as_str(), job.raw_status)
+            } else {
+                format!("the batch job {} ended {}: {}", job.id, phase.as_str(), job.errors.join("; "))
+            },
+        ),
+    };
+    let missing = deferral.store.fail_unresolved(&window.id, &code, &message, now_ms()).await?;
+    tally.missing = missing.len() as u64;
+    deferral.waiters.wake(&missing);
+    Ok(tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_line_resolves_its_own_request() {
+        let id = RequestId::generate();
+        let line = format!(r#"{{"custom_id":"{id}","response":{{"status_code":200,"body":{{"ok":true}}}}}}"#);
+        let r = resolution_of(line.as_bytes(), 5).unwrap();
+        assert_eq!(r.id, id);
+        assert_eq!(r.status, ResolvedStatus::Succeeded);
+        assert_eq!(r.response_status, Some(200));
+        assert_eq!(r.error_code, None);
+    }
+
+    #[test]
+    fn per_line_http_error_keeps_status_and_message() {
+        let id = RequestId::generate();
+        let line = format!(
+            r#"{{"custom_id":"{id}","response":{{"status_code":422,"body":{{"error":{{"message":"too long"}}}}}}}}"#
+        );
+        let r = resolution_of(line.as_bytes(), 5).unwrap();
+        assert_eq!(r.status, ResolvedStatus::Failed);
+        assert_eq!(r.response_status, Some(422));
+        assert_eq!(r.error_message.as_deref(), Some("too long"));
+    }
+
+    #[test]
+    fn foreign_custom_id_is_skipped_not_resolved() {
+        let line = br#"{"custom_id":"someone-else","response":{"status_code":200,"body":{}}}"#;
+        assert_eq!(resolution_of(line, 0).unwrap_err(), None);
+    }
+
+    #[test]
+    fn expired_line_marks_the_request_expired() {
+        let id = RequestId::generate();
+        let line = format!(r#"{{"custom_id":"{id}","response":null,"error":{{"code":"batch_expired","message":"late"}}}}"#);
+        let r = resolution_of(line.as_bytes(), 0).unwrap();
+        assert_eq!(r.status, ResolvedStatus::Expired);
+        assert_eq!(r.response_status, Some(504));
+    }
+}
