@@ -86,7 +86,7 @@ pub(crate) enum Op {
 #[derive(Debug)]
 pub(crate) enum Reply {
     Accepted(Box<Accepted>),
-    Cancel(CancelOutcome),
+    Cancel(Box<CancelOutcome>),
     Applied(bool),
     Ids(Vec<RequestId>),
     Count(u64),
@@ -104,7 +104,7 @@ impl Reply {
     }
     pub(crate) fn cancel(self) -> Result<CancelOutcome, StoreError> {
         match self {
-            Reply::Cancel(c) => Ok(c),
+            Reply::Cancel(c) => Ok(*c),
             other => Err(other.mismatch("cancel")),
         }
     }
@@ -269,7 +269,7 @@ macro_rules! backend_ops {
             Ok(match op {
                 Op::Accept(req) => Reply::Accepted(Box::new(accept(conn, req, horizon).await?)),
                 Op::Cancel { id, credential_hash, now } => {
-                    Reply::Cancel(cancel(conn, id, credential_hash, *now).await?)
+                    Reply::Cancel(Box::new(cancel(conn, id, credential_hash, *now).await?))
                 }
                 Op::Seal { id, reason, now } => Reply::Applied(seal(conn, id, *reason, *now).await?),
                 Op::RecordUpload { id, file_id } => Reply::Applied(
