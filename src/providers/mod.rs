@@ -1,1 +1,483 @@
-//! (to be written)
+//! Provider batch APIs (files and jobs) for each dialect, behind one client.
+//!
+//! Owns: the wire formats ([`lines`], [`jobs`]), the HTTP calls, and their
+//! retries ([`retry`]). Does not own: when to submit or poll (the deferral
+//! and resolution workers decide), nor what is stored.
+
+pub mod jobs;
+pub mod lines;
+pub mod retry;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use serde_json::Value;
+
+pub use jobs::{JobPage, JobPhase, JobView, WINDOW_METADATA_KEY};
+pub use lines::{parse_result_line, write_input_line, LineError, LineFailure, LineOutcome};
+pub use retry::{RetryObserver, RetryPolicy};
+
+use crate::model::{Dialect, WindowId};
+
+/// How an upstream files or jobs call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{operation}: upstream answered {status}: {message}")]
+    Status {
+        operation: &'static str,
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("{operation}: upstream unreachable: {detail}")]
+    Transport {
+        operation: &'static str,
+        detail: String,
+        timeout: bool,
+    },
+    #[error("{operation}: unexpected upstream answer: {detail}")]
+    Decode {
+        operation: &'static str,
+        detail: String,
+    },
+}
+
+impl ProviderError {
+    /// 429, 5xx and transport failures may pass; anything else will not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            Self::Transport { .. } => true,
+            Self::Decode { .. } => false,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A bounded label for logs and metrics: the status, or the failure kind.
+    pub fn cause_label(&self) -> String {
+        match self {
+            Self::Status { status, .. } => status.to_string(),
+            Self::Transport { timeout: true, .. } => "timeout".to_owned(),
+            Self::Transport { .. } => "connect".to_owned(),
+            Self::Decode { .. } => "decode".to_owned(),
+        }
+    }
+
+    fn transport(operation: &'static str, err: reqwest::Error) -> Self {
+        // reqwest's Display names the URL but never headers, so no key leaks.
+        Self::Transport {
+            operation,
+            timeout: err.is_timeout(),
+            detail: err.without_url().to_string(),
+        }
+    }
+}
+
+/// Parses `Retry-After` given in seconds (the form providers use).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// The provider's error message from an error body, bounded.
+fn error_message(body: &[u8]) -> String {
+    let from_json = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+        v.get("error")
+            .and_then(|e| e.get("message").or(Some(e)))
+            .or_else(|| v.get("message"))
+            .or_else(|| v.get("detail"))
+            .map(|m| {
+                m.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| m.to_string())
+            })
+    });
+    let mut message = from_json.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    if message.len() > 500 {
+        let mut cut = 500;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    message
+}
+
+async fn check(
+    operation: &'static str,
+    resp: reqwest::Response,
+) -> Result<reqwest::Response, ProviderError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = retry_after(resp.headers());
+    let body = resp.bytes().await.unwrap_or_default();
+    Err(ProviderError::Status {
+        operation,
+        status: status.as_u16(),
+        message: error_message(&body),
+        retry_after,
+    })
+}
+
+async fn json_of(operation: &'static str, resp: reqwest::Response) -> Result<Value, ProviderError> {
+    let resp = check(operation, resp).await?;
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| ProviderError::transport(operation, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| ProviderError::Decode {
+        operation,
+        detail: e.to_string(),
+    })
+}
+
+/// One upstream's files and batch jobs. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct BatchClient {
+    http: reqwest::Client,
+    base_url: String,
+    dialect: Dialect,
+    retry: RetryPolicy,
+}
+
+impl BatchClient {
+    /// `base_url` is the provider root without `/v1` (carpool appends paths).
+    pub fn new(
+        http: reqwest::Client,
+        base_url: &str,
+        dialect: Dialect,
+        retry: RetryPolicy,
+    ) -> Self {
+        Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            dialect,
+            retry,
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base_url, path)
+    }
+
+    /// Uploads a JSONL batch input file, streamed: `body` is called again
+    /// for each attempt, so nothing is buffered to make a retry possible.
+    pub async fn upload<F, S>(
+        &self,
+        key: &str,
+        filename: &str,
+        body: F,
+    ) -> Result<String, ProviderError>
+    where
+        F: Fn() -> S,
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+    {
+        const OP: &str = "upload";
+        let value = self
+            .retry
+            .run(OP, || {
+                let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(body()))
+                    .file_name(filename.to_owned())
+                    .mime_str("application/jsonl");
+                let http = self.http.clone();
+                let url = self.url("/v1/files");
+                async move {
+                    let part = part.map_err(|e| ProviderError::Decode {
+                        operation: OP,
+                        detail: e.to_string(),
+                    })?;
+                    let form = reqwest::multipart::Form::new()
+                        .text("purpose", "batch")
+                        .part("file", part);
+                    let resp = http
+                        .post(url)
+                        .bearer_auth(key)
+                        .multipart(form)
+                        .send()
+                        .await
+                        .map_err(|e| ProviderError::transport(OP, e))?;
+                    json_of(OP, resp).await
+                }
+            })
+            .await?;
+        value
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| ProviderError::Decode {
+                operation: OP,
+                detail: "file object without id".to_owned(),
+            })
+    }
+
+    /// Creates the job for a window; the window id rides in its metadata.
+    pub async fn create_job(
+        &self,
+        key: &str,
+        file_id: &str,
+        model: &str,
+        endpoint: &str,
+        window: &WindowId,
+    ) -> Result<JobView, ProviderError> {
+        const OP: &str = "create";
+        let body = jobs::create_body(self.dialect, file_id, model, endpoint, window);
+        let url = self.url(jobs::jobs_path(self.dialect));
+        let value = self
+            .retry
+            .run(OP, || async {
+                let resp = self
+                    .http
+                    .post(&url)
+                    .bearer_auth(key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| ProviderError::transport(OP, e))?;
+                json_of(OP, resp).await
+            })
+            .await?;
+        self.job_from(OP, &value)
+    }
+
+    pub async fn get_job(&self, key: &str, job_id: &str) -> Result<JobView, ProviderError> {
+        const OP: &str = "poll";
+        let url = self.url(&format!("{}/{}", jobs::jobs_path(self.dialect), job_id));
+        let value = self.get_json(OP, key, &url).await?;
+        self.job_from(OP, &value)
+    }
+
+    pub async fn cancel_job(&self, key: &str, job_id: &str) -> Result<JobView, ProviderError> {
+        const OP: &str = "cancel";
+        let url = self.url(&format!(
+            "{}/{}/cancel",
+            jobs::jobs_path(self.dialect),
+            job_id
+        ));
+        let value = self
+            .retry
+            .run(OP, || async {
+                let resp = self
+                    .http
+                    .post(&url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .map_err(|e| ProviderError::transport(OP, e))?;
+                json_of(OP, resp).await
+            })
+            .await?;
+        self.job_from(OP, &value)
+    }
+
+    /// Finds the job created for `window`, if the provider has one: how a
+    /// crash between the create call and recording its id is healed.
+    /// Listing stops at jobs created before `not_before` (unix seconds).
+    pub async fn find_job_for_window(
+        &self,
+        key: &str,
+        window: &WindowId,
+        not_before: i64,
+    ) -> Result<Option<JobView>, ProviderError> {
+        const OP: &str = "list";
+        let mut cursor: Option<String> = None;
+        for _ in 0..50 {
+            let url = self.url(&format!(
+                "{}{}",
+                jobs::jobs_path(self.dialect),
+                jobs::list_query(self.dialect, cursor.as_deref())
+            ));
+            let value = self.get_json(OP, key, &url).await?;
+            let page = jobs::parse_list(self.dialect, &value, cursor.as_deref());
+            if let Some(job) = page
+                .jobs
+                .iter()
+                .find(|j| j.window.as_deref() == Some(window.as_str()))
+            {
+                return Ok(Some(job.clone()));
+            }
+            let older = page
+                .jobs
+                .iter()
+                .all(|j| j.created_at != 0 && j.created_at < not_before);
+            match page.next {
+                Some(next) if !older => cursor = Some(next),
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Downloads a file's content as a stream of chunks. Only the opening
+    /// request is retried; a broken stream is the caller's to retry whole.
+    pub async fn download(
+        &self,
+        key: &str,
+        file_id: &str,
+    ) -> Result<impl Stream<Item = Result<Bytes, ProviderError>> + Send + 'static, ProviderError>
+    {
+        const OP: &str = "download";
+        let url = self.url(&format!("/v1/files/{file_id}/content"));
+        let resp = self
+            .retry
+            .run(OP, || async {
+                let resp = self
+                    .http
+                    .get(&url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .map_err(|e| ProviderError::transport(OP, e))?;
+                check(OP, resp).await
+            })
+            .await?;
+        Ok(resp
+            .bytes_stream()
+            .map_err(|e| ProviderError::transport(OP, e)))
+    }
+
+    pub async fn delete_file(&self, key: &str, file_id: &str) -> Result<(), ProviderError> {
+        const OP: &str = "delete";
+        let url = self.url(&format!("/v1/files/{file_id}"));
+        self.retry
+            .run(OP, || async {
+                let resp = self
+                    .http
+                    .delete(&url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .map_err(|e| ProviderError::transport(OP, e))?;
+                match check(OP, resp).await {
+                    Ok(_) => Ok(()),
+                    // Already gone is what we wanted.
+                    Err(ProviderError::Status { status: 404, .. }) => Ok(()),
+                    Err(err) => Err(err),
+                }
+            })
+            .await
+    }
+
+    async fn get_json(
+        &self,
+        operation: &'static str,
+        key: &str,
+        url: &str,
+    ) -> Result<Value, ProviderError> {
+        self.retry
+            .run(operation, || async {
+                let resp = self
+                    .http
+                    .get(url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .map_err(|e| ProviderError::transport(operation, e))?;
+                json_of(operation, resp).await
+            })
+            .await
+    }
+
+    fn job_from(&self, operation: &'static str, value: &Value) -> Result<JobView, ProviderError> {
+        jobs::parse_job(self.dialect, value).ok_or_else(|| ProviderError::Decode {
+            operation,
+            detail: "job object without id".to_owned(),
+        })
+    }
+}
+
+/// Splits a byte stream into lines without holding more than one line.
+pub struct LineReader<S> {
+    inner: S,
+    buf: Vec<u8>,
+    start: usize,
+    done: bool,
+}
+
+impl<S> LineReader<S>
+where
+    S: Stream<Item = Result<Bytes, ProviderError>> + Unpin,
+{
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            start: 0,
+            done: false,
+        }
+    }
+
+    /// The next non-empty line (without its newline), or `None` at the end.
+    pub async fn next_line(&mut self) -> Result<Option<Bytes>, ProviderError> {
+        loop {
+            if let Some(pos) = self.buf[self.start..].iter().position(|b| *b == b'\n') {
+                let line = &self.buf[self.start..self.start + pos];
+                self.start += pos + 1;
+                let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
+                if trimmed.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Ok(Some(Bytes::copy_from_slice(trimmed)));
+            }
+            if self.done {
+                let rest = &self.buf[self.start..];
+                self.start = self.buf.len();
+                if rest.iter().all(u8::is_ascii_whitespace) {
+                    return Ok(None);
+                }
+                return Ok(Some(Bytes::copy_from_slice(rest)));
+            }
+            self.buf.drain(..self.start);
+            self.start = 0;
+            match self.inner.next().await {
+                Some(chunk) => self.buf.extend_from_slice(&chunk?),
+                None => self.done = true,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn line_reader_joins_chunks_and_skips_blank_lines() {
+        let chunks: Vec<Result<Bytes, ProviderError>> = vec![
+            Ok(Bytes::from_static(b"{\"a\":1}\n{\"b\"")),
+            Ok(Bytes::from_static(b":2}\r\n\n")),
+            Ok(Bytes::from_static(b"{\"c\":3}")),
+        ];
+        let mut reader = LineReader::new(futures_util::stream::iter(chunks));
+        let mut lines = Vec::new();
+        while let Some(line) = reader.next_line().await.unwrap() {
+            lines.push(String::from_utf8(line.to_vec()).unwrap());
+        }
+        assert_eq!(lines, vec!["{\"a\":1}", "{\"b\":2}", "{\"c\":3}"]);
+    }
+
+    #[test]
+    fn error_message_prefers_the_openai_error_object() {
+        assert_eq!(error_message(br#"{"error":{"message":"nope"}}"#), "nope");
+        assert_eq!(error_message(br#"{"detail":"bad"}"#), "bad");
+        assert_eq!(error_message(b"plain"), "plain");
+    }
+}
