@@ -127,8 +127,8 @@ mod tests {
             .inc();
         let text = m.render();
         for family in m.registry().gather() {
-            assert!(family.get_name().starts_with("carpool_"));
-            assert!(text.contains(family.get_name()));
+            assert!(family.name().starts_with("carpool_"));
+            assert!(text.contains(family.name()));
         }
         assert_eq!(m.registry().gather().len(), 4);
     }

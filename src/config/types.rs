@@ -406,7 +406,7 @@ fn ser_url<S: Serializer>(u: &Url, s: S) -> Result<S::Ok, S::Error> {
 }
 
 /// Prints a store URL with any password masked.
-fn ser_store_url<S: Serializer>(u: &String, s: S) -> Result<S::Ok, S::Error> {
+fn ser_store_url<S: Serializer>(u: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&redact_url(u))
 }
 

@@ -1,13 +1,16 @@
 //! Is this call deferred, passed through, or refused? A pure function of the
 //! request line, headers, the body's model and the config: no I/O.
 //!
-//! Precedence (SPEC section 1): an explicit header wins over a configured
-//! rule. `Carpool-Mode` first, then `Carpool-Callback` / `Prefer:
-//! respond-async`, then the defer path prefix, then `[[rules]]`.
+//! Reading the opt-ins (`Carpool-Mode`, `Prefer`, the defer prefix, rules)
+//! is [`crate::deferral::optin::decide`]'s job; this adds what the proxy
+//! knows: `Carpool-Callback` (an async opt-in), whether the routed upstream
+//! can batch the endpoint, and whether the body can be deferred at all.
 
 use axum::http::{HeaderMap, Method};
 
 use crate::config::{Config, Mode, UpstreamConfig};
+pub use crate::deferral::optin::Answer;
+use crate::deferral::optin::{self, RuleMode};
 use crate::model::BATCHABLE_ENDPOINTS;
 use crate::server::ApiError;
 
@@ -49,58 +52,40 @@ pub struct Call<'a> {
     pub upstream: &'a UpstreamConfig,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AsyncVia {
-    Header,
-    Prefer,
-    Callback,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Deferral {
-    /// Hold the connection and answer like a synchronous call.
-    Wait,
-    /// Answer 202 with a handle (the deferral path reads `Prefer: wait=N`
-    /// and `Carpool-Callback` itself).
-    Async(AsyncVia),
-}
-
 #[derive(Debug)]
 pub enum Decision {
     Pass,
-    Defer(Deferral),
+    /// Deferred, answered as `Answer` says (the deferral path reads
+    /// `Carpool-Callback`, deadlines and idempotency itself).
+    Defer(Answer),
     Reject(ApiError),
 }
 
 pub fn classify(call: &Call<'_>, config: &Config) -> Decision {
-    let explicit = match explicit_mode(call.headers) {
-        Ok(m) => m,
-        Err(e) => return Decision::Reject(e),
-    };
-    let wanted = match explicit {
-        Some(Mode::Now) => return Decision::Pass,
-        Some(Mode::Wait) => Some(Deferral::Wait),
-        Some(Mode::Async) => Some(Deferral::Async(AsyncVia::Header)),
-        None if call.headers.contains_key(CALLBACK_HEADER) => {
-            Some(Deferral::Async(AsyncVia::Callback))
-        }
-        None if prefers_async(call.headers) => Some(Deferral::Async(AsyncVia::Prefer)),
-        None if call.via_defer_prefix => Some(Deferral::Wait),
-        None => match config.rule_mode(call.path, call.body.model(), call.client) {
-            Some(Mode::Wait) => Some(Deferral::Wait),
-            Some(Mode::Async) => Some(Deferral::Async(AsyncVia::Header)),
-            Some(Mode::Now) | None => None,
-        },
-    };
-    let Some(deferral) = wanted else {
-        return Decision::Pass;
+    let rule = config
+        .rule_mode(call.path, call.body.model(), call.client)
+        .map(|m| match m {
+            Mode::Wait => RuleMode::Wait,
+            Mode::Async => RuleMode::Async,
+            Mode::Now => RuleMode::Now,
+        });
+    let opted =
+        if call.headers.contains_key(CALLBACK_HEADER) && !call.headers.contains_key(MODE_HEADER) {
+            Ok(optin::Decision::Defer(Answer::Async { prefer: false }))
+        } else {
+            optin::decide(call.headers, call.via_defer_prefix, rule)
+        };
+    let answer = match opted {
+        Err(e) => return Decision::Reject(e.into()),
+        Ok(optin::Decision::Pass) => return Decision::Pass,
+        Ok(optin::Decision::Defer(answer)) => answer,
     };
     let batchable = call.method == Method::POST && call.upstream.dialect.batchable(call.path);
     if !batchable {
         // A held call can always be served realtime, and a base-URL prefix
         // covers every call an SDK makes (e.g. listing models); only an
         // explicit request for an async answer is refused.
-        let asked_async = matches!(deferral, Deferral::Async(_))
+        let asked_async = !matches!(answer, Answer::Wait)
             && call.method == Method::POST
             && BATCHABLE_ENDPOINTS.contains(&call.path);
         if asked_async {
@@ -130,37 +115,8 @@ pub fn classify(call: &Call<'_>, config: &Config) -> Decision {
             param: Some("model".into()),
             code: "missing_model",
         }),
-        Body::Json { model: Some(_) } => Decision::Defer(deferral),
+        Body::Json { model: Some(_) } => Decision::Defer(answer),
     }
-}
-
-fn explicit_mode(headers: &HeaderMap) -> Result<Option<Mode>, ApiError> {
-    let Some(value) = headers.get(MODE_HEADER) else {
-        return Ok(None);
-    };
-    let parsed = value.to_str().ok().and_then(Mode::parse);
-    match parsed {
-        Some(m) => Ok(Some(m)),
-        None => Err(ApiError::BadRequest {
-            message: "Carpool-Mode must be one of wait, async, now".into(),
-            param: Some("Carpool-Mode".into()),
-            code: "invalid_header",
-        }),
-    }
-}
-
-/// Whether `Prefer` (RFC 7240, possibly repeated) contains `respond-async`.
-pub fn prefers_async(headers: &HeaderMap) -> bool {
-    headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|pref| {
-            pref.split(';')
-                .next()
-                .is_some_and(|token| token.trim().eq_ignore_ascii_case("respond-async"))
-        })
 }
 
 #[cfg(test)]
@@ -243,7 +199,7 @@ mode = "wait"
             CHAT,
             Some("batchy"),
         );
-        assert!(matches!(d, Decision::Defer(Deferral::Wait)));
+        assert!(matches!(d, Decision::Defer(Answer::Wait)));
     }
 
     #[test]
@@ -255,10 +211,7 @@ mode = "wait"
             CHAT,
             None,
         );
-        assert!(matches!(
-            d,
-            Decision::Defer(Deferral::Async(AsyncVia::Prefer))
-        ));
+        assert!(matches!(d, Decision::Defer(Answer::AsyncAfter(_))));
         let d = decide(
             Method::POST,
             "/v1/chat/completions",
@@ -268,14 +221,14 @@ mode = "wait"
         );
         assert!(matches!(
             d,
-            Decision::Defer(Deferral::Async(AsyncVia::Callback))
+            Decision::Defer(Answer::Async { prefer: false })
         ));
     }
 
     #[test]
     fn defer_prefix_means_wait_but_lets_other_calls_pass() {
         let d = decide(Method::POST, "/defer/v1/chat/completions", &[], CHAT, None);
-        assert!(matches!(d, Decision::Defer(Deferral::Wait)));
+        assert!(matches!(d, Decision::Defer(Answer::Wait)));
         let d = decide(
             Method::GET,
             "/defer/v1/models",
@@ -289,7 +242,7 @@ mode = "wait"
     #[test]
     fn rules_match_by_path_and_client() {
         let d = decide(Method::POST, "/v1/embeddings", &[], CHAT, None);
-        assert!(matches!(d, Decision::Defer(Deferral::Wait)));
+        assert!(matches!(d, Decision::Defer(Answer::Wait)));
         let d = decide(
             Method::POST,
             "/v1/chat/completions",
@@ -297,7 +250,7 @@ mode = "wait"
             CHAT,
             Some("batchy"),
         );
-        assert!(matches!(d, Decision::Defer(Deferral::Async(_))));
+        assert!(matches!(d, Decision::Defer(Answer::Async { .. })));
     }
 
     #[test]

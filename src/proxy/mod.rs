@@ -20,7 +20,7 @@ use axum::body::Body;
 use axum::http::Request;
 use axum::response::{IntoResponse, Response};
 
-pub use classify::{classify, Decision, Deferral};
+pub use classify::{classify, Answer, Decision};
 pub use forward::{Forwarder, Outbound, OutboundBody, Relayed};
 use inspect::Inspected;
 

@@ -138,6 +138,22 @@ impl ApiError {
     }
 }
 
+impl From<crate::deferral::optin::OptInError> for ApiError {
+    fn from(e: crate::deferral::optin::OptInError) -> Self {
+        use crate::deferral::optin::OptInError;
+        let param = match &e {
+            OptInError::UnknownMode(_) => "Carpool-Mode",
+            OptInError::BadDeadline(_) => "Carpool-Deadline",
+            OptInError::NotText(name) => name,
+        };
+        Self::BadRequest {
+            message: e.to_string(),
+            param: Some(param.to_owned()),
+            code: "invalid_header",
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
