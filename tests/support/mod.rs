@@ -1,6 +1,6 @@
 //! Shared test helpers: the full app on port 0 ([`TestApp`]) and a small
 //! scripted upstream ([`upstream::Upstream`]).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod upstream;
 
