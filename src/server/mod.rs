@@ -1,1 +1,44 @@
-//! (to be written)
+//! The HTTP edge: the router, thin handlers, request observation (id, log
+//! line, request metrics), caller authentication and the one error → HTTP
+//! mapping. Handlers extract, delegate and render; decisions live in
+//! `crate::proxy` (and later `crate::deferral`).
+//!
+//! Routes carpool serves itself: `GET /healthz`, `GET /readyz`,
+//! `GET /metrics`. Everything else falls through to the pass-through proxy,
+//! which authenticates per upstream (see [`auth`]).
+
+pub mod auth;
+pub mod error;
+pub mod observe;
+mod ops;
+
+use axum::routing::get;
+use axum::{middleware, Router};
+
+pub use auth::Caller;
+pub use error::{ApiError, Blame};
+
+use crate::app::AppState;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        // Seam: the deferral's own routes (`/v1/carpool/requests…`) and the
+        // admin API (`/admin/…`) are added here; deferrable calls reach the
+        // deferral through `proxy::classify` in the fallback.
+        .fallback(passthrough)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
+        .with_state(state)
+}
+
+async fn passthrough(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    crate::proxy::handle(state, request).await
+}

@@ -1,1 +1,503 @@
-//! (to be written)
+//! The durable contract of the deferred path: every operation is one state
+//! transition in one transaction, with its allowed-from states checked in
+//! SQL (the table is in [`model`]). Nothing a restart needs lives only in
+//! memory: open windows, sealed / uploaded / creating / submitted windows and
+//! their requests are all read back from here.
+//!
+//! Owns: the schema, request and window records, the transitions. Does not
+//! own: window policy (when to flush: `deferral`), provider calls, waiters.
+//!
+//! Backends: SQLite (embedded default; one writer task group-commits every
+//! write, reads use a separate pool) and Postgres (several replicas share it;
+//! every transition is a conditional UPDATE, retried on conflicts). Both run
+//! the same SQL from `ops.rs`, and `tests/store.rs` runs one contract suite
+//! against each.
+//!
+//! Times in this API are Unix **milliseconds**; [`secs`] converts for the
+//! SPEC's handle fields.
+
+mod error;
+pub mod model;
+mod ops;
+mod postgres;
+mod sqlite;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+
+pub use error::StoreError;
+pub use model::{DeliveryMode, FlushReason, ResolvedStatus, WindowOutcome, WindowState};
+
+use crate::model::{RequestId, RequestStatus, ServedBy, WindowId};
+use ops::{Op, Reply};
+
+/// How long an SDK retry (same credential, endpoint and body) re-attaches to
+/// the request it repeats.
+pub const DEFAULT_RETRY_HORIZON_MS: i64 = 60 * 60 * 1000;
+
+/// Unix milliseconds to the Unix seconds SPEC's handle shows.
+pub fn secs(ms: i64) -> i64 {
+    ms.div_euclid(1000)
+}
+
+/// Tunables of a store; [`Store::connect`] uses the defaults.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// See [`DEFAULT_RETRY_HORIZON_MS`].
+    pub retry_horizon_ms: i64,
+    /// SQLite: most commands one group commit may hold.
+    pub group_commit_max: usize,
+    /// SQLite: connections in the read pool. Postgres: pool size.
+    pub pool_size: u32,
+    /// Postgres: the schema to use (created if missing); tests isolate by it.
+    pub pg_schema: Option<String>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            retry_horizon_ms: DEFAULT_RETRY_HORIZON_MS,
+            group_commit_max: 1024,
+            pool_size: 4,
+            pg_schema: None,
+        }
+    }
+}
+
+/// Per-key limits of a window (already capped at the dialect's limits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowLimits {
+    pub max_requests: u64,
+    pub max_bytes: u64,
+}
+
+/// What makes requests share a window, and so a batch job.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WindowKey {
+    pub upstream: String,
+    pub credential_hash: String,
+    pub endpoint: String,
+    pub model: String,
+}
+
+/// A deferred request as intake hands it over, validated.
+#[derive(Clone, Debug)]
+pub struct NewRequest {
+    pub id: RequestId,
+    /// SHA-256 hex of the caller's key: binds the handle.
+    pub credential_hash: String,
+    pub upstream: String,
+    pub endpoint: String,
+    pub model: String,
+    /// The caller's JSON, verbatim.
+    pub body: Bytes,
+    pub body_hash: String,
+    pub idempotency_key: Option<String>,
+    /// `x-stainless-retry-count` > 0: may re-attach to the request it repeats.
+    pub sdk_retry: bool,
+    pub mode: DeliveryMode,
+    /// Unix ms.
+    pub deadline: Option<i64>,
+    pub callback_url: Option<String>,
+    /// Passthrough auth only: kept on the window until its job is created,
+    /// never on the request.
+    pub upstream_key: Option<String>,
+    pub limits: WindowLimits,
+    /// Unix ms.
+    pub now: i64,
+}
+
+/// Everything SPEC's request handle shows, and what workers need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub id: RequestId,
+    pub status: RequestStatus,
+    pub upstream: String,
+    pub endpoint: String,
+    pub model: String,
+    pub mode: DeliveryMode,
+    pub created_at: i64,
+    pub submitted_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    /// The provider's job id.
+    pub batch_id: Option<String>,
+    pub served_by: Option<ServedBy>,
+    pub response_status: Option<u16>,
+    /// The upstream's body, verbatim.
+    pub response_body: Option<Bytes>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub deadline: Option<i64>,
+    pub callback_url: Option<String>,
+    pub window_id: Option<WindowId>,
+}
+
+/// Where an accepted request landed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowSlot {
+    pub id: WindowId,
+    /// Requests and bytes in the window after this one.
+    pub count: u64,
+    pub bytes: u64,
+    pub opened_at: i64,
+    /// Set when this request filled the window and sealed it.
+    pub sealed: Option<FlushReason>,
+}
+
+/// The answer to [`Store::accept`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub record: RequestRecord,
+    /// False when an idempotent repeat or an SDK retry re-attached to
+    /// `record`, which then already existed.
+    pub created: bool,
+    /// Only for a created request.
+    pub window: Option<WindowSlot>,
+    /// The previous open window of the key, sealed because this request did
+    /// not fit in it.
+    pub sealed_previous: Option<(WindowId, FlushReason)>,
+}
+
+/// The answer to [`Store::cancel`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    Cancelled(RequestRecord),
+    AlreadyFinal(RequestRecord),
+    NotFound,
+}
+
+/// An open window as the flusher sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowSummary {
+    pub id: WindowId,
+    pub key: WindowKey,
+    pub count: u64,
+    pub bytes: u64,
+    pub opened_at: i64,
+    /// Earliest deadline among its queued members.
+    pub earliest_deadline: Option<i64>,
+}
+
+/// A window in any state, with what submission and recovery need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowRecord {
+    pub id: WindowId,
+    pub key: WindowKey,
+    pub state: WindowState,
+    pub count: u64,
+    pub bytes: u64,
+    pub limits: WindowLimits,
+    pub opened_at: i64,
+    pub sealed_at: Option<i64>,
+    pub flush_reason: Option<FlushReason>,
+    /// Passthrough auth only; cleared once the job exists.
+    pub upstream_key: Option<String>,
+    pub file_id: Option<String>,
+    pub job_id: Option<String>,
+    pub provider_status: Option<String>,
+    pub submitted_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+/// One request's result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    pub id: RequestId,
+    pub status: ResolvedStatus,
+    pub served_by: Option<ServedBy>,
+    pub response_status: Option<u16>,
+    pub response_body: Option<Bytes>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    /// Unix ms.
+    pub completed_at: i64,
+}
+
+/// The store: cheap to clone, one interface over every backend.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            Store::Sqlite(s) => s.$method($($arg),*).await,
+            Store::Postgres(s) => s.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Store {
+    /// `sqlite://path` (file created, WAL, `synchronous=FULL`) or
+    /// `postgres://…`; the schema is created or migrated.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Self::connect_with(url, StoreOptions::default()).await
+    }
+
+    pub async fn connect_with(url: &str, options: StoreOptions) -> Result<Store, StoreError> {
+        let scheme = url.split_once(':').map_or(url, |(s, _)| s);
+        match scheme {
+            "sqlite" => Ok(Store::Sqlite(
+                sqlite::SqliteStore::connect(url, options).await?,
+            )),
+            "postgres" | "postgresql" => Ok(Store::Postgres(
+                postgres::PgStore::connect(url, options).await?,
+            )),
+            other => Err(StoreError::UnsupportedUrl {
+                scheme: other.to_owned(),
+            }),
+        }
+    }
+
+    /// Stops the SQLite writer after the commands already sent and closes the
+    /// pools. Dropping every clone has the same effect, less promptly.
+    pub async fn close(&self) {
+        dispatch!(self.close())
+    }
+
+    async fn write(&self, op: Op) -> Result<Reply, StoreError> {
+        dispatch!(self.write(op))
+    }
+
+    // ---- intake -----------------------------------------------------------
+
+    /// Commits a deferred request into the open window of its key (one
+    /// transaction), or re-attaches an idempotent repeat / SDK retry.
+    pub async fn accept(&self, req: NewRequest) -> Result<Accepted, StoreError> {
+        self.write(Op::Accept(Box::new(req))).await?.accepted()
+    }
+
+    // ---- reads ------------------------------------------------------------
+
+    /// The request, if it exists and belongs to this credential.
+    pub async fn get(
+        &self,
+        id: &RequestId,
+        credential_hash: &str,
+    ) -> Result<Option<RequestRecord>, StoreError> {
+        dispatch!(self.get(id, credential_hash))
+    }
+
+    /// The credential's requests, newest first, strictly older than `after`.
+    pub async fn list(
+        &self,
+        credential_hash: &str,
+        status: Option<RequestStatus>,
+        limit: u32,
+        after: Option<&RequestId>,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        dispatch!(self.list(credential_hash, status, limit, after))
+    }
+
+    /// The caller's original body (for a realtime fallback). Internal: no
+    /// credential check.
+    pub async fn request_body(&self, id: &RequestId) -> Result<Option<Bytes>, StoreError> {
+        dispatch!(self.request_body(id))
+    }
+
+    /// Open (queued or submitted) requests whose deadline is at or before
+    /// `before`, earliest first.
+    pub async fn due_requests(
+        &self,
+        before: i64,
+        limit: u32,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        dispatch!(self.due_requests(before, limit))
+    }
+
+    /// Ids of the still open requests of a window.
+    pub async fn open_request_ids(&self, window: &WindowId) -> Result<Vec<RequestId>, StoreError> {
+        dispatch!(self.open_request_ids(window))
+    }
+
+    // ---- cancel -----------------------------------------------------------
+
+    /// Cancels a queued or submitted request of this credential. A queued one
+    /// leaves its window's count and bytes and is never submitted.
+    pub async fn cancel(
+        &self,
+        id: &RequestId,
+        credential_hash: &str,
+        now: i64,
+    ) -> Result<CancelOutcome, StoreError> {
+        self.write(Op::Cancel {
+            id: id.clone(),
+            credential_hash: credential_hash.to_owned(),
+            now,
+        })
+        .await?
+        .cancel()
+    }
+
+    // ---- windows ----------------------------------------------------------
+
+    pub async fn open_windows(&self) -> Result<Vec<WindowSummary>, StoreError> {
+        dispatch!(self.open_windows())
+    }
+
+    pub async fn window(&self, id: &WindowId) -> Result<Option<WindowRecord>, StoreError> {
+        dispatch!(self.window(id))
+    }
+
+    /// Windows in any of these states, oldest first.
+    pub async fn windows_in(
+        &self,
+        states: &[WindowState],
+    ) -> Result<Vec<WindowRecord>, StoreError> {
+        dispatch!(self.windows_in(states))
+    }
+
+    /// open → sealed; false if it was not open.
+    pub async fn seal_window(
+        &self,
+        id: &WindowId,
+        reason: FlushReason,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::Seal {
+            id: id.clone(),
+            reason,
+            now,
+        })
+        .await?
+        .applied()
+    }
+
+    /// The window's still open requests as `(custom_id, body)`, in a stable
+    /// order, read page by page: memory does not grow with the window.
+    pub fn window_lines(
+        &self,
+        id: &WindowId,
+    ) -> BoxStream<'static, Result<(RequestId, Bytes), StoreError>> {
+        match self {
+            Store::Sqlite(s) => s.window_lines(id.clone()),
+            Store::Postgres(s) => s.window_lines(id.clone()),
+        }
+    }
+
+    /// sealed → uploaded.
+    pub async fn record_upload(&self, id: &WindowId, file_id: &str) -> Result<bool, StoreError> {
+        self.write(Op::RecordUpload {
+            id: id.clone(),
+            file_id: file_id.to_owned(),
+        })
+        .await?
+        .applied()
+    }
+
+    /// uploaded → creating: stored before the provider create call, so
+    /// recovery knows to look for the job by the window id in its metadata.
+    pub async fn mark_creating(&self, id: &WindowId) -> Result<bool, StoreError> {
+        self.write(Op::MarkCreating { id: id.clone() })
+            .await?
+            .applied()
+    }
+
+    /// creating → submitted; its queued requests become submitted with this
+    /// batch id; the upstream key is forgotten.
+    pub async fn record_job(
+        &self,
+        id: &WindowId,
+        job_id: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::RecordJob {
+            id: id.clone(),
+            job_id: job_id.to_owned(),
+            now,
+        })
+        .await?
+        .applied()
+    }
+
+    /// The provider's last reported status of a submitted window's job.
+    pub async fn record_job_status(
+        &self,
+        id: &WindowId,
+        provider_status: &str,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::RecordJobStatus {
+            id: id.clone(),
+            status: provider_status.to_owned(),
+        })
+        .await?
+        .applied()
+    }
+
+    /// → completed (from submitted, or sealed when empty) or → failed.
+    pub async fn finish_window(
+        &self,
+        id: &WindowId,
+        outcome: WindowOutcome,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::Finish {
+            id: id.clone(),
+            outcome,
+            now,
+        })
+        .await?
+        .applied()
+    }
+
+    // ---- results ----------------------------------------------------------
+
+    /// Applies each result whose request is still open and still in this
+    /// window; returns the ids that changed (wake each waiter once).
+    pub async fn resolve(
+        &self,
+        window: &WindowId,
+        resolutions: Vec<Resolution>,
+    ) -> Result<Vec<RequestId>, StoreError> {
+        self.write(Op::Resolve {
+            window: window.clone(),
+            resolutions,
+        })
+        .await?
+        .ids()
+    }
+
+    /// A realtime fallback's result: applied if the request is still open.
+    pub async fn resolve_one(&self, resolution: Resolution) -> Result<bool, StoreError> {
+        self.write(Op::ResolveOne(Box::new(resolution)))
+            .await?
+            .applied()
+    }
+
+    /// Fails every still open request of the window ("in neither file").
+    pub async fn fail_unresolved(
+        &self,
+        window: &WindowId,
+        code: &str,
+        message: &str,
+        now: i64,
+    ) -> Result<Vec<RequestId>, StoreError> {
+        self.write(Op::FailUnresolved {
+            window: window.clone(),
+            code: code.to_owned(),
+            message: message.to_owned(),
+            now,
+        })
+        .await?
+        .ids()
+    }
+
+    /// Moves open requests back to queued in the open window of their key
+    /// (opened if none), for resubmission. Returns the ids moved. The new
+    /// window has no upstream key unless a newer request brings one.
+    pub async fn requeue(
+        &self,
+        ids: Vec<RequestId>,
+        now: i64,
+    ) -> Result<Vec<RequestId>, StoreError> {
+        self.write(Op::Requeue { ids, now }).await?.ids()
+    }
+
+    /// Deletes requests finished before `older_than` (results_ttl) and
+    /// finished windows; returns the number of requests deleted.
+    pub async fn purge_finished(&self, older_than: i64) -> Result<u64, StoreError> {
+        self.write(Op::Purge { older_than }).await?.count()
+    }
+}

@@ -1,0 +1,421 @@
+//! The validated config: typed values only. Everything downstream reads these.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use globset::{Glob, GlobMatcher};
+use serde::{Serialize, Serializer};
+use url::Url;
+
+use super::Secret;
+use crate::model::Dialect;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    /// Things that are allowed but worth an operator's attention, logged at start.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub clients: Vec<ClientConfig>,
+    pub batching: BatchingConfig,
+    pub rules: Vec<RuleConfig>,
+    pub webhooks: WebhooksConfig,
+    pub prices: PricesConfig,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    #[serde(serialize_with = "ser_size")]
+    pub max_body: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<Secret>,
+    /// Longest wait for an upstream's response headers before a 504.
+    #[serde(serialize_with = "ser_duration")]
+    pub request_timeout: Duration,
+    /// Longest wait to open a connection to an upstream before a 502.
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// How long in-flight calls may run on after a shutdown signal.
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_grace: Duration,
+    /// Path prefix that opts a call into `wait` mode, e.g. `/defer`.
+    pub defer_prefix: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StoreConfig {
+    #[serde(serialize_with = "ser_store_url")]
+    pub url: String,
+    pub backend: StoreBackend,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// carpool's own upstream key; callers are checked against `[[clients]]`.
+    Managed,
+    /// the caller's `Authorization` goes upstream unchanged.
+    Passthrough,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub dialect: Dialect,
+    /// Scheme, host and optional path prefix, without `/v1`; no trailing slash.
+    #[serde(serialize_with = "ser_url")]
+    pub base_url: Url,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<Secret>,
+    pub auth: AuthMode,
+    pub models: ModelGlobs,
+}
+
+impl UpstreamConfig {
+    /// The upstream URL for a caller's path (and query), e.g. `/v1/models`.
+    pub fn url_for(&self, path_and_query: &str) -> String {
+        let base = self.base_url.as_str().trim_end_matches('/');
+        format!("{base}{path_and_query}")
+    }
+}
+
+/// A list of model globs, matched in order.
+#[derive(Clone, Debug)]
+pub struct ModelGlobs {
+    patterns: Vec<(String, GlobMatcher)>,
+}
+
+impl ModelGlobs {
+    pub fn new(patterns: &[String]) -> Result<Self, (usize, globset::Error)> {
+        let patterns = patterns
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Glob::new(p)
+                    .map(|g| (p.clone(), g.compile_matcher()))
+                    .map_err(|e| (i, e))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { patterns })
+    }
+
+    pub fn matches(&self, model: &str) -> bool {
+        self.patterns.iter().any(|(_, g)| g.is_match(model))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+}
+
+impl Serialize for ModelGlobs {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.patterns.iter().map(|(p, _)| p))
+    }
+}
+
+/// One glob pattern, printed as written.
+#[derive(Clone, Debug)]
+pub struct Pattern {
+    pub text: String,
+    matcher: GlobMatcher,
+}
+
+impl Pattern {
+    pub fn new(text: &str) -> Result<Self, globset::Error> {
+        let matcher = Glob::new(text)?.compile_matcher();
+        Ok(Self {
+            text: text.to_owned(),
+            matcher,
+        })
+    }
+
+    pub fn matches(&self, s: &str) -> bool {
+        self.matcher.is_match(s)
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientConfig {
+    pub name: String,
+    /// SHA-256 of the client's bearer key, lower-case hex.
+    pub key_sha256: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    Resubmit,
+    Realtime,
+    Error,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Wait,
+    Async,
+    Now,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "wait" => Some(Self::Wait),
+            "async" => Some(Self::Async),
+            "now" => Some(Self::Now),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Wait => "wait",
+            Self::Async => "async",
+            Self::Now => "now",
+        }
+    }
+}
+
+/// The window policy for one model on one upstream, after overrides and caps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct WindowPolicy {
+    pub max_requests: u64,
+    #[serde(serialize_with = "ser_size")]
+    pub max_bytes: u64,
+    #[serde(serialize_with = "ser_duration")]
+    pub max_wait: Duration,
+    pub on_batch_failure: FailurePolicy,
+    pub resubmit_limit: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub fallback_margin: Duration,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchingConfig {
+    #[serde(flatten)]
+    pub defaults: WindowPolicy,
+    #[serde(serialize_with = "ser_duration")]
+    pub poll_interval: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub results_ttl: Duration,
+    pub delete_files: bool,
+    pub models: Vec<ModelBatching>,
+}
+
+/// `[[batching.models]]` after validation; `None` means "use the default".
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelBatching {
+    pub model: Pattern,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_size"
+    )]
+    pub max_bytes: Option<u64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub max_wait: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_batch_failure: Option<FailurePolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resubmit_limit: Option<u32>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub fallback_margin: Option<Duration>,
+}
+
+impl BatchingConfig {
+    /// The policy for `model` on an upstream of `dialect`: the first matching
+    /// `[[batching.models]]` entry over the defaults, capped at the dialect's
+    /// own per-job limits.
+    pub fn policy_for(&self, model: &str, dialect: Dialect) -> WindowPolicy {
+        let mut p = self.defaults;
+        if let Some(o) = self.models.iter().find(|m| m.model.matches(model)) {
+            p.max_requests = o.max_requests.unwrap_or(p.max_requests);
+            p.max_bytes = o.max_bytes.unwrap_or(p.max_bytes);
+            p.max_wait = o.max_wait.unwrap_or(p.max_wait);
+            p.on_batch_failure = o.on_batch_failure.unwrap_or(p.on_batch_failure);
+            p.resubmit_limit = o.resubmit_limit.unwrap_or(p.resubmit_limit);
+            p.fallback_margin = o.fallback_margin.unwrap_or(p.fallback_margin);
+        }
+        let (max_requests, max_bytes) = dialect.limits();
+        p.max_requests = p.max_requests.min(max_requests);
+        p.max_bytes = p.max_bytes.min(max_bytes);
+        p
+    }
+}
+
+/// `[[rules]]`: every given condition must hold; the first matching rule wins.
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<Pattern>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<Pattern>,
+    /// A `[[clients]]` name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    pub mode: Mode,
+}
+
+impl RuleConfig {
+    pub fn matches(&self, path: &str, model: Option<&str>, client: Option<&str>) -> bool {
+        self.path.as_ref().map_or(true, |p| p.matches(path))
+            && self
+                .model
+                .as_ref()
+                .map_or(true, |p| model.is_some_and(|m| p.matches(m)))
+            && self
+                .client
+                .as_deref()
+                .map_or(true, |c| client.is_some_and(|name| name == c))
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WebhooksConfig {
+    /// Signing secrets, raw bytes (decoded from `whsec_<base64>`). The first
+    /// signs; all are sent as signatures so a receiver can rotate. Empty means
+    /// webhooks are not configured.
+    pub secrets: Vec<WebhookSecret>,
+    pub max_attempts: u32,
+    pub allow_hosts: Vec<String>,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// Delay before attempt 2, 3, …; the last repeats.
+    #[serde(serialize_with = "ser_durations")]
+    pub schedule: Vec<Duration>,
+}
+
+/// A webhook signing key: the decoded bytes of a `whsec_…` secret.
+#[derive(Clone)]
+pub struct WebhookSecret(pub(super) Vec<u8>);
+
+impl WebhookSecret {
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WebhookSecret({})", Secret::MASK)
+    }
+}
+
+impl Serialize for WebhookSecret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(Secret::MASK)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PricesConfig {
+    /// Fraction taken off the realtime price for batch-served tokens.
+    pub batch_discount: f64,
+    pub models: Vec<ModelPrice>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelPrice {
+    pub model: Pattern,
+    /// USD per million input tokens, realtime.
+    pub input: f64,
+    /// USD per million output tokens, realtime.
+    pub output: f64,
+    pub batch_discount: f64,
+}
+
+impl PricesConfig {
+    pub fn for_model(&self, model: &str) -> Option<&ModelPrice> {
+        self.models.iter().find(|p| p.model.matches(model))
+    }
+}
+
+impl Config {
+    /// The upstream for a call: the first whose `models` globs match the
+    /// body's model, else the first upstream. Validation guarantees one exists.
+    pub fn route(&self, model: Option<&str>) -> &UpstreamConfig {
+        let hit = model.and_then(|m| self.upstreams.iter().find(|u| u.models.matches(m)));
+        // Validation rejects a config without upstreams, so index 0 exists.
+        #[allow(clippy::indexing_slicing)]
+        hit.unwrap_or(&self.upstreams[0])
+    }
+
+    /// The mode of the first `[[rules]]` entry matching the call, if any.
+    pub fn rule_mode(&self, path: &str, model: Option<&str>, client: Option<&str>) -> Option<Mode> {
+        self.rules
+            .iter()
+            .find(|r| r.matches(path, model, client))
+            .map(|r| r.mode)
+    }
+}
+
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_durations<S: Serializer>(d: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(d.iter().map(|d| humantime::format_duration(*d).to_string()))
+}
+
+fn ser_size<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&bytesize::ByteSize::b(*n).to_string_as(false))
+}
+
+fn ser_opt_size<S: Serializer>(n: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match n {
+        Some(n) => ser_size(n, s),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_url<S: Serializer>(u: &Url, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(u.as_str())
+}
+
+/// Prints a store URL with any password masked.
+fn ser_store_url<S: Serializer>(u: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(u))
+}
+
+pub fn redact_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some(Secret::MASK));
+            url.to_string()
+        }
+        _ => raw.to_owned(),
+    }
+}

@@ -1,0 +1,142 @@
+//! Reading just enough of a request body to route it.
+//!
+//! The choice: a JSON body is read into memory (it is bounded by
+//! `server.max_body`, and LLM JSON calls are small) so its `model` can pick
+//! the upstream and the deferral path can parse it; any other body (file
+//! uploads, multipart) is never read here and streams straight through,
+//! counted against the same limit as it flows.
+
+use std::borrow::Cow;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+
+use crate::server::ApiError;
+
+pub enum Inspected {
+    /// A JSON body, read whole; `model` is its top-level `model` string.
+    Json { bytes: Bytes, model: Option<String> },
+    /// Declared JSON but does not parse; forwarded as is unless deferred.
+    Malformed(Bytes),
+    /// Not JSON: left unread.
+    Stream(Body),
+}
+
+#[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+}
+
+/// Whether the `Content-Type` is JSON (`application/json` or `…+json`).
+pub fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let media = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
+}
+
+/// The declared `Content-Length`, if any and well formed.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Refuses a declared oversize body at once, reads JSON bodies up to
+/// `max_body`, leaves every other body as a stream.
+pub async fn inspect(
+    headers: &HeaderMap,
+    body: Body,
+    max_body: u64,
+) -> Result<Inspected, ApiError> {
+    if content_length(headers).is_some_and(|n| n > max_body) {
+        return Err(ApiError::PayloadTooLarge { limit: max_body });
+    }
+    if !is_json(headers) {
+        return Ok(Inspected::Stream(body));
+    }
+    let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(ApiError::PayloadTooLarge { limit: max_body });
+        }
+        Err(_) => {
+            return Err(ApiError::bad_request(
+                "the request body could not be read",
+                "body_read_failed",
+            ))
+        }
+    };
+    Ok(probe(bytes))
+}
+
+/// Finds the top-level `model` without building the rest of the document.
+pub fn probe(bytes: Bytes) -> Inspected {
+    if bytes.is_empty() {
+        return Inspected::Json { bytes, model: None };
+    }
+    match serde_json::from_slice::<Probe<'_>>(&bytes) {
+        Ok(p) => {
+            let model = p.model.map(Cow::into_owned);
+            Inspected::Json { bytes, model }
+        }
+        Err(_) => Inspected::Malformed(bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_model_and_ignores_everything_else() {
+        let body = Bytes::from_static(
+            br#"{"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"model":"mistral-small","stream":true}"#,
+        );
+        match probe(body) {
+            Inspected::Json { model, .. } => assert_eq!(model.as_deref(), Some("mistral-small")),
+            _ => panic!("expected JSON"),
+        }
+        assert!(matches!(
+            probe(Bytes::from_static(b"{nope")),
+            Inspected::Malformed(_)
+        ));
+        assert!(matches!(
+            probe(Bytes::from_static(b"[1,2]")),
+            Inspected::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn recognises_json_media_types() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            "Application/JSON; charset=utf-8".parse().unwrap(),
+        );
+        assert!(is_json(&h));
+        h.insert(
+            header::CONTENT_TYPE,
+            "multipart/form-data; boundary=x".parse().unwrap(),
+        );
+        assert!(!is_json(&h));
+    }
+}

@@ -1,0 +1,247 @@
+//! The embedded backend. Every write goes to one writer task that
+//! group-commits: it takes whatever commands are queued (up to a cap), runs
+//! them in one transaction and answers each only after the commit, so intake
+//! costs one fsync per group rather than per request. A command that fails
+//! before writing (an idempotency conflict) keeps its group; any other
+//! failure rolls the group back and replays its commands one transaction
+//! each, so one bad command never fails the others. Reads use a separate
+//! pool and see only committed data (WAL).
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{ConnectOptions as _, Connection as _};
+use tokio::sync::{mpsc, oneshot};
+
+use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply};
+use super::{RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary};
+use crate::model::{RequestId, RequestStatus, WindowId};
+
+const MIGRATIONS: &[&str] = &[include_str!("schema/sqlite_v1.sql")];
+
+/// Commands waiting for the writer; intake beyond this waits (backpressure).
+const QUEUE_DEPTH: usize = 16_384;
+
+enum Msg {
+    Write(Op, oneshot::Sender<Result<Reply, StoreError>>),
+    Close(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: mpsc::Sender<Msg>,
+    read: SqlitePool,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    pub(crate) async fn connect(url: &str, options: StoreOptions) -> Result<Self, StoreError> {
+        let connect = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        let mut conn = connect.connect().await?;
+        sqlite_migrate::migrate(&mut conn, "", MIGRATIONS).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(options.pool_size.max(1))
+            .connect_with(connect)
+            .await?;
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let cap = options.group_commit_max.max(1);
+        tokio::spawn(run_writer(conn, rx, cap, options.retry_horizon_ms));
+        Ok(Self {
+            inner: Arc::new(Inner { writer: tx, read }),
+        })
+    }
+
+    pub(crate) async fn close(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.inner.writer.send(Msg::Close(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+        self.inner.read.close().await;
+    }
+
+    pub(crate) async fn write(&self, op: Op) -> Result<Reply, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .writer
+            .send(Msg::Write(op, reply))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    pub(crate) async fn get(
+        &self,
+        id: &RequestId,
+        credential_hash: &str,
+    ) -> Result<Option<RequestRecord>, StoreError> {
+        ops::get(&mut *self.inner.read.acquire().await?, id, credential_hash).await
+    }
+
+    pub(crate) async fn list(
+        &self,
+        credential_hash: &str,
+        status: Option<RequestStatus>,
+        limit: u32,
+        after: Option<&RequestId>,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        let mut conn = self.inner.read.acquire().await?;
+        ops::list(&mut conn, credential_hash, status, limit, after).await
+    }
+
+    pub(crate) async fn request_body(&self, id: &RequestId) -> Result<Option<Bytes>, StoreError> {
+        ops::request_body(&mut *self.inner.read.acquire().await?, id).await
+    }
+
+    pub(crate) async fn due_requests(
+        &self,
+        before: i64,
+        limit: u32,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        ops::due_requests(&mut *self.inner.read.acquire().await?, before, limit).await
+    }
+
+    pub(crate) async fn open_request_ids(
+        &self,
+        window: &WindowId,
+    ) -> Result<Vec<RequestId>, StoreError> {
+        ops::open_request_ids(&mut *self.inner.read.acquire().await?, window).await
+    }
+
+    pub(crate) async fn open_windows(&self) -> Result<Vec<WindowSummary>, StoreError> {
+        ops::open_windows(&mut *self.inner.read.acquire().await?).await
+    }
+
+    pub(crate) async fn window(&self, id: &WindowId) -> Result<Option<WindowRecord>, StoreError> {
+        ops::window(&mut *self.inner.read.acquire().await?, id).await
+    }
+
+    pub(crate) async fn windows_in(
+        &self,
+        states: &[WindowState],
+    ) -> Result<Vec<WindowRecord>, StoreError> {
+        ops::windows_in(&mut *self.inner.read.acquire().await?, states).await
+    }
+
+    pub(crate) fn window_lines(
+        &self,
+        id: WindowId,
+    ) -> BoxStream<'static, Result<(RequestId, Bytes), StoreError>> {
+        ops::window_lines(self.inner.read.clone(), id)
+    }
+}
+
+struct Pending {
+    op: Op,
+    reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+async fn run_writer(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Msg>,
+    cap: usize,
+    horizon: i64,
+) {
+    let mut group: Vec<Pending> = Vec::with_capacity(cap);
+    let mut closing = None;
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Write(op, reply) => group.push(Pending { op, reply }),
+                Msg::Close(ack) => {
+                    closing = Some(ack);
+                    break;
+                }
+            }
+            if group.len() < cap {
+                next = rx.try_recv().ok();
+            }
+        }
+        commit_group(&mut conn, &mut group, horizon).await;
+        if let Some(ack) = closing.take() {
+            rx.close();
+            // Commands sent before the close was seen still get answered.
+            while let Ok(Msg::Write(op, reply)) = rx.try_recv() {
+                group.push(Pending { op, reply });
+            }
+            commit_group(&mut conn, &mut group, horizon).await;
+            let _ = conn.close().await;
+            let _ = ack.send(());
+            return;
+        }
+    }
+    let _ = conn.close().await;
+}
+
+async fn commit_group(conn: &mut SqliteConnection, group: &mut Vec<Pending>, horizon: i64) {
+    if group.is_empty() {
+        return;
+    }
+    match try_group(conn, group, horizon).await {
+        Ok(results) => {
+            for (pending, result) in group.drain(..).zip(results) {
+                let _ = pending.reply.send(result);
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, size = group.len(), "group commit failed; replaying its commands one by one");
+            for pending in group.drain(..) {
+                let result = alone(conn, &pending.op, horizon).await;
+                let _ = pending.reply.send(result);
+            }
+        }
+    }
+}
+
+async fn try_group(
+    conn: &mut SqliteConnection,
+    group: &[Pending],
+    horizon: i64,
+) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
+    let mut tx = conn.begin().await?;
+    let mut results = Vec::with_capacity(group.len());
+    for pending in group {
+        match ops::apply(&mut tx, &pending.op, horizon).await {
+            Ok(reply) => results.push(Ok(reply)),
+            Err(e) if e.wrote_nothing() => results.push(Err(e)),
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+async fn alone(conn: &mut SqliteConnection, op: &Op, horizon: i64) -> Result<Reply, StoreError> {
+    let mut tx = conn.begin().await?;
+    match ops::apply(&mut tx, op, horizon).await {
+        Ok(reply) => {
+            tx.commit().await?;
+            Ok(reply)
+        }
+        Err(e) => {
+            tx.rollback().await?;
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,708 @@
+//! The store contract: one suite, run against every backend (SQLite in a
+//! temporary directory; Postgres at 127.0.0.1:5432 in a schema of its own,
+//! dropped afterwards; set `CARPOOL_SKIP_PG=1` where there is none).
+
+// Tests may unwrap (house rule); helpers outside #[test] fns need saying so.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use carpool::model::{RequestId, RequestStatus, ServedBy, WindowId};
+use carpool::store::{
+    Accepted, CancelOutcome, DeliveryMode, FlushReason, NewRequest, Resolution, ResolvedStatus,
+    Store, StoreError, StoreOptions, WindowLimits, WindowOutcome, WindowState,
+};
+use futures_util::TryStreamExt;
+
+const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const CRED_A: &str = "aaaa";
+const CRED_B: &str = "bbbb";
+const T0: i64 = 1_700_000_000_000;
+
+struct Harness {
+    url: String,
+    options: StoreOptions,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Harness {
+    fn sqlite() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("carpool.db").display());
+        Harness {
+            url,
+            options: StoreOptions::default(),
+            _dir: Some(dir),
+        }
+    }
+
+    fn postgres() -> Option<Harness> {
+        if std::env::var_os("CARPOOL_SKIP_PG").is_some() {
+            eprintln!("CARPOOL_SKIP_PG set: skipping the Postgres backend");
+            return None;
+        }
+        let schema = format!("t_{}", &RequestId::generate().as_str()[4..20]);
+        Some(Harness {
+            url: PG_URL.to_owned(),
+            options: StoreOptions {
+                pg_schema: Some(schema),
+                pool_size: 8,
+                ..StoreOptions::default()
+            },
+            _dir: None,
+        })
+    }
+
+    async fn open(&self) -> Store {
+        Store::connect_with(&self.url, self.options.clone())
+            .await
+            .unwrap()
+    }
+
+    async fn cleanup(self) {
+        if let Some(schema) = &self.options.pg_schema {
+            use sqlx::{Connection, Executor};
+            let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+            conn.execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn limits(max_requests: u64, max_bytes: u64) -> WindowLimits {
+    WindowLimits {
+        max_requests,
+        max_bytes,
+    }
+}
+
+fn new_request(cred: &str, model: &str, body: &str, now: i64) -> NewRequest {
+    NewRequest {
+        id: RequestId::generate(),
+        credential_hash: cred.to_owned(),
+        upstream: "main".to_owned(),
+        endpoint: "/v1/chat/completions".to_owned(),
+        model: model.to_owned(),
+        body: Bytes::from(body.to_owned()),
+        body_hash: format!("hash:{body}"),
+        idempotency_key: None,
+        sdk_retry: false,
+        mode: DeliveryMode::Async,
+        deadline: None,
+        callback_url: None,
+        upstream_key: None,
+        limits: limits(1000, 1_000_000),
+        now,
+    }
+}
+
+async fn accept(store: &Store, req: NewRequest) -> Accepted {
+    store.accept(req).await.unwrap()
+}
+
+async fn lines(store: &Store, window: &WindowId) -> Vec<RequestId> {
+    store
+        .window_lines(window)
+        .map_ok(|(id, _)| id)
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// Takes a sealed window through upload and create to submitted.
+async fn submit(store: &Store, window: &WindowId, job: &str) {
+    assert!(store.record_upload(window, "file-1").await.unwrap());
+    assert!(store.mark_creating(window).await.unwrap());
+    assert!(store.record_job(window, job, T0 + 10).await.unwrap());
+}
+
+fn success(id: &RequestId, body: &str) -> Resolution {
+    Resolution {
+        id: id.clone(),
+        status: ResolvedStatus::Succeeded,
+        served_by: Some(ServedBy::Batch),
+        response_status: Some(200),
+        response_body: Some(Bytes::from(body.to_owned())),
+        error_code: None,
+        error_message: None,
+        completed_at: T0 + 20,
+    }
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn splits_windows_at_max_requests(h: &Harness) {
+        let store = h.open().await;
+        let mut sealed_by = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..12 {
+            let mut r = new_request(CRED_A, "m", &format!("{{\"n\":{i}}}"), T0 + i);
+            r.limits = limits(5, 1_000_000);
+            let a = accept(&store, r).await;
+            assert!(a.created);
+            ids.push(a.record.id.clone());
+            if let Some(reason) = a.window.unwrap().sealed {
+                sealed_by.push(reason);
+            }
+        }
+        assert_eq!(sealed_by, vec![FlushReason::MaxRequests; 2]);
+        let windows = store
+            .windows_in(&[WindowState::Open, WindowState::Sealed])
+            .await
+            .unwrap();
+        let counts: Vec<u64> = windows.iter().map(|w| w.count).collect();
+        assert_eq!(counts, vec![5, 5, 2]);
+        assert_eq!(windows[2].state, WindowState::Open);
+        let mut streamed = Vec::new();
+        for w in &windows {
+            let l = lines(&store, &w.id).await;
+            assert_eq!(l.len() as u64, w.count);
+            streamed.extend(l);
+        }
+        assert_eq!(streamed, ids, "lines come out in acceptance order");
+    }
+
+    pub async fn splits_windows_at_max_bytes(h: &Harness) {
+        let store = h.open().await;
+        let mut sealed_previous = Vec::new();
+        for i in 0..5 {
+            let mut r = new_request(CRED_A, "m", &format!("0123456789-{i}"), T0 + i);
+            r.limits = limits(100, 30);
+            let a = accept(&store, r).await;
+            assert!(a.window.as_ref().unwrap().bytes <= 30);
+            if let Some((_, reason)) = a.sealed_previous {
+                sealed_previous.push(reason);
+            }
+        }
+        assert_eq!(sealed_previous, vec![FlushReason::MaxBytes; 2]);
+        let windows = store
+            .windows_in(&[WindowState::Open, WindowState::Sealed])
+            .await
+            .unwrap();
+        let counts: Vec<u64> = windows.iter().map(|w| w.count).collect();
+        assert_eq!(counts, vec![2, 2, 1]);
+        assert_eq!(windows[0].flush_reason, Some(FlushReason::MaxBytes));
+    }
+
+    pub async fn keeps_models_and_credentials_in_separate_windows(h: &Harness) {
+        let store = h.open().await;
+        let mut windows = HashSet::new();
+        for cred in [CRED_A, CRED_B] {
+            for model in ["m1", "m2"] {
+                let a = accept(&store, new_request(cred, model, "{}", T0)).await;
+                let b = accept(&store, new_request(cred, model, "{\"x\":1}", T0)).await;
+                let (wa, wb) = (a.window.unwrap().id, b.window.unwrap());
+                assert_eq!(wa, wb.id);
+                assert_eq!(wb.count, 2);
+                windows.insert(wa);
+            }
+        }
+        assert_eq!(windows.len(), 4);
+        let open = store.open_windows().await.unwrap();
+        assert_eq!(open.len(), 4);
+        let keys: HashSet<_> = open
+            .iter()
+            .map(|w| (w.key.credential_hash.clone(), w.key.model.clone()))
+            .collect();
+        assert_eq!(keys.len(), 4);
+    }
+
+    pub async fn idempotent_repeat_returns_the_same_request(h: &Harness) {
+        let store = h.open().await;
+        let mut first = new_request(CRED_A, "m", "{\"q\":1}", T0);
+        first.idempotency_key = Some("k1".into());
+        let a = accept(&store, first.clone()).await;
+        let mut again = first.clone();
+        again.id = RequestId::generate();
+        let b = accept(&store, again).await;
+        assert!(a.created && !b.created);
+        assert_eq!(a.record.id, b.record.id);
+        // The same key under another credential is another request.
+        let mut other = first.clone();
+        other.id = RequestId::generate();
+        other.credential_hash = CRED_B.into();
+        assert!(accept(&store, other).await.created);
+        let open = store.open_windows().await.unwrap();
+        assert_eq!(open.iter().map(|w| w.count).sum::<u64>(), 2);
+    }
+
+    pub async fn idempotency_key_with_another_body_conflicts(h: &Harness) {
+        let store = h.open().await;
+        let mut first = new_request(CRED_A, "m", "{\"q\":1}", T0);
+        first.idempotency_key = Some("k1".into());
+        accept(&store, first.clone()).await;
+        let mut changed = new_request(CRED_A, "m", "{\"q\":2}", T0);
+        changed.idempotency_key = Some("k1".into());
+        let err = store.accept(changed).await.unwrap_err();
+        assert!(matches!(err, StoreError::IdempotencyConflict), "{err:?}");
+        assert_eq!(store.list(CRED_A, None, 10, None).await.unwrap().len(), 1);
+    }
+
+    pub async fn sdk_retry_reattaches_to_the_queued_request(h: &Harness) {
+        let store = h.open().await;
+        let original = accept(&store, new_request(CRED_A, "m", "{\"q\":1}", T0)).await;
+        let mut retry = new_request(CRED_A, "m", "{\"q\":1}", T0 + 30_000);
+        retry.sdk_retry = true;
+        let b = accept(&store, retry).await;
+        assert!(!b.created);
+        assert_eq!(b.record.id, original.record.id);
+        // Without the retry header the same body is a new request.
+        let fresh = accept(&store, new_request(CRED_A, "m", "{\"q\":1}", T0 + 1)).await;
+        assert!(fresh.created);
+        // Another credential never re-attaches.
+        let mut foreign = new_request(CRED_B, "m", "{\"q\":1}", T0 + 2);
+        foreign.sdk_retry = true;
+        assert!(accept(&store, foreign).await.created);
+    }
+
+    pub async fn sdk_retry_never_reattaches_to_a_cancelled_or_old_request(h: &Harness) {
+        let store = h.open().await;
+        let a = accept(&store, new_request(CRED_A, "m", "{\"q\":1}", T0)).await;
+        store.cancel(&a.record.id, CRED_A, T0 + 1).await.unwrap();
+        let mut retry = new_request(CRED_A, "m", "{\"q\":1}", T0 + 2);
+        retry.sdk_retry = true;
+        let b = accept(&store, retry).await;
+        assert!(b.created);
+        let mut late = new_request(CRED_A, "m", "{\"q\":1}", T0 + 2 * 3_600_000);
+        late.sdk_retry = true;
+        assert!(accept(&store, late).await.created);
+    }
+
+    pub async fn cancel_before_flush_keeps_the_request_out_of_the_window(h: &Harness) {
+        let store = h.open().await;
+        let a = accept(&store, new_request(CRED_A, "m", "{\"a\":1}", T0)).await;
+        let b = accept(&store, new_request(CRED_A, "m", "{\"b\":22}", T0)).await;
+        let window = b.window.unwrap();
+        assert_eq!(
+            store.cancel(&a.record.id, CRED_B, T0).await.unwrap(),
+            CancelOutcome::NotFound
+        );
+        let CancelOutcome::Cancelled(rec) =
+            store.cancel(&a.record.id, CRED_A, T0 + 5).await.unwrap()
+        else {
+            panic!("expected a cancellation")
+        };
+        assert_eq!(rec.status, RequestStatus::Cancelled);
+        assert_eq!(rec.completed_at, Some(T0 + 5));
+        let w = store.window(&window.id).await.unwrap().unwrap();
+        assert_eq!((w.count, w.bytes), (1, 8));
+        assert!(store
+            .seal_window(&window.id, FlushReason::Operator, T0 + 6)
+            .await
+            .unwrap());
+        assert_eq!(lines(&store, &window.id).await, vec![b.record.id.clone()]);
+        assert!(matches!(
+            store.cancel(&a.record.id, CRED_A, T0 + 7).await.unwrap(),
+            CancelOutcome::AlreadyFinal(_)
+        ));
+    }
+
+    pub async fn cancelling_every_member_drops_the_open_window(h: &Harness) {
+        let store = h.open().await;
+        let a = accept(&store, new_request(CRED_A, "m", "{}", T0)).await;
+        store.cancel(&a.record.id, CRED_A, T0 + 1).await.unwrap();
+        assert!(store.open_windows().await.unwrap().is_empty());
+        let b = accept(&store, new_request(CRED_A, "m", "{}", T0 + 50)).await;
+        let slot = b.window.unwrap();
+        assert_ne!(Some(slot.id), a.record.window_id);
+        assert_eq!(slot.opened_at, T0 + 50);
+    }
+
+    pub async fn a_submitted_request_cancels_and_its_late_result_is_discarded(h: &Harness) {
+        let store = h.open().await;
+        let a = accept(&store, new_request(CRED_A, "m", "{}", T0)).await;
+        let w = a.window.unwrap().id;
+        store
+            .seal_window(&w, FlushReason::MaxWait, T0)
+            .await
+            .unwrap();
+        submit(&store, &w, "job-1").await;
+        assert!(matches!(
+            store.cancel(&a.record.id, CRED_A, T0 + 11).await.unwrap(),
+            CancelOutcome::Cancelled(_)
+        ));
+        let changed = store
+            .resolve(&w, vec![success(&a.record.id, "{}")])
+            .await
+            .unwrap();
+        assert!(changed.is_empty());
+        let rec = store.get(&a.record.id, CRED_A).await.unwrap().unwrap();
+        assert_eq!(rec.status, RequestStatus::Cancelled);
+        assert_eq!(rec.response_body, None);
+    }
+
+    pub async fn another_credential_never_sees_a_request(h: &Harness) {
+        let store = h.open().await;
+        let a = accept(&store, new_request(CRED_A, "m", "{}", T0)).await;
+        assert!(store.get(&a.record.id, CRED_B).await.unwrap().is_none());
+        assert!(store.list(CRED_B, None, 10, None).await.unwrap().is_empty());
+        let got = store.get(&a.record.id, CRED_A).await.unwrap().unwrap();
+        assert_eq!(got, a.record);
+    }
+
+    pub async fn list_is_newest_first_filtered_and_paged(h: &Harness) {
+        let store = h.open().await;
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let a = accept(
+                &store,
+                new_request(CRED_A, "m", &format!("{{\"i\":{i}}}"), T0 + i),
+            )
+            .await;
+            ids.push(a.record.id);
+        }
+        store.cancel(&ids[1], CRED_A, T0 + 9).await.unwrap();
+        let all: Vec<_> = store
+            .list(CRED_A, None, 10, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        let newest_first: Vec<_> = ids.iter().rev().cloned().collect();
+        assert_eq!(all, newest_first);
+        let page: Vec<_> = store
+            .list(CRED_A, None, 2, Some(&ids[3]))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(page, vec![ids[2].clone(), ids[1].clone()]);
+        let cancelled = store
+            .list(CRED_A, Some(RequestStatus::Cancelled), 10, None)
+            .await
+            .unwrap();
+        assert_eq!(cancelled.len(), 1);
+        assert_eq!(cancelled[0].id, ids[1]);
+        // A cursor of another credential yields nothing rather than leaking.
+        let foreign = accept(&store, new_request(CRED_B, "m", "{}", T0)).await;
+        assert!(store
+            .list(CRED_A, None, 10, Some(&foreign.record.id))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    pub async fn submission_moves_queued_requests_and_forgets_the_upstream_key(h: &Harness) {
+        let store = h.open().await;
+        let mut r = new_request(CRED_A, "m", "{}", T0);
+        r.upstream_key = Some("sk-secret".into());
+        let a = accept(&store, r).await;
+        let w = a.window.unwrap().id;
+        let rec = store.window(&w).await.unwrap().unwrap();
+        assert_eq!(rec.upstream_key.as_deref(), Some("sk-secret"));
+        // Transitions out of order are refused.
+        assert!(!store.record_upload(&w, "f").await.unwrap());
+        assert!(!store.mark_creating(&w).await.unwrap());
+        assert!(store
+            .seal_window(&w, FlushReason::Shutdown, T0 + 1)
+            .await
+            .unwrap());
+        assert!(!store
+            .seal_window(&w, FlushReason::MaxWait, T0 + 1)
+            .await
+            .unwrap());
+        assert!(!store.record_job(&w, "job", T0).await.unwrap());
+        submit(&store, &w, "job-7").await;
+        let rec = store.window(&w).await.unwrap().unwrap();
+        assert_eq!(rec.state, WindowState::Submitted);
+        assert_eq!(rec.upstream_key, None);
+        assert_eq!(rec.job_id.as_deref(), Some("job-7"));
+        assert_eq!(rec.flush_reason, Some(FlushReason::Shutdown));
+        let req = store.get(&a.record.id, CRED_A).await.unwrap().unwrap();
+        assert_eq!(req.status, RequestStatus::Submitted);
+        assert_eq!(req.batch_id.as_deref(), Some("job-7"));
+        assert_eq!(req.submitted_at, Some(T0 + 10));
+        assert!(store.record_job_status(&w, "RUNNING").await.unwrap());
+        assert!(store
+            .finish_window(&w, WindowOutcome::Completed, T0 + 30)
+            .await
+            .unwrap());
+        assert!(!store
+            .finish_window(&w, WindowOutcome::Failed, T0 + 31)
+            .await
+            .unwrap());
+        assert!(!store.record_job_status(&w, "SUCCESS").await.unwrap());
+    }
+
+    pub async fn resolves_each_request_once_and_only_from_its_window(h: &Harness) {
+        let store = h.open().await;
+        let a = accept(&store, new_request(CRED_A, "m", "{\"a\":1}", T0)).await;
+        let b = accept(&store, new_request(CRED_A, "m", "{\"b\":1}", T0)).await;
+        let w = a.window.unwrap().id;
+        store
+            .seal_window(&w, FlushReason::MaxWait, T0)
+            .await
+            .unwrap();
+        submit(&store, &w, "job-1").await;
+        let changed = store
+            .resolve(&w, vec![success(&a.record.id, "{\"ok\":1}")])
+            .await
+            .unwrap();
+        assert_eq!(changed, vec![a.record.id.clone()]);
+        let again = store
+            .resolve(&w, vec![success(&a.record.id, "{\"ok\":2}")])
+            .await
+            .unwrap();
+        assert!(again.is_empty());
+        let rec = store.get(&a.record.id, CRED_A).await.unwrap().unwrap();
+        assert_eq!(rec.status, RequestStatus::Succeeded);
+        assert_eq!(rec.response_body.as_deref(), Some(&b"{\"ok\":1}"[..]));
+        assert_eq!(rec.response_status, Some(200));
+        assert_eq!(rec.served_by, Some(ServedBy::Batch));
+        // b is resubmitted: a late line of the old job must not clobber it.
+        let moved = store
+            .requeue(vec![b.record.id.clone(), a.record.id.clone()], T0 + 40)
+            .await
+            .unwrap();
+        assert_eq!(moved, vec![b.record.id.clone()]);
+        let requeued = store.get(&b.record.id, CRED_A).await.unwrap().unwrap();
+        assert_eq!(requeued.status, RequestStatus::Queued);
+        assert_eq!(requeued.batch_id, None);
+        let new_window = requeued.window_id.clone().unwrap();
+        assert_ne!(new_window, w);
+        assert!(store
+            .resolve(&w, vec![success(&b.record.id, "{}")])
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(lines(&store, &new_window).await, vec![b.record.id.clone()]);
+        // A realtime fallback answers it; the batch result that follows is dropped.
+        let mut realtime = success(&b.record.id, "{\"rt\":1}");
+        realtime.served_by = Some(ServedBy::Realtime);
+        assert!(store.resolve_one(realtime.clone()).await.unwrap());
+        assert!(!store.resolve_one(realtime).await.unwrap());
+        assert!(store
+            .resolve(&new_window, vec![success(&b.record.id, "{}")])
+            .await
+            .unwrap()
+            .is_empty());
+        let rec = store.get(&b.record.id, CRED_A).await.unwrap().unwrap();
+        assert_eq!(rec.served_by, Some(ServedBy::Realtime));
+        assert_eq!(rec.response_body.as_deref(), Some(&b"{\"rt\":1}"[..]));
+    }
+
+    pub async fn fail_unresolved_fails_only_what_is_still_open(h: &Harness) {
+        let store = h.open().await;
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(
+                accept(
+                    &store,
+                    new_request(CRED_A, "m", &format!("{{\"i\":{i}}}"), T0),
+                )
+                .await,
+            );
+        }
+        let w = ids[0].window.clone().unwrap().id;
+        store
+            .seal_window(&w, FlushReason::MaxWait, T0)
+            .await
+            .unwrap();
+        submit(&store, &w, "job").await;
+        store
+            .resolve(&w, vec![success(&ids[0].record.id, "{}")])
+            .await
+            .unwrap();
+        let mut failed_line = success(&ids[1].record.id, "{\"error\":{}}");
+        failed_line.status = ResolvedStatus::Failed;
+        failed_line.response_status = Some(400);
+        store.resolve(&w, vec![failed_line]).await.unwrap();
+        let failed = store
+            .fail_unresolved(&w, "missing_result", "in neither file", T0 + 50)
+            .await
+            .unwrap();
+        assert_eq!(failed, vec![ids[2].record.id.clone()]);
+        let rec = store.get(&ids[2].record.id, CRED_A).await.unwrap().unwrap();
+        assert_eq!(rec.status, RequestStatus::Failed);
+        assert_eq!(rec.error_code.as_deref(), Some("missing_result"));
+        let line = store.get(&ids[1].record.id, CRED_A).await.unwrap().unwrap();
+        assert_eq!(
+            (line.status, line.response_status),
+            (RequestStatus::Failed, Some(400))
+        );
+        assert!(store.open_request_ids(&w).await.unwrap().is_empty());
+    }
+
+    pub async fn reports_earliest_deadline_and_due_requests(h: &Harness) {
+        let store = h.open().await;
+        for deadline in [T0 + 9_000, T0 + 5_000, T0 + 7_000] {
+            let mut r = new_request(CRED_A, "m", &format!("{{\"d\":{deadline}}}"), T0);
+            r.deadline = Some(deadline);
+            accept(&store, r).await;
+        }
+        let open = store.open_windows().await.unwrap();
+        assert_eq!(open[0].earliest_deadline, Some(T0 + 5_000));
+        let due = store.due_requests(T0 + 7_000, 10).await.unwrap();
+        let deadlines: Vec<_> = due.iter().map(|r| r.deadline).collect();
+        assert_eq!(deadlines, vec![Some(T0 + 5_000), Some(T0 + 7_000)]);
+        let body = store.request_body(&due[0].id).await.unwrap().unwrap();
+        assert_eq!(&body[..], format!("{{\"d\":{}}}", T0 + 5_000).as_bytes());
+    }
+
+    pub async fn purge_removes_only_results_past_their_ttl(h: &Harness) {
+        let store = h.open().await;
+        let old = accept(&store, new_request(CRED_A, "m", "{\"o\":1}", T0)).await;
+        let pending = accept(&store, new_request(CRED_A, "m", "{\"p\":1}", T0)).await;
+        store.cancel(&old.record.id, CRED_A, T0 + 1).await.unwrap();
+        assert_eq!(store.purge_finished(T0 + 1).await.unwrap(), 0);
+        assert_eq!(store.purge_finished(T0 + 2).await.unwrap(), 1);
+        assert!(store.get(&old.record.id, CRED_A).await.unwrap().is_none());
+        assert!(store
+            .get(&pending.record.id, CRED_A)
+            .await
+            .unwrap()
+            .is_some());
+    }
+
+    pub async fn everything_survives_a_restart(h: &Harness) {
+        let store = h.open().await;
+        let mut r = new_request(CRED_A, "m", "{\"x\":1}", T0);
+        r.limits = limits(2, 1_000_000);
+        r.upstream_key = Some("sk-pass".into());
+        let a = accept(&store, r.clone()).await;
+        r.id = RequestId::generate();
+        r.body = Bytes::from_static(b"{\"x\":2}");
+        r.body_hash = "hash:2".into();
+        accept(&store, r.clone()).await;
+        let sealed = a.window.unwrap().id;
+        store.record_upload(&sealed, "file-9").await.unwrap();
+        store.mark_creating(&sealed).await.unwrap();
+        let lone = accept(&store, new_request(CRED_A, "other", "{}", T0 + 5)).await;
+        // No close: a dropped store is what a crash leaves behind.
+        drop(store);
+
+        let store = h.open().await;
+        let creating = store.windows_in(&[WindowState::Creating]).await.unwrap();
+        assert_eq!(creating.len(), 1);
+        assert_eq!(creating[0].id, sealed);
+        assert_eq!(creating[0].file_id.as_deref(), Some("file-9"));
+        assert_eq!(creating[0].upstream_key.as_deref(), Some("sk-pass"));
+        assert_eq!(lines(&store, &sealed).await.len(), 2);
+        let open = store.open_windows().await.unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].id, lone.window.clone().unwrap().id);
+        assert_eq!(
+            store.get(&lone.record.id, CRED_A).await.unwrap().unwrap(),
+            lone.record
+        );
+        // Intake resumes into the surviving open window.
+        let next = accept(&store, new_request(CRED_A, "other", "{\"y\":1}", T0 + 6)).await;
+        assert_eq!(next.window.unwrap().count, 2);
+        store.close().await;
+    }
+
+    pub async fn concurrent_accepts_are_all_durable_and_distinct(h: &Harness) {
+        let store = h.open().await;
+        let mut tasks = Vec::new();
+        for i in 0..1000 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut r = new_request(
+                    CRED_A,
+                    ["m1", "m2"][i % 2],
+                    &format!("{{\"i\":{i}}}"),
+                    T0 + i as i64,
+                );
+                r.limits = limits(300, 1_000_000);
+                // Every tenth reuses one key with its own body: one wins,
+                // the rest conflict without failing their group.
+                if i % 10 == 0 {
+                    r.idempotency_key = Some("shared".into());
+                }
+                (i, store.accept(r).await)
+            }));
+        }
+        let mut ids = HashSet::new();
+        let mut conflicts = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                (_, Ok(a)) => {
+                    assert!(a.created);
+                    assert!(ids.insert(a.record.id));
+                }
+                (i, Err(StoreError::IdempotencyConflict)) => {
+                    assert_eq!(i % 10, 0);
+                    conflicts += 1;
+                }
+                (_, Err(e)) => panic!("accept failed: {e}"),
+            }
+        }
+        assert_eq!((ids.len(), conflicts), (901, 99));
+        drop(store);
+        let store = h.open().await;
+        let listed = store.list(CRED_A, None, 5_000, None).await.unwrap();
+        let stored: HashSet<_> = listed.into_iter().map(|r| r.id).collect();
+        assert_eq!(stored, ids);
+        let windows = store
+            .windows_in(&[WindowState::Open, WindowState::Sealed])
+            .await
+            .unwrap();
+        assert!(windows.iter().all(|w| w.count <= 300));
+        assert_eq!(windows.iter().map(|w| w.count).sum::<u64>(), 901);
+        let mut streamed = HashSet::new();
+        for w in &windows {
+            for id in lines(&store, &w.id).await {
+                assert!(streamed.insert(id), "a request is in two windows");
+            }
+        }
+        assert_eq!(streamed, ids);
+    }
+}
+
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let h = super::Harness::sqlite();
+                    super::cases::$case(&h).await;
+                    h.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(h) = super::Harness::postgres() else { return };
+                    super::cases::$case(&h).await;
+                    h.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    splits_windows_at_max_requests,
+    splits_windows_at_max_bytes,
+    keeps_models_and_credentials_in_separate_windows,
+    idempotent_repeat_returns_the_same_request,
+    idempotency_key_with_another_body_conflicts,
+    sdk_retry_reattaches_to_the_queued_request,
+    sdk_retry_never_reattaches_to_a_cancelled_or_old_request,
+    cancel_before_flush_keeps_the_request_out_of_the_window,
+    cancelling_every_member_drops_the_open_window,
+    a_submitted_request_cancels_and_its_late_result_is_discarded,
+    another_credential_never_sees_a_request,
+    list_is_newest_first_filtered_and_paged,
+    submission_moves_queued_requests_and_forgets_the_upstream_key,
+    resolves_each_request_once_and_only_from_its_window,
+    fail_unresolved_fails_only_what_is_still_open,
+    reports_earliest_deadline_and_due_requests,
+    purge_removes_only_results_past_their_ttl,
+    everything_survives_a_restart,
+    concurrent_accepts_are_all_durable_and_distinct,
+);
+
+#[tokio::test]
+async fn refuses_an_unknown_url_scheme() {
+    let err = Store::connect("mysql://x").await.unwrap_err();
+    assert!(matches!(err, StoreError::UnsupportedUrl { ref scheme } if scheme == "mysql"));
+}
