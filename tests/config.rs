@@ -37,7 +37,10 @@ fn every_example_config_loads() {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         let mut names = Vec::new();
-        env_names(&text.parse::<toml::Table>().map(toml::Value::Table).unwrap(), &mut names);
+        env_names(
+            &text.parse::<toml::Table>().map(toml::Value::Table).unwrap(),
+            &mut names,
+        );
         let vars: BTreeMap<String, String> = names
             .into_iter()
             .map(|n| {
@@ -62,7 +65,10 @@ fn check_config(text: &str, env: &[(&str, &str)]) -> (bool, String, String) {
     let path = dir.path().join("carpool.toml");
     std::fs::write(&path, text).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_carpool"));
-    cmd.arg("check-config").arg("--config").arg(&path).env_clear();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .env_clear();
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -98,7 +104,10 @@ max_wait = "5 parsecs"
         "upstreams[1].dialect: unknown dialect \"foo\", expected mistral|openai",
         "upstreams[0].api_key_env: environment variable MISTRAL_API_KEY is not set",
     ] {
-        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
     }
 }
 
