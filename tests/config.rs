@@ -1,4 +1,5 @@
 //! Config files: the examples in config/ stay valid, and `check-config`
+#![allow(clippy::unwrap_used)]
 //! names every problem.
 
 use std::collections::BTreeMap;
