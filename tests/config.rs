@@ -1,6 +1,6 @@
 //! Config files: the examples in config/ stay valid, and `check-config`
-#![allow(clippy::unwrap_used)]
 //! names every problem.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
