@@ -403,3 +403,83 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
         .ends_with("data: [DONE]\n\n"));
     stopping.await.unwrap().unwrap();
 }
+
+/// The real binary: SIGTERM while a stream is in flight lets the stream
+/// finish, then the process exits 0.
+#[tokio::test]
+async fn sigterm_drains_an_in_flight_stream_and_exits_zero() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let up = Upstream::start("primary").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("carpool.toml");
+    let text = one_upstream(&up.base_url(), "")
+        .replace("[server]\n", "[server]\nlisten = \"127.0.0.1:0\"\n");
+    std::fs::write(&path, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_carpool"))
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(&path)
+        .env_clear()
+        .env(KEY.0, KEY.1)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let wait_for = |message: &str| -> Value {
+        loop {
+            let v = rx.recv_timeout(Duration::from_secs(20)).expect("log line");
+            if v["message"] == message {
+                return v;
+            }
+        }
+    };
+    let listening = wait_for("carpool listening");
+    let addr = listening["listen"].as_str().unwrap().to_owned();
+
+    up.hold_streams();
+    let mut body = chat("m");
+    body["stream"] = json!(true);
+    let resp = client()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_for("SIGTERM received, shutting down");
+    up.release_streams();
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(String::from_utf8(rest)
+        .unwrap()
+        .ends_with("data: [DONE]\n\n"));
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "carpool did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}

@@ -8,6 +8,10 @@
 //! table). A value is taken as a string when the key it replaces is a string,
 //! else read as a TOML value (`1000`, `true`, `["a","b"]`), else as a string;
 //! a comma-separated list is accepted for arrays of strings.
+//!
+//! Every key lives in a section, so an override always contains `__`;
+//! `CARPOOL_…` names without it (e.g. `CARPOOL_ADMIN_TOKEN`) are not
+//! overrides and are free for secrets referenced by `*_env` keys.
 
 use toml::{Table, Value};
 
@@ -24,7 +28,7 @@ pub fn apply_overrides<'a>(
 ) {
     let mut vars: Vec<_> = vars
         .into_iter()
-        .filter(|(k, _)| k.starts_with(PREFIX))
+        .filter(|(k, _)| k.starts_with(PREFIX) && k.contains("__"))
         .collect();
     vars.sort();
     for (name, raw) in vars {
@@ -142,6 +146,7 @@ mod tests {
                 ("CARPOOL_UPSTREAMS__1__NAME", "second"),
                 ("CARPOOL_BATCHING__MAX_REQUESTS", "12"),
                 ("OTHER", "ignored"),
+                ("CARPOOL_ADMIN_TOKEN", "a secret, not an override"),
             ],
         );
         assert!(p.is_empty(), "{p:?}");

@@ -86,6 +86,36 @@ impl Forwarder {
         &self.client
     }
 
+    /// Sends one already-buffered JSON call realtime, as a `POST` to `path`
+    /// (e.g. `/v1/chat/completions`): the deferral's realtime fallback.
+    /// `headers` are the caller's original headers (hop-by-hop ones dropped).
+    pub async fn forward_json(
+        &self,
+        upstream: &UpstreamConfig,
+        caller: &Caller,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        operation: &'static str,
+    ) -> Result<Relayed, ApiError> {
+        let mut headers = headers.clone();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.remove(header::CONTENT_LENGTH);
+        self.forward(Outbound {
+            upstream,
+            caller,
+            method: Method::POST,
+            path_and_query: path,
+            headers: &headers,
+            body: OutboundBody::Buffered(body),
+            operation,
+        })
+        .await
+    }
+
     /// Sends `out` and returns the upstream's status, end-to-end headers and
     /// streaming body untouched. Errors are carpool's own: 413, 502, 504.
     pub async fn forward(&self, out: Outbound<'_>) -> Result<Relayed, ApiError> {

@@ -1,0 +1,137 @@
+//! Config files: the examples in config/ stay valid, and `check-config`
+//! names every problem.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use carpool::config;
+
+/// Every `*_env` value in a config, so an example can be loaded with
+/// placeholder secrets.
+fn env_names(value: &toml::Value, out: &mut Vec<String>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                if k.ends_with("_env") {
+                    if let Some(s) = v.as_str() {
+                        out.push(s.to_owned());
+                    }
+                }
+                env_names(v, out);
+            }
+        }
+        toml::Value::Array(items) => items.iter().for_each(|v| env_names(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_example_config_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut names = Vec::new();
+        env_names(
+            &text.parse::<toml::Table>().map(toml::Value::Table).unwrap(),
+            &mut names,
+        );
+        let vars: BTreeMap<String, String> = names
+            .into_iter()
+            .map(|n| {
+                let v = if n.contains("WEBHOOK") {
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()
+                } else {
+                    format!("placeholder-{n}")
+                };
+                (n, v)
+            })
+            .collect();
+        if let Err(e) = config::load_with_env(&path, &vars) {
+            panic!("{} is invalid:\n{e}", path.display());
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "expected example configs in {}", dir.display());
+}
+
+fn check_config(text: &str, env: &[(&str, &str)]) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("carpool.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_carpool"));
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_names_every_problem_and_exits_non_zero() {
+    let text = r#"
+[[upstreams]]
+name = "mistral"
+dialect = "mistral"
+base_url = "https://api.mistral.ai"
+api_key_env = "MISTRAL_API_KEY"
+
+[[upstreams]]
+name = "other"
+dialect = "foo"
+base_url = "http://127.0.0.1:9"
+
+[batching]
+max_wait = "5 parsecs"
+"#;
+    let (ok, _, stderr) = check_config(text, &[]);
+    assert!(!ok, "check-config accepted a bad config");
+    for expected in [
+        "batching.max_wait: invalid duration \"5 parsecs\"",
+        "upstreams[1].dialect: unknown dialect \"foo\", expected mistral|openai",
+        "upstreams[0].api_key_env: environment variable MISTRAL_API_KEY is not set",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_secrets_masked() {
+    let text = r#"
+[server]
+admin_token = "admin-secret-value"
+[[upstreams]]
+name = "mistral"
+dialect = "mistral"
+base_url = "https://api.mistral.ai"
+api_key_env = "MISTRAL_API_KEY"
+"#;
+    let (ok, stdout, stderr) = check_config(
+        text,
+        &[
+            ("MISTRAL_API_KEY", "sk-live-upstream"),
+            ("CARPOOL_SERVER__LISTEN", "0.0.0.0:9999"),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("listen = \"0.0.0.0:9999\""), "{stdout}");
+    assert!(stdout.contains("****"));
+    assert!(!stdout.contains("sk-live-upstream") && !stdout.contains("admin-secret-value"));
+}
