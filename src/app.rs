@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{self, Config};
+use crate::deferral::{flusher, Deferral};
+use crate::resolution::poller;
+use crate::store::{FlushReason, Store, StoreError};
 use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::forward::ForwarderError;
 use crate::proxy::health::Readiness;
@@ -25,6 +28,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub forwarder: Forwarder,
     pub readiness: Arc<Readiness>,
+    /// The deferred path: store, batch clients, waiters, worker wake-ups.
+    pub deferral: Deferral,
     /// Cancelled when the process should stop.
     pub shutdown: CancellationToken,
     /// Every background task, so shutdown can wait for them. Spawn through
@@ -38,20 +43,32 @@ pub enum AppError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Forwarder(#[from] ForwarderError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
 }
 
 impl AppState {
-    pub fn new(config: Config, shutdown: CancellationToken) -> Result<Self, AppError> {
+    /// Connects the store and builds everything; starts no task.
+    pub async fn new(config: Config, shutdown: CancellationToken) -> Result<Self, AppError> {
+        let store = Store::connect(&config.store.url).await?;
         let metrics = Arc::new(Metrics::new()?);
         let forwarder = Forwarder::new(&config.server, metrics.clone())?;
         let readiness = Arc::new(Readiness::new(
             forwarder.client().clone(),
             &config.upstreams,
         ));
+        let config = Arc::new(config);
+        let deferral = Deferral::new(
+            config.clone(),
+            store,
+            forwarder.client().clone(),
+            metrics.clone(),
+        );
         Ok(Self {
-            config: Arc::new(config),
+            config,
             metrics,
             forwarder,
+            deferral,
             readiness,
             shutdown,
             tasks: TaskTracker::new(),
@@ -73,6 +90,8 @@ impl AppState {
 pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> {
     let token = state.shutdown.clone();
     let grace = state.config.server.shutdown_grace;
+    state.spawn(flusher::run(state.deferral.clone(), token.clone()));
+    state.spawn(poller::run(state.deferral.clone(), token.clone()));
     let app = crate::server::router(state.clone());
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(token.clone().cancelled_owned())
@@ -88,6 +107,22 @@ pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> 
             Ok(())
         }
     };
+    // Open windows are sealed so nothing waits on a max_wait that no
+    // process is counting; sealed windows are submitted on the way out if
+    // the grace allows, else on the next start.
+    match flusher::seal_all(&state.deferral, FlushReason::Shutdown).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(windows = n, "sealed open windows for shutdown");
+            if tokio::time::timeout(grace, flusher::submit_sealed(&state.deferral))
+                .await
+                .is_err()
+            {
+                tracing::warn!("sealed windows not all submitted before the grace ran out; the next start submits them");
+            }
+        }
+        Err(err) => tracing::error!(error = %err, "could not seal open windows at shutdown"),
+    }
     state.tasks.close();
     if tokio::time::timeout(grace, state.tasks.wait())
         .await
@@ -173,7 +208,7 @@ pub async fn serve_cli(config_path: &Path, log_format: &str) -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    let state = match AppState::new(config, shutdown.clone()) {
+    let state = match AppState::new(config, shutdown.clone()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");

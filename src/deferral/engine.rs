@@ -37,7 +37,7 @@ pub struct Inner {
     pub store: Store,
     pub upstreams: HashMap<String, BatchUpstream>,
     pub waiters: Waiters,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Rings when a window was sealed or may be due.
     pub flush_wake: Notify,
     /// Rings when a job was created, so it is polled without delay.
@@ -59,7 +59,7 @@ impl std::ops::Deref for Deferral {
 }
 
 impl Deferral {
-    pub fn new(config: Arc<Config>, store: Store, http: reqwest::Client, metrics: Metrics) -> Self {
+    pub fn new(config: Arc<Config>, store: Store, http: reqwest::Client, metrics: Arc<Metrics>) -> Self {
         let retry = RetryPolicy {
             observer: Some(metrics.upstream_retry_observer()),
             ..RetryPolicy::default()

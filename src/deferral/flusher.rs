@@ -109,6 +109,27 @@ pub async fn seal_all(deferral: &Deferral, reason: FlushReason) -> Result<usize,
     Ok(sealed)
 }
 
+/// Submits every sealed window now, one after another (used at shutdown).
+pub async fn submit_sealed(deferral: &Deferral) {
+    let states = [WindowState::Sealed, WindowState::Uploaded, WindowState::Creating];
+    let windows = match deferral.store.windows_in(&states).await {
+        Ok(w) => w,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot list sealed windows");
+            return;
+        }
+    };
+    for window in windows {
+        let Some(_guard) = BusyGuard::try_take(deferral, &window.id) else {
+            continue;
+        };
+        let id = window.id.clone();
+        if let Err(err) = submit(deferral, window).await {
+            tracing::warn!(window = %id, error = %err, "window not submitted at shutdown; the next start will");
+        }
+    }
+}
+
 /// Takes one window from wherever it stands to `submitted`.
 pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(), SubmitError> {
     let upstream = deferral

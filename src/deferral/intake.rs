@@ -36,12 +36,6 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<optin::OptInError> for ApiError {
-    fn from(err: optin::OptInError) -> Self {
-        ApiError::bad_request(err.to_string(), "invalid_carpool_header")
-    }
-}
-
 /// A deferrable call, already authenticated, routed and parsed.
 pub struct Deferred<'a> {
     pub caller: &'a Caller,

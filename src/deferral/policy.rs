@@ -4,42 +4,7 @@
 
 use std::time::Duration;
 
-/// Why a window was flushed; recorded with the window and counted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FlushReason {
-    MaxRequests,
-    MaxBytes,
-    MaxWait,
-    Deadline,
-    Operator,
-    Shutdown,
-}
-
-impl FlushReason {
-    pub const ALL: [FlushReason; 6] = [
-        Self::MaxRequests,
-        Self::MaxBytes,
-        Self::MaxWait,
-        Self::Deadline,
-        Self::Operator,
-        Self::Shutdown,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::MaxRequests => "max_requests",
-            Self::MaxBytes => "max_bytes",
-            Self::MaxWait => "max_wait",
-            Self::Deadline => "deadline",
-            Self::Operator => "operator",
-            Self::Shutdown => "shutdown",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.as_str() == s)
-    }
-}
+pub use crate::store::FlushReason;
 
 /// What the policy needs to know about an open window.
 #[derive(Clone, Copy, Debug)]
@@ -126,12 +91,5 @@ mod tests {
             next_check(relaxed, wait, 2 * S, 3 * S),
             Duration::from_secs(55)
         );
-    }
-
-    #[test]
-    fn reasons_round_trip() {
-        for r in FlushReason::ALL {
-            assert_eq!(FlushReason::parse(r.as_str()), Some(r));
-        }
     }
 }

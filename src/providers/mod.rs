@@ -189,7 +189,7 @@ impl BatchClient {
     ) -> Result<String, ProviderError>
     where
         F: Fn() -> S,
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
     {
         const OP: &str = "upload";
         let value = self

@@ -17,8 +17,13 @@ use serde::Deserialize;
 use crate::server::ApiError;
 
 pub enum Inspected {
-    /// A JSON body, read whole; `model` is its top-level `model` string.
-    Json { bytes: Bytes, model: Option<String> },
+    /// A JSON body, read whole; `model` is its top-level `model` string,
+    /// `stream` its top-level `stream` flag.
+    Json {
+        bytes: Bytes,
+        model: Option<String>,
+        stream: bool,
+    },
     /// Declared JSON but does not parse; forwarded as is unless deferred.
     Malformed(Bytes),
     /// Not JSON: left unread.
@@ -29,6 +34,8 @@ pub enum Inspected {
 struct Probe<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
 }
 
 /// Whether the `Content-Type` is JSON (`application/json` or `…+json`).
@@ -91,12 +98,21 @@ pub async fn inspect(
 /// Finds the top-level `model` without building the rest of the document.
 pub fn probe(bytes: Bytes) -> Inspected {
     if bytes.is_empty() {
-        return Inspected::Json { bytes, model: None };
+        return Inspected::Json {
+            bytes,
+            model: None,
+            stream: false,
+        };
     }
     match serde_json::from_slice::<Probe<'_>>(&bytes) {
         Ok(p) => {
             let model = p.model.map(Cow::into_owned);
-            Inspected::Json { bytes, model }
+            let stream = p.stream.unwrap_or(false);
+            Inspected::Json {
+                bytes,
+                model,
+                stream,
+            }
         }
         Err(_) => Inspected::Malformed(bytes),
     }

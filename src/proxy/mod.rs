@@ -93,11 +93,37 @@ async fn pass_through(state: &AppState, request: Request<Body>) -> Result<Respon
     match classify(&call, config) {
         Decision::Reject(err) => return Err(err),
         Decision::Pass => {}
-        // Seam: the deferral path (src/deferral/) takes the call here, with
-        // `caller`, `upstream`, the buffered JSON body and the deferral kind.
-        // Until it exists a deferred call is served realtime, as `now` would.
-        Decision::Defer(kind) => {
-            tracing::debug!(?kind, "deferral not available; serving realtime");
+        Decision::Defer(answer) => {
+            let Inspected::Json {
+                bytes,
+                model: Some(model),
+                stream,
+            } = inspected
+            else {
+                // classify defers only JSON bodies that name a model.
+                return Err(ApiError::Internal {
+                    reason: "deferral without a JSON body".to_owned(),
+                });
+            };
+            let mut response = crate::deferral::intake::defer(
+                &state.deferral,
+                crate::deferral::intake::Deferred {
+                    caller: &caller,
+                    upstream,
+                    endpoint: path,
+                    model,
+                    stream,
+                    headers: &parts.headers,
+                    body: bytes,
+                    answer,
+                },
+            )
+            .await?;
+            response.extensions_mut().insert(ModeLabel("deferred"));
+            response
+                .extensions_mut()
+                .insert(UpstreamLabel(upstream.name.clone()));
+            return Ok(response);
         }
     }
 

@@ -76,11 +76,13 @@ mod tests {
         let waiters = Waiters::default();
         let id = RequestId::generate();
         let waiter = waiters.register(&id);
-        let notified = waiter.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        waiters.wake(std::slice::from_ref(&id));
-        notified.await;
+        {
+            let notified = waiter.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            waiters.wake(std::slice::from_ref(&id));
+            notified.await;
+        }
         drop(waiter);
         assert!(waiters.is_empty());
     }

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod error;
 pub mod observe;
 mod ops;
+mod requests;
 
 use axum::routing::get;
 use axum::{middleware, Router};
@@ -25,9 +26,14 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        // Seam: the deferral's own routes (`/v1/carpool/requests…`) and the
-        // admin API (`/admin/…`) are added here; deferrable calls reach the
-        // deferral through `proxy::classify` in the fallback.
+        .route("/v1/carpool/requests", get(requests::list))
+        .route(
+            "/v1/carpool/requests/{id}",
+            get(requests::get).delete(requests::cancel),
+        )
+        .route("/v1/carpool/requests/{id}/result", get(requests::result))
+        // Deferrable calls reach the deferral through `proxy::classify` in
+        // the fallback.
         .fallback(passthrough)
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -20,28 +20,34 @@ pub struct TestApp {
     pub state: AppState,
     pub shutdown: CancellationToken,
     handle: JoinHandle<std::io::Result<()>>,
+    /// The temporary store's folder, removed when the app is dropped.
+    _dir: tempfile::TempDir,
 }
 
 impl TestApp {
     /// Starts carpool with `config_toml`; `vars` is the whole environment it
     /// sees (overrides and secrets), so tests never touch the process env.
     pub async fn start(config_toml: &str, vars: &[(&str, &str)]) -> Self {
-        let vars: BTreeMap<String, String> = vars
+        let dir = tempfile::tempdir().unwrap();
+        let mut vars: BTreeMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        vars.entry("CARPOOL_STORE__URL".to_owned())
+            .or_insert_with(|| format!("sqlite://{}/carpool.db", dir.path().display()));
         let config = config::from_toml_str(config_toml, &vars)
             .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let state = AppState::new(config, shutdown.clone()).unwrap();
+        let state = AppState::new(config, shutdown.clone()).await.unwrap();
         let handle = tokio::spawn(app::run(listener, state.clone()));
         Self {
             addr,
             state,
             shutdown,
             handle,
+            _dir: dir,
         }
     }
 
