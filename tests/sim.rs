@@ -335,7 +335,7 @@ async fn stream_gate_holds_everything_after_the_first_event_until_released() {
     s.handle.release_streams();
     let mut rest = String::new();
     while let Some(chunk) = stream.next().await {
-        rest.push_str(&String::from_utf8(chunk.unwrap().to_vec()).unwrap());
+        rest.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
     assert!(rest.trim_end().ends_with("data: [DONE]"));
 }
