@@ -1,0 +1,126 @@
+//! The edge every `/v1` call passes: faults, latency, bearer auth, and the
+//! call log. Control routes (`/_sim/...`) bypass it.
+
+use std::sync::{Arc, PoisonError};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::state::{lock, CallIds, CallRecord, Sim};
+
+/// Marks a response the server must replace by closing the connection.
+#[derive(Clone, Copy, Debug)]
+pub struct DropConnection;
+
+/// The bearer token of a request, if it carries a non-empty one.
+pub fn credential(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
+}
+
+pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let template = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let credential = credential(req.headers());
+    let verdict = lock(&sim.faults).on_call(&method, &template, &path);
+    let (latency, record) = {
+        let opts = sim.options.read().unwrap_or_else(PoisonError::into_inner);
+        (opts.latency, opts.record_calls)
+    };
+    let wait = latency + verdict.extra_latency;
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    let response = if verdict.drop_connection {
+        let mut r = StatusCode::BAD_GATEWAY.into_response();
+        r.extensions_mut().insert(DropConnection);
+        r
+    } else if let Some((status, retry_after)) = verdict.error {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError::injected(status, retry_after).into_response()
+    } else if credential.is_none() {
+        ApiError::unauthorized().into_response()
+    } else {
+        next.run(req).await
+    };
+    if record {
+        let ids = response
+            .extensions()
+            .get::<CallIds>()
+            .cloned()
+            .unwrap_or_default();
+        let status = if response.extensions().get::<DropConnection>().is_some() {
+            0
+        } else {
+            response.status().as_u16()
+        };
+        lock(&sim.calls).push(CallRecord {
+            job_id: ids
+                .job_id
+                .or_else(|| path_param(&template, &path, &["{job_id}", "{batch_id}"])),
+            file_id: ids
+                .file_id
+                .or_else(|| path_param(&template, &path, &["{file_id}"])),
+            method,
+            route: template,
+            path,
+            credential,
+            status,
+        });
+    }
+    response
+}
+
+/// The path segment standing where the template has one of `names`.
+fn path_param(template: &str, path: &str, names: &[&str]) -> Option<String> {
+    template
+        .split('/')
+        .zip(path.split('/'))
+        .find(|(t, _)| names.contains(t))
+        .map(|(_, p)| p.to_owned())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn credential_needs_a_non_empty_bearer_token() {
+        let mut h = HeaderMap::new();
+        assert_eq!(credential(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(credential(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(credential(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-1"),
+        );
+        assert_eq!(credential(&h), Some("sk-1".to_owned()));
+    }
+
+    #[test]
+    fn path_param_reads_the_named_segment() {
+        assert_eq!(
+            path_param(
+                "/v1/files/{file_id}/content",
+                "/v1/files/f1/content",
+                &["{file_id}"]
+            ),
+            Some("f1".to_owned())
+        );
+        assert_eq!(path_param("/v1/files", "/v1/files", &["{file_id}"]), None);
+    }
+}

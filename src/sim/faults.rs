@@ -1,0 +1,422 @@
+//! Faults on demand: what can go wrong, and the book that hands them out.
+//!
+//! A fault is data (serde, so the control API and the handle share one
+//! shape). Route faults match `"METHOD /path/template"` (placeholder names do
+//! not matter, `*` matches any method) or the literal path.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+fn one() -> u32 {
+    1
+}
+
+fn server_error() -> u16 {
+    500
+}
+
+/// One thing the simulator does wrong on purpose.
+///
+/// `count` is how many times the fault fires before it is used up; `0`
+/// means it fires until the faults are cleared.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// Extra latency on every response (or only on `route`).
+    Latency {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        route: Option<String>,
+        ms: u64,
+    },
+    /// Answer `status` (with an OpenAI-style error body, and `Retry-After`
+    /// when given) instead of handling the call.
+    HttpError {
+        route: String,
+        status: u16,
+        #[serde(default = "one")]
+        count: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after: Option<u64>,
+    },
+    /// Close the connection without any response.
+    DropConnection {
+        route: String,
+        #[serde(default = "one")]
+        count: u32,
+    },
+    /// The next job(s) created end this way.
+    NextJob {
+        outcome: JobOutcome,
+        #[serde(default = "one")]
+        count: u32,
+    },
+    /// Lines of jobs created while this is set fail with `status`: those
+    /// whose `custom_id` is listed, plus a deterministic `fraction` of all.
+    FailLines {
+        #[serde(default)]
+        custom_ids: Vec<String>,
+        #[serde(default)]
+        fraction: f64,
+        #[serde(default = "server_error")]
+        status: u16,
+    },
+}
+
+/// How a job hit by [`Fault::NextJob`] ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobOutcome {
+    /// FAILED / failed, with a job-level error, no lines processed.
+    Failed,
+    /// TIMEOUT_EXCEEDED / expired, with the first half of the lines done.
+    Expired,
+    /// Stays RUNNING / in_progress (half done) until the faults are cleared.
+    Stuck,
+}
+
+impl Fault {
+    /// `count` 429s with `Retry-After: retry_after` on `route`.
+    pub fn rate_limited(route: &str, count: u32, retry_after: u64) -> Self {
+        Self::HttpError {
+            route: route.to_owned(),
+            status: 429,
+            count,
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// `count` responses of `status` on `route`.
+    pub fn status(route: &str, status: u16, count: u32) -> Self {
+        Self::HttpError {
+            route: route.to_owned(),
+            status,
+            count,
+            retry_after: None,
+        }
+    }
+
+    /// `count` connections closed without a response on `route`.
+    pub fn drop_connection(route: &str, count: u32) -> Self {
+        Self::DropConnection {
+            route: route.to_owned(),
+            count,
+        }
+    }
+
+    pub fn latency(extra: Duration) -> Self {
+        Self::Latency {
+            route: None,
+            ms: u64::try_from(extra.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    pub fn next_job(outcome: JobOutcome) -> Self {
+        Self::NextJob { outcome, count: 1 }
+    }
+
+    pub fn fail_custom_ids<I, S>(ids: I, status: u16) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::FailLines {
+            custom_ids: ids.into_iter().map(Into::into).collect(),
+            fraction: 0.0,
+            status,
+        }
+    }
+
+    pub fn fail_fraction(fraction: f64, status: u16) -> Self {
+        Self::FailLines {
+            custom_ids: Vec::new(),
+            fraction,
+            status,
+        }
+    }
+}
+
+/// What the edge must do with one call.
+#[derive(Debug, Default, PartialEq)]
+pub struct RouteVerdict {
+    pub extra_latency: Duration,
+    pub error: Option<(u16, Option<u64>)>,
+    pub drop_connection: bool,
+}
+
+/// Which lines of a new job fail, captured when the job is created.
+#[derive(Clone, Debug, Default)]
+pub struct LineFailures {
+    pub custom_ids: HashSet<String>,
+    pub fraction: f64,
+    pub status: u16,
+}
+
+impl LineFailures {
+    /// The status a line fails with, if it does.
+    pub fn status_for(&self, custom_id: &str) -> Option<u16> {
+        let picked = self.custom_ids.contains(custom_id)
+            || (self.fraction > 0.0 && unit_hash(custom_id) < self.fraction);
+        picked.then_some(self.status)
+    }
+}
+
+/// A stable number in [0, 1) for a custom id, so fractions are reproducible.
+fn unit_hash(s: &str) -> f64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(s.as_bytes());
+    let n = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+    (n >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The active faults. Used-up faults are removed.
+#[derive(Debug, Default)]
+pub struct FaultBook {
+    faults: Vec<Fault>,
+}
+
+impl FaultBook {
+    pub fn list(&self) -> Vec<Fault> {
+        self.faults.clone()
+    }
+
+    pub fn set(&mut self, faults: Vec<Fault>) {
+        self.faults = faults;
+    }
+
+    pub fn add(&mut self, fault: Fault) {
+        self.faults.push(fault);
+    }
+
+    pub fn clear(&mut self) {
+        self.faults.clear();
+    }
+
+    /// Consume what applies to a call of `method` on `template` (`path`).
+    pub fn on_call(&mut self, method: &str, template: &str, path: &str) -> RouteVerdict {
+        let mut verdict = RouteVerdict::default();
+        let mut spent = Vec::new();
+        for (i, fault) in self.faults.iter_mut().enumerate() {
+            match fault {
+                Fault::Latency { route, ms } => {
+                    if route
+                        .as_deref()
+                        .map_or(true, |r| route_matches(r, method, template, path))
+                    {
+                        verdict.extra_latency += Duration::from_millis(*ms);
+                    }
+                }
+                Fault::HttpError {
+                    route,
+                    status,
+                    count,
+                    retry_after,
+                } => {
+                    if verdict.error.is_none()
+                        && !verdict.drop_connection
+                        && route_matches(route, method, template, path)
+                    {
+                        verdict.error = Some((*status, *retry_after));
+                        if take(count) {
+                            spent.push(i);
+                        }
+                    }
+                }
+                Fault::DropConnection { route, count } => {
+                    if verdict.error.is_none()
+                        && !verdict.drop_connection
+                        && route_matches(route, method, template, path)
+                    {
+                        verdict.drop_connection = true;
+                        if take(count) {
+                            spent.push(i);
+                        }
+                    }
+                }
+                Fault::NextJob { .. } | Fault::FailLines { .. } => {}
+            }
+        }
+        for i in spent.into_iter().rev() {
+            self.faults.remove(i);
+        }
+        verdict
+    }
+
+    /// Consume a pending job outcome for a job being created.
+    pub fn take_job_outcome(&mut self) -> Option<JobOutcome> {
+        let pos = self
+            .faults
+            .iter()
+            .position(|f| matches!(f, Fault::NextJob { .. }))?;
+        let Fault::NextJob { outcome, count } = &mut self.faults[pos] else {
+            return None;
+        };
+        let outcome = *outcome;
+        if take(count) {
+            self.faults.remove(pos);
+        }
+        Some(outcome)
+    }
+
+    /// The line failures in force now (all `FailLines` faults merged).
+    pub fn line_failures(&self) -> LineFailures {
+        let mut out = LineFailures {
+            status: 500,
+            ..LineFailures::default()
+        };
+        for fault in &self.faults {
+            if let Fault::FailLines {
+                custom_ids,
+                fraction,
+                status,
+            } = fault
+            {
+                out.custom_ids.extend(custom_ids.iter().cloned());
+                out.fraction = out.fraction.max(*fraction);
+                out.status = *status;
+            }
+        }
+        out
+    }
+}
+
+/// Counts one use; true when the fault is now used up (`0` never is).
+fn take(count: &mut u32) -> bool {
+    match *count {
+        0 => false,
+        1 => true,
+        _ => {
+            *count -= 1;
+            false
+        }
+    }
+}
+
+/// Does a fault's route (`"POST /v1/files"`, `"* /v1/batches/{id}"`, or a
+/// literal path) cover this call?
+pub fn route_matches(route: &str, method: &str, template: &str, path: &str) -> bool {
+    let (want_method, want_path) = match route.trim().split_once(' ') {
+        Some((m, p)) => (m.trim(), p.trim()),
+        None => ("*", route.trim()),
+    };
+    if want_method != "*" && !want_method.eq_ignore_ascii_case(method) {
+        return false;
+    }
+    want_path == path || normalize(want_path) == normalize(template)
+}
+
+/// `/v1/files/{file_id}` and `/v1/files/{id}` compare equal.
+fn normalize(template: &str) -> String {
+    template
+        .split('/')
+        .map(|seg| {
+            if seg.starts_with('{') && seg.ends_with('}') {
+                "{}"
+            } else {
+                seg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_matches_template_whatever_the_placeholder_names() {
+        assert!(route_matches(
+            "GET /v1/files/{id}",
+            "GET",
+            "/v1/files/{file_id}",
+            "/v1/files/x"
+        ));
+        assert!(route_matches(
+            "* /v1/files",
+            "POST",
+            "/v1/files",
+            "/v1/files"
+        ));
+        assert!(route_matches(
+            "GET /v1/files/x",
+            "GET",
+            "/v1/files/{file_id}",
+            "/v1/files/x"
+        ));
+        assert!(!route_matches(
+            "POST /v1/files",
+            "GET",
+            "/v1/files",
+            "/v1/files"
+        ));
+        assert!(!route_matches(
+            "POST /v1/batches",
+            "POST",
+            "/v1/files",
+            "/v1/files"
+        ));
+    }
+
+    #[test]
+    fn http_error_fires_count_times_then_goes_away() {
+        let mut book = FaultBook::default();
+        book.add(Fault::rate_limited("POST /v1/files", 2, 3));
+        for _ in 0..2 {
+            let v = book.on_call("POST", "/v1/files", "/v1/files");
+            assert_eq!(v.error, Some((429, Some(3))));
+        }
+        assert_eq!(book.on_call("POST", "/v1/files", "/v1/files").error, None);
+        assert!(book.list().is_empty());
+    }
+
+    #[test]
+    fn count_zero_fires_until_cleared() {
+        let mut book = FaultBook::default();
+        book.add(Fault::drop_connection("GET /v1/models", 0));
+        for _ in 0..5 {
+            assert!(
+                book.on_call("GET", "/v1/models", "/v1/models")
+                    .drop_connection
+            );
+        }
+        book.clear();
+        assert!(
+            !book
+                .on_call("GET", "/v1/models", "/v1/models")
+                .drop_connection
+        );
+    }
+
+    #[test]
+    fn fraction_of_lines_fails_close_to_the_fraction() {
+        let failures = LineFailures {
+            fraction: 0.3,
+            status: 503,
+            ..LineFailures::default()
+        };
+        let failed = (0..1000)
+            .filter(|i| failures.status_for(&format!("req-{i}")).is_some())
+            .count();
+        assert!((230..370).contains(&failed), "{failed}");
+    }
+
+    #[test]
+    fn next_job_outcome_is_consumed_once() {
+        let mut book = FaultBook::default();
+        book.add(Fault::next_job(JobOutcome::Stuck));
+        assert_eq!(book.take_job_outcome(), Some(JobOutcome::Stuck));
+        assert_eq!(book.take_job_outcome(), None);
+    }
+
+    #[test]
+    fn faults_round_trip_through_json() {
+        let f: Fault = serde_json::from_str(
+            r#"{"kind":"http_error","route":"POST /v1/batches","status":500}"#,
+        )
+        .unwrap();
+        assert_eq!(f, Fault::status("POST /v1/batches", 500, 1));
+    }
+}
