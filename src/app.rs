@@ -13,12 +13,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{self, Config};
 use crate::deferral::{flusher, Deferral};
-use crate::resolution::poller;
-use crate::store::{FlushReason, Store, StoreError};
 use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::forward::ForwarderError;
 use crate::proxy::health::Readiness;
 use crate::proxy::Forwarder;
+use crate::resolution::poller;
+use crate::store::{FlushReason, Store, StoreError};
 
 /// Everything a handler or worker needs: a cheap `Clone` of `Arc`s, built
 /// once here. No globals.

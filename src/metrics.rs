@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::model::ServedBy;
 use crate::providers::RetryObserver;
-use crate::store::{ResolvedStatus, Resolution};
+use crate::store::{Resolution, ResolvedStatus};
 
 /// Buckets for whole pass-through calls (to the response headers).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -26,7 +26,18 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Buckets for deferred work: seconds to a day.
 const DEFERRED_BUCKETS: &[f64] = &[
-    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0, 12.0 * 3600.0, 86400.0,
+    0.1,
+    0.5,
+    1.0,
+    5.0,
+    15.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4.0 * 3600.0,
+    12.0 * 3600.0,
+    86400.0,
 ];
 
 /// Buckets for carpool's own share of a call: tens of microseconds upwards.
@@ -142,11 +153,17 @@ impl Metrics {
             &["mode"],
         )?;
         let window_requests = IntGaugeVec::new(
-            Opts::new("carpool_window_requests", "Requests in open windows, by model."),
+            Opts::new(
+                "carpool_window_requests",
+                "Requests in open windows, by model.",
+            ),
             &["model"],
         )?;
         let window_bytes = IntGaugeVec::new(
-            Opts::new("carpool_window_bytes", "Bytes of request bodies in open windows, by model."),
+            Opts::new(
+                "carpool_window_bytes",
+                "Bytes of request bodies in open windows, by model.",
+            ),
             &["model"],
         )?;
         let window_oldest_age = IntGaugeVec::new(
@@ -157,7 +174,10 @@ impl Metrics {
             &["model"],
         )?;
         let flushes = IntCounterVec::new(
-            Opts::new("carpool_flushes_total", "Windows sealed for submission, by reason."),
+            Opts::new(
+                "carpool_flushes_total",
+                "Windows sealed for submission, by reason.",
+            ),
             &["reason"],
         )?;
         let batch_jobs = IntCounterVec::new(
@@ -179,7 +199,10 @@ impl Metrics {
             "Window submissions that failed and will be retried.",
         )?;
         let results = IntCounterVec::new(
-            Opts::new("carpool_results_total", "Results stored from batch result files, by outcome."),
+            Opts::new(
+                "carpool_results_total",
+                "Results stored from batch result files, by outcome.",
+            ),
             &["outcome"],
         )?;
         let tokens = IntCounterVec::new(
@@ -250,8 +273,12 @@ impl Metrics {
     pub fn record_tokens(&self, model: &str, served_by: ServedBy, body: &[u8]) {
         if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_slice::<UsageOnly>(body) {
             let served = served_by.as_str();
-            self.tokens.with_label_values(&[model, served, "input"]).inc_by(u.prompt_tokens);
-            self.tokens.with_label_values(&[model, served, "output"]).inc_by(u.completion_tokens);
+            self.tokens
+                .with_label_values(&[model, served, "input"])
+                .inc_by(u.prompt_tokens);
+            self.tokens
+                .with_label_values(&[model, served, "output"])
+                .inc_by(u.completion_tokens);
         }
     }
 

@@ -416,7 +416,8 @@ async fn sigterm_drains_an_in_flight_stream_and_exits_zero() {
     let path = dir.path().join("carpool.toml");
     let text = format!(
         "{}\n[store]\nurl = \"sqlite://{}/carpool.db\"\n",
-        one_upstream(&up.base_url(), "").replace("[server]\n", "[server]\nlisten = \"127.0.0.1:0\"\n"),
+        one_upstream(&up.base_url(), "")
+            .replace("[server]\n", "[server]\nlisten = \"127.0.0.1:0\"\n"),
         dir.path().display()
     );
     std::fs::write(&path, text).unwrap();

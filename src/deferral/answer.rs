@@ -80,15 +80,31 @@ pub fn final_status_and_body(r: &RequestRecord) -> (StatusCode, Bytes) {
             return (status, body.clone());
         }
     }
-    let message = r.error_message.clone().unwrap_or_else(|| format!("request {}", r.status.as_str()));
-    let code = r.error_code.clone().unwrap_or_else(|| r.status.as_str().to_owned());
+    let message = r
+        .error_message
+        .clone()
+        .unwrap_or_else(|| format!("request {}", r.status.as_str()));
+    let code = r
+        .error_code
+        .clone()
+        .unwrap_or_else(|| r.status.as_str().to_owned());
     match r.status {
-        RequestStatus::Expired => (StatusCode::GATEWAY_TIMEOUT, error_body(&code, &message, "upstream_error")),
+        RequestStatus::Expired => (
+            StatusCode::GATEWAY_TIMEOUT,
+            error_body(&code, &message, "upstream_error"),
+        ),
         RequestStatus::Cancelled => (
             StatusCode::CONFLICT,
-            error_body("cancelled", "the request was cancelled before it was answered", "invalid_request_error"),
+            error_body(
+                "cancelled",
+                "the request was cancelled before it was answered",
+                "invalid_request_error",
+            ),
         ),
-        _ => (StatusCode::BAD_GATEWAY, error_body(&code, &message, "upstream_error")),
+        _ => (
+            StatusCode::BAD_GATEWAY,
+            error_body(&code, &message, "upstream_error"),
+        ),
     }
 }
 
@@ -97,9 +113,10 @@ pub fn final_response(r: &RequestRecord) -> Response {
     let (status, body) = final_status_and_body(r);
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     carpool_headers(r, response.headers_mut());
     response
 }
@@ -108,9 +125,10 @@ pub fn final_response(r: &RequestRecord) -> Response {
 pub fn object_response(status: StatusCode, r: &RequestRecord) -> Response {
     let mut response = Response::new(Body::from(request_object(r).to_string()));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     carpool_headers(r, response.headers_mut());
     response
 }
@@ -122,7 +140,10 @@ pub fn accepted_response(r: &RequestRecord, retry_after: Duration) -> Response {
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/carpool/requests/{}", r.id)) {
         headers.insert(header::LOCATION, location);
     }
-    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+    headers.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(retry_after.as_secs().max(1)),
+    );
     response
 }
 
@@ -146,7 +167,9 @@ pub async fn wait_final(
         if record.status.is_final() {
             return Ok(Some(record));
         }
-        let recheck = until.map_or(RECHECK, |u| RECHECK.min(u.saturating_duration_since(Instant::now())));
+        let recheck = until.map_or(RECHECK, |u| {
+            RECHECK.min(u.saturating_duration_since(Instant::now()))
+        });
         tokio::select! {
             _ = &mut notified => {}
             _ = tokio::time::sleep(recheck) => {

@@ -59,7 +59,12 @@ impl std::ops::Deref for Deferral {
 }
 
 impl Deferral {
-    pub fn new(config: Arc<Config>, store: Store, http: reqwest::Client, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        http: reqwest::Client,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let retry = RetryPolicy {
             observer: Some(metrics.upstream_retry_observer()),
             ..RetryPolicy::default()
@@ -68,8 +73,15 @@ impl Deferral {
             .upstreams
             .iter()
             .map(|u| {
-                let client = BatchClient::new(http.clone(), u.base_url.as_str(), u.dialect, retry.clone());
-                (u.name.clone(), BatchUpstream { config: u.clone(), client })
+                let client =
+                    BatchClient::new(http.clone(), u.base_url.as_str(), u.dialect, retry.clone());
+                (
+                    u.name.clone(),
+                    BatchUpstream {
+                        config: u.clone(),
+                        client,
+                    },
+                )
             })
             .collect();
         Self {

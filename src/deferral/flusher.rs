@@ -62,7 +62,10 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
         let Some(upstream) = deferral.upstream(&window.key.upstream) else {
             continue;
         };
-        let policy = deferral.config.batching.policy_for(&window.key.model, upstream.config.dialect);
+        let policy = deferral
+            .config
+            .batching
+            .policy_for(&window.key.model, upstream.config.dialect);
         let age = policy::WindowAge {
             age_ms: now - window.opened_at,
             until_deadline_ms: window.earliest_deadline.map(|d| d - now),
@@ -71,13 +74,28 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
         match policy::due(age, policy.max_wait, policy.fallback_margin, turnaround) {
             Some(reason) => {
                 if deferral.store.seal_window(&window.id, reason, now).await? {
-                    deferral.metrics.flushes.with_label_values(&[reason.as_str()]).inc();
+                    deferral
+                        .metrics
+                        .flushes
+                        .with_label_values(&[reason.as_str()])
+                        .inc();
                 }
             }
-            None => next = next.min(policy::next_check(age, policy.max_wait, policy.fallback_margin, turnaround)),
+            None => {
+                next = next.min(policy::next_check(
+                    age,
+                    policy.max_wait,
+                    policy.fallback_margin,
+                    turnaround,
+                ))
+            }
         }
     }
-    let states = [WindowState::Sealed, WindowState::Uploaded, WindowState::Creating];
+    let states = [
+        WindowState::Sealed,
+        WindowState::Uploaded,
+        WindowState::Creating,
+    ];
     for window in deferral.store.windows_in(&states).await? {
         let Some(guard) = BusyGuard::try_take(deferral, &window.id) else {
             continue;
@@ -101,7 +119,11 @@ pub async fn seal_all(deferral: &Deferral, reason: FlushReason) -> Result<usize,
     let mut sealed = 0;
     for window in deferral.store.open_windows().await? {
         if deferral.store.seal_window(&window.id, reason, now).await? {
-            deferral.metrics.flushes.with_label_values(&[reason.as_str()]).inc();
+            deferral
+                .metrics
+                .flushes
+                .with_label_values(&[reason.as_str()])
+                .inc();
             sealed += 1;
         }
     }
@@ -111,7 +133,11 @@ pub async fn seal_all(deferral: &Deferral, reason: FlushReason) -> Result<usize,
 
 /// Submits every sealed window now, one after another (used at shutdown).
 pub async fn submit_sealed(deferral: &Deferral) {
-    let states = [WindowState::Sealed, WindowState::Uploaded, WindowState::Creating];
+    let states = [
+        WindowState::Sealed,
+        WindowState::Uploaded,
+        WindowState::Creating,
+    ];
     let windows = match deferral.store.windows_in(&states).await {
         Ok(w) => w,
         Err(err) => {
@@ -142,13 +168,25 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
     let client = &upstream.client;
 
     if window.state == WindowState::Sealed {
-        if deferral.store.open_request_ids(&window.id).await?.is_empty() {
+        if deferral
+            .store
+            .open_request_ids(&window.id)
+            .await?
+            .is_empty()
+        {
             // Every member was cancelled: nothing to submit.
-            deferral.store.finish_window(&window.id, WindowOutcome::Completed, now_ms()).await?;
+            deferral
+                .store
+                .finish_window(&window.id, WindowOutcome::Completed, now_ms())
+                .await?;
             return Ok(());
         }
         let store = deferral.store.clone();
-        let (id, dialect, endpoint) = (window.id.clone(), client.dialect(), window.key.endpoint.clone());
+        let (id, dialect, endpoint) = (
+            window.id.clone(),
+            client.dialect(),
+            window.key.endpoint.clone(),
+        );
         let file_id = client
             .upload(&key, &format!("{id}.jsonl"), move || {
                 let endpoint = endpoint.clone();
@@ -186,11 +224,20 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
         }
         None => {
             client
-                .create_job(&key, &file_id, &window.key.model, &window.key.endpoint, &window.id)
+                .create_job(
+                    &key,
+                    &file_id,
+                    &window.key.model,
+                    &window.key.endpoint,
+                    &window.id,
+                )
                 .await?
         }
     };
-    deferral.store.record_job(&window.id, &job.id, now_ms()).await?;
+    deferral
+        .store
+        .record_job(&window.id, &job.id, now_ms())
+        .await?;
     deferral
         .metrics
         .batch_jobs

@@ -41,7 +41,11 @@ pub async fn result(deferral: &Deferral, caller: &Caller, id: &str) -> Result<Re
     if record.status.is_final() {
         Ok(final_response(&record))
     } else {
-        let retry = deferral.config.batching.poll_interval.max(std::time::Duration::from_secs(1));
+        let retry = deferral
+            .config
+            .batching
+            .poll_interval
+            .max(std::time::Duration::from_secs(1));
         Ok(accepted_response(&record, retry))
     }
 }
@@ -49,13 +53,21 @@ pub async fn result(deferral: &Deferral, caller: &Caller, id: &str) -> Result<Re
 /// `DELETE /v1/carpool/requests/{id}`
 pub async fn cancel(deferral: &Deferral, caller: &Caller, id: &str) -> Result<Response, ApiError> {
     let parsed = RequestId::parse(id).ok_or_else(|| not_found(id))?;
-    match deferral.store.cancel(&parsed, &caller.credential_hash, now_ms()).await? {
+    match deferral
+        .store
+        .cancel(&parsed, &caller.credential_hash, now_ms())
+        .await?
+    {
         CancelOutcome::Cancelled(record) => {
             deferral.waiters.wake(std::slice::from_ref(&record.id));
             Ok(object_response(StatusCode::OK, &record))
         }
         CancelOutcome::AlreadyFinal(record) => Err(ApiError::Conflict {
-            message: format!("request {} is already {}", record.id, record.status.as_str()),
+            message: format!(
+                "request {} is already {}",
+                record.id,
+                record.status.as_str()
+            ),
         }),
         CancelOutcome::NotFound => Err(not_found(id)),
     }
@@ -69,7 +81,11 @@ pub struct ListQuery {
 }
 
 /// `GET /v1/carpool/requests?status=…&limit=…&after=…`, newest first.
-pub async fn list(deferral: &Deferral, caller: &Caller, query: ListQuery) -> Result<Response, ApiError> {
+pub async fn list(
+    deferral: &Deferral,
+    caller: &Caller,
+    query: ListQuery,
+) -> Result<Response, ApiError> {
     let status = match query.status.as_deref() {
         None | Some("") => None,
         Some(s) => Some(RequestStatus::parse(s).ok_or_else(|| ApiError::BadRequest {

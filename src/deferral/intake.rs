@@ -11,7 +11,9 @@ use axum::response::Response;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::answer::{accepted_response, carpool_headers, final_response, final_status_and_body, wait_final};
+use super::answer::{
+    accepted_response, carpool_headers, final_response, final_status_and_body, wait_final,
+};
 use super::engine::{now_ms, Deferral};
 use super::optin::{self, Answer};
 use super::sse;
@@ -28,10 +30,13 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::IdempotencyConflict => ApiError::Unprocessable {
-                message: "this Idempotency-Key was already used with a different request body".to_owned(),
+                message: "this Idempotency-Key was already used with a different request body"
+                    .to_owned(),
                 code: "idempotency_key_reused",
             },
-            other => ApiError::Internal { reason: other.to_string() },
+            other => ApiError::Internal {
+                reason: other.to_string(),
+            },
         }
     }
 }
@@ -77,11 +82,19 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
             v.to_str()
                 .ok()
                 .filter(|k| !k.is_empty() && k.len() <= 255)
-                .ok_or_else(|| ApiError::bad_request("Idempotency-Key must be 1 to 255 characters of text", "invalid_idempotency_key"))?
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "Idempotency-Key must be 1 to 255 characters of text",
+                        "invalid_idempotency_key",
+                    )
+                })?
                 .to_owned(),
         ),
     };
-    let policy = deferral.config.batching.policy_for(&call.model, call.upstream.dialect);
+    let policy = deferral
+        .config
+        .batching
+        .policy_for(&call.model, call.upstream.dialect);
     let mode = match call.answer {
         Answer::Wait => DeliveryMode::Wait,
         _ => DeliveryMode::Async,
@@ -101,7 +114,11 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
             mode,
             deadline,
             callback_url: None,
-            upstream_key: call.caller.upstream_key.as_ref().map(|k| k.expose().to_owned()),
+            upstream_key: call
+                .caller
+                .upstream_key
+                .as_ref()
+                .map(|k| k.expose().to_owned()),
             limits: WindowLimits {
                 max_requests: policy.max_requests,
                 max_bytes: policy.max_bytes,
@@ -109,27 +126,52 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
             now: now_ms(),
         })
         .await?;
-    let sealed = accepted.sealed_previous.is_some() || accepted.window.as_ref().is_some_and(|w| w.sealed.is_some());
-    if sealed || accepted.created {
+    // A window the store sealed on the way in (full) is counted here, once.
+    let sealed = [
+        accepted.sealed_previous.as_ref().map(|(_, reason)| *reason),
+        accepted.window.as_ref().and_then(|w| w.sealed),
+    ];
+    for reason in sealed.into_iter().flatten() {
+        deferral
+            .metrics
+            .flushes
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+    if accepted.created {
         deferral.flush_wake.notify_one();
     }
     deferral
         .metrics
         .deferred_accepted
-        .with_label_values(&[mode.as_str(), if accepted.created { "new" } else { "reattached" }])
+        .with_label_values(&[
+            mode.as_str(),
+            if accepted.created {
+                "new"
+            } else {
+                "reattached"
+            },
+        ])
         .inc();
     let record = accepted.record;
     let credential = call.caller.credential_hash.as_str();
 
     match call.answer {
-        Answer::Wait if call.stream => Ok(held_stream(deferral.clone(), record, credential.to_owned())),
+        Answer::Wait if call.stream => {
+            Ok(held_stream(deferral.clone(), record, credential.to_owned()))
+        }
         Answer::Wait => {
             let done = wait_final(deferral, &record.id, credential, None).await?;
             Ok(final_response(&done.unwrap_or(record)))
         }
-        Answer::Async { .. } => Ok(with_preference(accepted_response(&record, retry_after(deferral)), &call.answer)),
+        Answer::Async { .. } => Ok(with_preference(
+            accepted_response(&record, retry_after(deferral)),
+            &call.answer,
+        )),
         Answer::AsyncAfter(limit) => {
-            let now = wait_final(deferral, &record.id, credential, Some(limit)).await?.unwrap_or(record);
+            let now = wait_final(deferral, &record.id, credential, Some(limit))
+                .await?
+                .unwrap_or(record);
             let response = if now.status.is_final() {
                 final_response(&now)
             } else {
@@ -141,7 +183,11 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
 }
 
 fn retry_after(deferral: &Deferral) -> Duration {
-    deferral.config.batching.poll_interval.max(Duration::from_secs(1))
+    deferral
+        .config
+        .batching
+        .poll_interval
+        .max(Duration::from_secs(1))
 }
 
 fn with_preference(mut response: Response, answer: &Answer) -> Response {
@@ -149,7 +195,9 @@ fn with_preference(mut response: Response, answer: &Answer) -> Response {
         if let Ok(v) = HeaderValue::from_str(&applied) {
             response.headers_mut().insert("preference-applied", v);
         }
-        response.headers_mut().insert(header::VARY, HeaderValue::from_static("Prefer"));
+        response
+            .headers_mut()
+            .insert(header::VARY, HeaderValue::from_static("Prefer"));
     }
     response
 }
@@ -189,12 +237,17 @@ fn held_stream(deferral: Deferral, record: RequestRecord, credential: String) ->
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (Ok::<Bytes, Infallible>(chunk), rx))
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<Bytes, Infallible>(chunk), rx))
     });
     let mut response = Response::new(Body::from_stream(stream));
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     carpool_headers(&record, headers);
     response

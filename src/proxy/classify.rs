@@ -11,7 +11,6 @@ use axum::http::{HeaderMap, Method};
 use crate::config::{Config, Mode, UpstreamConfig};
 pub use crate::deferral::optin::Answer;
 use crate::deferral::optin::{self, RuleMode};
-use crate::model::BATCHABLE_ENDPOINTS;
 use crate::server::ApiError;
 
 pub const MODE_HEADER: &str = "carpool-mode";
@@ -82,19 +81,20 @@ pub fn classify(call: &Call<'_>, config: &Config) -> Decision {
     };
     let batchable = call.method == Method::POST && call.upstream.dialect.batchable(call.path);
     if !batchable {
-        // A held call can always be served realtime, and a base-URL prefix
-        // covers every call an SDK makes (e.g. listing models); only an
-        // explicit request for an async answer is refused.
-        let asked_async = !matches!(answer, Answer::Wait)
-            && call.method == Method::POST
-            && BATCHABLE_ENDPOINTS.contains(&call.path);
-        if asked_async {
+        // A caller who asked by header to defer this very call is told it
+        // cannot be; a prefix or a rule that covers every path just lets
+        // the calls it cannot defer pass through.
+        let asked = call.headers.contains_key(MODE_HEADER)
+            || call.headers.contains_key(CALLBACK_HEADER)
+            || optin::preference_applied(&answer).is_some();
+        if asked {
             return Decision::Reject(ApiError::Unprocessable {
                 message: format!(
-                    "upstream {} ({}) cannot batch {}",
+                    "{} {} cannot be deferred: upstream {} ({}) has no batch API for it",
+                    call.method,
+                    call.path,
                     call.upstream.name,
-                    call.upstream.dialect.as_str(),
-                    call.path
+                    call.upstream.dialect.as_str()
                 ),
                 code: "not_batchable",
             });

@@ -54,7 +54,10 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
     let client = &upstream.client;
     let job = client.get_job(key, job_id).await?;
     if window.provider_status.as_deref() != Some(job.raw_status.as_str()) {
-        deferral.store.record_job_status(&window.id, &job.raw_status).await?;
+        deferral
+            .store
+            .record_job_status(&window.id, &job.raw_status)
+            .await?;
     }
     if !job.phase.is_terminal() {
         return Ok(());
@@ -66,7 +69,10 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
     } else {
         WindowOutcome::Failed
     };
-    deferral.store.finish_window(&window.id, outcome, now_ms()).await?;
+    deferral
+        .store
+        .finish_window(&window.id, outcome, now_ms())
+        .await?;
     deferral
         .metrics
         .batch_jobs
@@ -82,7 +88,11 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
         "batch job reconciled"
     );
     if deferral.config.batching.delete_files {
-        let files = [window.file_id.as_deref(), job.output_file.as_deref(), job.error_file.as_deref()];
+        let files = [
+            window.file_id.as_deref(),
+            job.output_file.as_deref(),
+            job.error_file.as_deref(),
+        ];
         for file in files.into_iter().flatten() {
             if let Err(err) = client.delete_file(key, file).await {
                 tracing::warn!(window = %window.id, file, error = %err, "could not delete a provider file");

@@ -7,8 +7,10 @@ use bytes::Bytes;
 
 use crate::deferral::engine::{now_ms, Deferral};
 use crate::model::{RequestId, ServedBy};
-use crate::providers::{parse_result_line, BatchClient, JobPhase, JobView, LineReader, ProviderError};
-use crate::store::{ResolvedStatus, Resolution, StoreError, WindowRecord};
+use crate::providers::{
+    parse_result_line, BatchClient, JobPhase, JobView, LineReader, ProviderError,
+};
+use crate::store::{Resolution, ResolvedStatus, StoreError, WindowRecord};
 
 /// Results written to the store per transaction.
 const CHUNK: usize = 500;
@@ -44,7 +46,10 @@ pub fn resolution_of(line: &[u8], now: i64) -> Result<Resolution, Option<String>
             Some(upstream_message(&outcome.body)),
         ),
     };
-    let expired = outcome.error.as_ref().is_some_and(|f| f.code == "batch_expired");
+    let expired = outcome
+        .error
+        .as_ref()
+        .is_some_and(|f| f.code == "batch_expired");
     Ok(Resolution {
         id,
         status: if succeeded {
@@ -66,7 +71,11 @@ pub fn resolution_of(line: &[u8], now: i64) -> Result<Resolution, Option<String>
 fn upstream_message(body: &Bytes) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned))
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| "the upstream refused this request".to_owned())
 }
 
@@ -107,7 +116,11 @@ async fn apply_file(
     Ok(())
 }
 
-async fn store_chunk(deferral: &Deferral, window: &WindowRecord, chunk: Vec<Resolution>) -> Result<(), StoreError> {
+async fn store_chunk(
+    deferral: &Deferral,
+    window: &WindowRecord,
+    chunk: Vec<Resolution>,
+) -> Result<(), StoreError> {
     for r in &chunk {
         deferral.metrics.record_result(&window.key.model, r);
     }
@@ -136,13 +149,26 @@ pub async fn reconcile(
         phase => (
             format!("batch_{}", phase.as_str()),
             if job.errors.is_empty() {
-                format!("the batch job {} ended {} ({})", job.id, phase.as_str(), job.raw_status)
+                format!(
+                    "the batch job {} ended {} ({})",
+                    job.id,
+                    phase.as_str(),
+                    job.raw_status
+                )
             } else {
-                format!("the batch job {} ended {}: {}", job.id, phase.as_str(), job.errors.join("; "))
+                format!(
+                    "the batch job {} ended {}: {}",
+                    job.id,
+                    phase.as_str(),
+                    job.errors.join("; ")
+                )
             },
         ),
     };
-    let missing = deferral.store.fail_unresolved(&window.id, &code, &message, now_ms()).await?;
+    let missing = deferral
+        .store
+        .fail_unresolved(&window.id, &code, &message, now_ms())
+        .await?;
     tally.missing = missing.len() as u64;
     deferral.waiters.wake(&missing);
     Ok(tally)
@@ -155,7 +181,9 @@ mod tests {
     #[test]
     fn success_line_resolves_its_own_request() {
         let id = RequestId::generate();
-        let line = format!(r#"{{"custom_id":"{id}","response":{{"status_code":200,"body":{{"ok":true}}}}}}"#);
+        let line = format!(
+            r#"{{"custom_id":"{id}","response":{{"status_code":200,"body":{{"ok":true}}}}}}"#
+        );
         let r = resolution_of(line.as_bytes(), 5).unwrap();
         assert_eq!(r.id, id);
         assert_eq!(r.status, ResolvedStatus::Succeeded);
@@ -184,7 +212,9 @@ mod tests {
     #[test]
     fn expired_line_marks_the_request_expired() {
         let id = RequestId::generate();
-        let line = format!(r#"{{"custom_id":"{id}","response":null,"error":{{"code":"batch_expired","message":"late"}}}}"#);
+        let line = format!(
+            r#"{{"custom_id":"{id}","response":null,"error":{{"code":"batch_expired","message":"late"}}}}"#
+        );
         let r = resolution_of(line.as_bytes(), 0).unwrap();
         assert_eq!(r.status, ResolvedStatus::Expired);
         assert_eq!(r.response_status, Some(504));

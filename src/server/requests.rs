@@ -15,15 +15,27 @@ fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
     Caller::authenticate(headers, state.config.route(None), &state.config.clients)
 }
 
-pub async fn get(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     handles::get(&state.deferral, &caller(&state, &headers)?, &id).await
 }
 
-pub async fn result(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn result(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     handles::result(&state.deferral, &caller(&state, &headers)?, &id).await
 }
 
-pub async fn cancel(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     handles::cancel(&state.deferral, &caller(&state, &headers)?, &id).await
 }
 

@@ -1,0 +1,618 @@
+//! The deferred path through the HTTP surface, against the simulated
+//! provider, in both dialects: windows become batch jobs, and every caller
+//! gets its own answer, once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use carpool::sim::{self, Fault, SimHandle, SimOptions};
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use support::{client, TestApp};
+
+const DIALECTS: [&str; 2] = ["mistral", "openai"];
+const ALICE: &str = "sk-alice";
+const BOB: &str = "sk-bob";
+const CHAT: &str = "/v1/chat/completions";
+
+fn sha(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// carpool in front of a fresh simulator; `batching` is extra `[batching]`
+/// keys, `tail` any further TOML.
+async fn setup(dialect: &str, batching: &str, tail: &str) -> (TestApp, SimHandle) {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let config = format!(
+        r#"
+[server]
+max_body = "64KB"
+
+[[upstreams]]
+name = "sim"
+dialect = "{dialect}"
+base_url = "{base}"
+api_key_env = "UPSTREAM_KEY"
+auth = "managed"
+models = ["*"]
+
+[[clients]]
+name = "alice"
+key_sha256 = "{alice}"
+
+[[clients]]
+name = "bob"
+key_sha256 = "{bob}"
+
+[batching]
+poll_interval = "50ms"
+{batching}
+{tail}
+"#,
+        base = sim.base_url(),
+        alice = sha(ALICE),
+        bob = sha(BOB),
+        batching = if batching.contains("max_wait") {
+            batching.to_owned()
+        } else {
+            format!("max_wait = \"1m\"\n{batching}")
+        },
+    );
+    let app = TestApp::start(&config, &[("UPSTREAM_KEY", "sk-upstream")]).await;
+    (app, sim)
+}
+
+fn chat(model: &str, text: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 32})
+}
+
+async fn post(
+    app: &TestApp,
+    key: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> reqwest::Response {
+    let mut req = client().post(app.url(CHAT)).bearer_auth(key).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+async fn json_of(resp: reqwest::Response) -> Value {
+    resp.json().await.unwrap()
+}
+
+/// Waits until the handle reports a final status; returns the object.
+async fn settled(app: &TestApp, key: &str, id: &str) -> Value {
+    let url = app.url(&format!("/v1/carpool/requests/{id}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let obj: Value = client()
+            .get(&url)
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let status = obj["status"].as_str().unwrap_or("").to_owned();
+        if !["queued", "submitted"].contains(&status.as_str()) {
+            return obj;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request {id} still {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every custom id the simulator saw, with how many jobs each was in.
+fn submissions(sim: &SimHandle) -> Vec<(String, usize)> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for job in sim.jobs() {
+        for id in job.custom_ids {
+            *counts.entry(id).or_default() += 1;
+        }
+    }
+    counts.into_iter().collect()
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn concurrent_wait_calls_over_two_models_make_two_jobs_and_each_caller_gets_its_own_answer() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "max_requests = 10", "").await;
+        let calls = (0..20).map(|i| {
+            let model = if i % 2 == 0 { "model-a" } else { "model-b" };
+            let body = chat(model, &format!("question number {i}"));
+            let app = &app;
+            async move {
+                let resp = post(app, ALICE, &[("carpool-mode", "wait")], &body).await;
+                let status = resp.status();
+                let served = resp.headers().get("carpool-served-by").cloned();
+                let batch = resp.headers().get("carpool-batch-id").cloned();
+                let id = resp.headers().get("carpool-request-id").cloned();
+                (body, status, served, batch, id, json_of(resp).await)
+            }
+        });
+        for (body, status, served, batch, id, answer) in join_all(calls).await {
+            assert_eq!(status, 200, "{dialect}: {answer}");
+            assert_eq!(
+                answer,
+                sim::expected_response(CHAT, &body),
+                "{dialect}: a caller got another's answer"
+            );
+            assert_eq!(served.unwrap(), "batch");
+            assert!(batch.is_some() && id.is_some());
+        }
+        let jobs = sim.jobs();
+        assert_eq!(jobs.len(), 2, "{dialect}: one job per model");
+        let models: HashSet<_> = jobs.iter().map(|j| j.custom_ids.len()).collect();
+        assert_eq!(models, HashSet::from([10]));
+        assert!(submissions(&sim).iter().all(|(_, n)| *n == 1));
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn max_requests_five_splits_twelve_requests_into_jobs_of_five_five_and_two() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "max_requests = 5\nmax_wait = \"300ms\"", "").await;
+        let mut ids = Vec::new();
+        for i in 0..12 {
+            let resp = post(
+                &app,
+                ALICE,
+                &[("carpool-mode", "async")],
+                &chat("m", &format!("q{i}")),
+            )
+            .await;
+            assert_eq!(resp.status(), 202);
+            ids.push(json_of(resp).await["id"].as_str().unwrap().to_owned());
+        }
+        for id in &ids {
+            assert_eq!(settled(&app, ALICE, id).await["status"], "succeeded");
+        }
+        let mut sizes: Vec<usize> = sim.jobs().iter().map(|j| j.custom_ids.len()).collect();
+        sizes.sort();
+        assert_eq!(sizes, vec![2, 5, 5], "{dialect}");
+        let metrics = client()
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            metric(&metrics, "carpool_flushes_total{reason=\"max_requests\"}"),
+            2.0
+        );
+        assert_eq!(
+            metric(&metrics, "carpool_flushes_total{reason=\"max_wait\"}"),
+            1.0
+        );
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn max_wait_flushes_a_lone_request() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "max_wait = \"200ms\"", "").await;
+        let body = chat("lonely", "anyone there?");
+        let resp = post(&app, ALICE, &[("carpool-mode", "wait")], &body).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(json_of(resp).await, sim::expected_response(CHAT, &body));
+        assert_eq!(sim.jobs().len(), 1);
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn async_then_poll_then_result_equals_the_synchronous_answer() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "max_wait = \"100ms\"", "").await;
+        let body = chat("m", "what is a carpool?");
+        let resp = post(&app, ALICE, &[("prefer", "respond-async")], &body).await;
+        assert_eq!(resp.status(), 202);
+        assert_eq!(resp.headers()["preference-applied"], "respond-async");
+        let location = resp.headers()["location"].to_str().unwrap().to_owned();
+        let accepted = json_of(resp).await;
+        assert_eq!(accepted["object"], "carpool.request");
+        assert_eq!(accepted["status"], "queued");
+        let id = accepted["id"].as_str().unwrap();
+        assert_eq!(location, format!("/v1/carpool/requests/{id}"));
+
+        let done = settled(&app, ALICE, id).await;
+        assert_eq!(done["status"], "succeeded");
+        assert_eq!(done["served_by"], "batch");
+        assert!(done["batch_id"].is_string());
+
+        let result = client()
+            .get(app.url(&format!("{location}/result")))
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(result.status(), 200);
+        let from_batch = json_of(result).await;
+        let direct = client()
+            .post(format!("{}{CHAT}", sim.base_url()))
+            .bearer_auth("sk-direct")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(from_batch, json_of(direct).await, "{dialect}");
+        let now = post(&app, ALICE, &[("carpool-mode", "now")], &body).await;
+        assert_eq!(from_batch, json_of(now).await);
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn delete_before_flush_keeps_the_request_out_of_every_job() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "max_requests = 3", "").await;
+        let first = json_of(
+            post(
+                &app,
+                ALICE,
+                &[("carpool-mode", "async")],
+                &chat("m", "cancel me"),
+            )
+            .await,
+        )
+        .await;
+        let cancelled_id = first["id"].as_str().unwrap().to_owned();
+        let url = app.url(&format!("/v1/carpool/requests/{cancelled_id}"));
+        let del = client()
+            .delete(&url)
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(del.status(), 200);
+        assert_eq!(json_of(del).await["status"], "cancelled");
+        let mut kept = Vec::new();
+        for i in 0..3 {
+            let resp = post(
+                &app,
+                ALICE,
+                &[("carpool-mode", "async")],
+                &chat("m", &format!("keep {i}")),
+            )
+            .await;
+            kept.push(json_of(resp).await["id"].as_str().unwrap().to_owned());
+        }
+        for id in &kept {
+            assert_eq!(settled(&app, ALICE, id).await["status"], "succeeded");
+        }
+        let submitted: Vec<String> = submissions(&sim).into_iter().map(|(id, _)| id).collect();
+        assert!(
+            !submitted.contains(&cancelled_id),
+            "{dialect}: a cancelled request was submitted"
+        );
+        assert_eq!(submitted.len(), 3);
+        let again = client()
+            .delete(&url)
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 409);
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn idempotent_repeat_and_sdk_retry_each_make_one_submission() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "max_wait = \"200ms\"", "").await;
+        let body = chat("m", "only once please");
+        let key = [("carpool-mode", "async"), ("idempotency-key", "job-42")];
+        let a = json_of(post(&app, ALICE, &key, &body).await).await;
+        let b = json_of(post(&app, ALICE, &key, &body).await).await;
+        assert_eq!(a["id"], b["id"]);
+        let reused = post(&app, ALICE, &key, &chat("m", "a different body")).await;
+        assert_eq!(reused.status(), 422);
+        assert_eq!(
+            json_of(reused).await["error"]["code"],
+            "idempotency_key_reused"
+        );
+
+        // An SDK retry carries no key, only a retry count.
+        let retried_body = chat("m", "sent by an SDK that timed out");
+        let first = post(
+            &app,
+            ALICE,
+            &[("carpool-mode", "wait"), ("x-stainless-retry-count", "0")],
+            &retried_body,
+        );
+        let (first, second) = tokio::join!(first, async {
+            // The retry arrives while the first attempt is still held.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let listed = json_of(
+                    client()
+                        .get(app.url("/v1/carpool/requests?limit=10"))
+                        .bearer_auth(ALICE)
+                        .send()
+                        .await
+                        .unwrap(),
+                )
+                .await;
+                if listed["data"].as_array().unwrap().len() >= 2 {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            post(
+                &app,
+                ALICE,
+                &[("carpool-mode", "wait"), ("x-stainless-retry-count", "1")],
+                &retried_body,
+            )
+            .await
+        });
+        let (id1, id2) = (
+            first.headers()["carpool-request-id"].clone(),
+            second.headers()["carpool-request-id"].clone(),
+        );
+        assert_eq!(id1, id2, "{dialect}: the retry became a second request");
+        assert_eq!(json_of(first).await, json_of(second).await);
+        settled(&app, ALICE, a["id"].as_str().unwrap()).await;
+        let subs = submissions(&sim);
+        assert_eq!(subs.len(), 2, "{dialect}: {subs:?}");
+        assert!(subs.iter().all(|(_, n)| *n == 1));
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn another_credential_gets_404_on_the_handle() {
+    let (app, _sim) = setup("mistral", "", "").await;
+    let made = json_of(
+        post(
+            &app,
+            ALICE,
+            &[("carpool-mode", "async")],
+            &chat("m", "mine"),
+        )
+        .await,
+    )
+    .await;
+    let url = app.url(&format!(
+        "/v1/carpool/requests/{}",
+        made["id"].as_str().unwrap()
+    ));
+    for path in [url.clone(), format!("{url}/result")] {
+        let resp = client().get(&path).bearer_auth(BOB).send().await.unwrap();
+        assert_eq!(resp.status(), 404);
+        assert_eq!(json_of(resp).await["error"]["code"], "not_found");
+    }
+    assert_eq!(
+        client()
+            .delete(&url)
+            .bearer_auth(BOB)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let bobs = json_of(
+        client()
+            .get(app.url("/v1/carpool/requests"))
+            .bearer_auth(BOB)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(bobs["data"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        client()
+            .get(&url)
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let unknown = client()
+        .get(app.url("/v1/carpool/requests/cpr_nope"))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_per_line_failure_reaches_only_its_own_caller_with_the_upstream_status_and_body() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "max_requests = 2", "").await;
+        let doomed = json_of(
+            post(
+                &app,
+                ALICE,
+                &[("carpool-mode", "async")],
+                &chat("m", "doomed"),
+            )
+            .await,
+        )
+        .await;
+        let doomed_id = doomed["id"].as_str().unwrap().to_owned();
+        sim.add_fault(Fault::FailLines {
+            custom_ids: vec![doomed_id.clone()],
+            fraction: 0.0,
+            status: 400,
+        });
+        let fine_body = chat("m", "fine");
+        let fine = post(&app, ALICE, &[("carpool-mode", "wait")], &fine_body).await;
+        assert_eq!(fine.status(), 200);
+        assert_eq!(
+            json_of(fine).await,
+            sim::expected_response(CHAT, &fine_body)
+        );
+
+        let failed = settled(&app, ALICE, &doomed_id).await;
+        assert_eq!(failed["status"], "failed", "{dialect}: {failed}");
+        assert_eq!(failed["response"]["status_code"], 400);
+        let result = client()
+            .get(app.url(&format!("/v1/carpool/requests/{doomed_id}/result")))
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(result.status(), 400);
+        let body = json_of(result).await;
+        assert!(body["error"]["message"].is_string(), "{body}");
+        assert_eq!(body, failed["response"]["body"]);
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_wait_call_gets_valid_sse() {
+    for dialect in DIALECTS {
+        let (app, _sim) = setup(dialect, "max_wait = \"100ms\"", "").await;
+        let mut body = chat("m", "stream this back to me please");
+        let expected = sim::expected_response(CHAT, &body);
+        body["stream"] = json!(true);
+        let resp = post(&app, ALICE, &[("carpool-mode", "wait")], &body).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        assert!(resp.headers().contains_key("carpool-request-id"));
+        let text = resp.text().await.unwrap();
+        assert!(text.starts_with(':'), "keep-alive comment first");
+        assert!(text.ends_with("data: [DONE]\n\n"));
+        let mut content = String::new();
+        for event in text
+            .split("\n\n")
+            .filter(|e| e.starts_with("data: ") && !e.contains("[DONE]"))
+        {
+            let chunk: Value = serde_json::from_str(&event["data: ".len()..]).unwrap();
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            assert_eq!(chunk["id"], expected["id"]);
+            if let Some(piece) = chunk["choices"]
+                .get(0)
+                .and_then(|c| c["delta"]["content"].as_str())
+            {
+                content.push_str(piece);
+            }
+        }
+        assert_eq!(
+            content,
+            expected["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap(),
+            "{dialect}"
+        );
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_the_spec_status_and_stores_nothing() {
+    let (app, sim) = setup("openai", "max_wait = \"50ms\"", "").await;
+    let raw = |body: &'static str, headers: &[(&'static str, &'static str)]| {
+        let mut req = client()
+            .post(app.url(CHAT))
+            .bearer_auth(ALICE)
+            .header("content-type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send()
+    };
+    let bad_json = raw("{\"model\": \"m\", ", &[("carpool-mode", "async")])
+        .await
+        .unwrap();
+    assert_eq!(bad_json.status(), 400);
+    let no_model = raw("{\"messages\": []}", &[("carpool-mode", "async")])
+        .await
+        .unwrap();
+    assert_eq!(no_model.status(), 400);
+    assert_eq!(json_of(no_model).await["error"]["param"], "model");
+    let bad_deadline = raw(
+        "{\"model\": \"m\"}",
+        &[("carpool-mode", "async"), ("carpool-deadline", "soonish")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(bad_deadline.status(), 400);
+    let bad_mode = raw("{\"model\": \"m\"}", &[("carpool-mode", "later")])
+        .await
+        .unwrap();
+    assert_eq!(bad_mode.status(), 400);
+    let huge = format!(
+        "{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
+        "x".repeat(70_000)
+    );
+    let too_large = client()
+        .post(app.url(CHAT))
+        .bearer_auth(ALICE)
+        .header("carpool-mode", "async")
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_large.status(), 413);
+    let not_batchable = client()
+        .post(app.url("/v1/ocr"))
+        .bearer_auth(ALICE)
+        .header("carpool-mode", "async")
+        .json(&json!({"model": "m"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_batchable.status(), 422);
+    let listed = json_of(
+        client()
+            .get(app.url("/v1/carpool/requests"))
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        listed["data"].as_array().unwrap().len(),
+        0,
+        "something was stored: {listed}"
+    );
+    assert!(app
+        .state
+        .deferral
+        .store
+        .open_windows()
+        .await
+        .unwrap()
+        .is_empty());
+    // Nothing reached the provider either.
+    assert!(sim.jobs().is_empty());
+    app.stop().await.unwrap();
+}
