@@ -1262,3 +1262,90 @@ async fn control_api_drives_faults_records_gate_and_options_over_http() {
     assert!(s.handle.calls().is_empty());
     s.handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn chunk_delay_spaces_out_streamed_events() {
+    let s = start(SimOptions {
+        chunk_delay: Duration::from_millis(30),
+        stream_chunks: 4,
+        ..SimOptions::default()
+    })
+    .await;
+    let mut body = chat_body("m", "slow");
+    body["stream"] = json!(true);
+    let t = Instant::now();
+    let r = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(r).await;
+    assert_eq!(events.len(), 6);
+    assert!(
+        t.elapsed() >= Duration::from_millis(150),
+        "5 delayed frames after the first"
+    );
+}
+
+// ------------------------------------------------------------ the binary
+
+#[tokio::test]
+async fn sim_binary_prints_its_url_takes_faults_from_env_and_exits_on_sigterm() {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_carpool"))
+        .args(["sim", "--listen", "127.0.0.1:0"])
+        .env(
+            "CARPOOL_SIM_FAULTS",
+            r#"[{"kind":"http_error","route":"GET /v1/models","status":503}]"#,
+        )
+        .env("CARPOOL_SIM_OPTIONS", r#"{"stream_chunks": 6}"#)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let base = first
+        .strip_prefix("carpool sim listening on ")
+        .unwrap()
+        .to_owned();
+    let http = Client::new();
+    let r = http
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let r = http
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let opts: Value = http
+        .get(format!("{base}/_sim/options"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(opts["stream_chunks"], 6);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -337,6 +337,7 @@ fn embeddings(obj: &Map<String, Value>, d: &Digest32) -> Result<Value, ApiError>
         .map(|(i, text)| {
             tokens += token_estimate(text);
             let hash = Sha256::digest(format!("{model}\n{text}").as_bytes());
+            // Multiples of 1/128 survive f32 -> JSON -> f64 exactly.
             let vector: Vec<f32> = hash[..EMBEDDING_DIMS]
                 .iter()
                 .map(|b| f32::from(*b) / 128.0 - 1.0)

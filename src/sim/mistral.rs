@@ -204,6 +204,7 @@ pub async fn create(
     };
     let job = Job::new(spec, lines, errors, outcome, &opts);
     let id = job.id.clone();
+    let first_file = job.spec.input_file_ids.first().cloned();
     let job = sim.add_job(job);
     let rendered = {
         let mut job = lock(&job);
@@ -213,7 +214,7 @@ pub async fn create(
     let mut response = Json(rendered).into_response();
     response.extensions_mut().insert(CallIds {
         job_id: Some(id),
-        file_id: None,
+        file_id: first_file,
     });
     Ok(response)
 }

@@ -178,6 +178,13 @@ impl SimHandle {
     }
 }
 
+/// Dropping the handle stops the server too.
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
 /// Start on `127.0.0.1:0`.
 pub async fn spawn(opts: SimOptions) -> std::io::Result<SimHandle> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
