@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dashmap::DashSet;
+use dashmap::{DashMap, DashSet};
 use tokio::sync::Notify;
 
 use crate::config::{AuthMode, Config, UpstreamConfig};
@@ -44,6 +44,9 @@ pub struct Inner {
     pub poll_wake: Notify,
     /// Windows this process is working on right now (submitting or reconciling).
     pub busy: DashSet<WindowId>,
+    /// Windows whose last submission failed: attempts so far and when to
+    /// try again. Pacing only; losing it on restart costs one early retry.
+    pub backoff: DashMap<WindowId, (u32, tokio::time::Instant)>,
 }
 
 #[derive(Clone)]
@@ -94,12 +97,35 @@ impl Deferral {
                 flush_wake: Notify::new(),
                 poll_wake: Notify::new(),
                 busy: DashSet::new(),
+                backoff: DashMap::new(),
             }),
         }
     }
 
     pub fn upstream(&self, name: &str) -> Option<&BatchUpstream> {
         self.upstreams.get(name)
+    }
+
+    /// Whether a window's last failure asks us to wait before retrying.
+    pub fn backing_off(&self, id: &WindowId) -> bool {
+        self.backoff
+            .get(id)
+            .is_some_and(|entry| tokio::time::Instant::now() < entry.1)
+    }
+
+    /// Records a failed attempt on a window: 1 s, 2 s, 4 s … up to 60 s.
+    pub fn failed_attempt(&self, id: &WindowId) {
+        let mut entry = self
+            .backoff
+            .entry(id.clone())
+            .or_insert((0, tokio::time::Instant::now()));
+        entry.0 += 1;
+        let wait = Duration::from_secs(1 << entry.0.min(6)).min(Duration::from_secs(60));
+        entry.1 = tokio::time::Instant::now() + wait;
+    }
+
+    pub fn succeeded_attempt(&self, id: &WindowId) {
+        self.backoff.remove(id);
     }
 }
 

@@ -97,6 +97,9 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
         WindowState::Creating,
     ];
     for window in deferral.store.windows_in(&states).await? {
+        if deferral.backing_off(&window.id) {
+            continue;
+        }
         let Some(guard) = BusyGuard::try_take(deferral, &window.id) else {
             continue;
         };
@@ -104,9 +107,14 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
         tokio::spawn(async move {
             let _guard = guard;
             let id = window.id.clone();
-            if let Err(err) = submit(&deferral, window).await {
-                tracing::warn!(window = %id, error = %err, "window submission failed; will retry");
-                deferral.metrics.submit_failures.inc();
+            match submit(&deferral, window).await {
+                Ok(()) => deferral.succeeded_attempt(&id),
+                Err(err) => {
+                    tracing::warn!(window = %id, error = %err, "window submission failed; will retry");
+                    deferral.metrics.submit_failures.inc();
+                    deferral.failed_attempt(&id);
+                    deferral.flush_wake.notify_one();
+                }
             }
         });
     }

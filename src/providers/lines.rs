@@ -224,11 +224,22 @@ fn read_failure(raw: &str) -> Option<LineFailure> {
 
 /// The status a held caller gets for a failure with no HTTP answer.
 fn failure_status(code: &str) -> u16 {
+    if is_expiry(code) {
+        return 504;
+    }
     match code {
-        "batch_expired" | "expired" | "timeout" => 504,
         "batch_cancelled" | "cancelled" | "canceled" => 503,
         _ => 502,
     }
+}
+
+/// Whether a line's error code says the job ran out of time before the
+/// line ran (OpenAI `batch_expired`, Mistral `TIMEOUT_EXCEEDED`).
+pub fn is_expiry(code: &str) -> bool {
+    matches!(
+        code.to_ascii_lowercase().as_str(),
+        "batch_expired" | "expired" | "timeout" | "timeout_exceeded"
+    )
 }
 
 /// An OpenAI-style error object.

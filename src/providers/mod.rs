@@ -230,6 +230,10 @@ impl BatchClient {
     }
 
     /// Creates the job for a window; the window id rides in its metadata.
+    ///
+    /// Tried once: a create that failed may still have made the job (a
+    /// timeout, a dropped connection, even a 5xx), so the caller looks the
+    /// window up with [`Self::find_job_for_window`] before trying again.
     pub async fn create_job(
         &self,
         key: &str,
@@ -241,20 +245,15 @@ impl BatchClient {
         const OP: &str = "create";
         let body = jobs::create_body(self.dialect, file_id, model, endpoint, window);
         let url = self.url(jobs::jobs_path(self.dialect));
-        let value = self
-            .retry
-            .run(OP, || async {
-                let resp = self
-                    .http
-                    .post(&url)
-                    .bearer_auth(key)
-                    .json(&body)
-                    .send()
-                    .await
-                    .map_err(|e| ProviderError::transport(OP, e))?;
-                json_of(OP, resp).await
-            })
-            .await?;
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| ProviderError::transport(OP, e))?;
+        let value = json_of(OP, resp).await?;
         self.job_from(OP, &value)
     }
 
