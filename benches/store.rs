@@ -21,6 +21,8 @@ use carpool::model::RequestId;
 use carpool::store::{DeliveryMode, FlushReason, NewRequest, Store, StoreOptions, WindowLimits};
 use futures_util::StreamExt;
 
+const TWO_CREDS: &[&str] = &["cred-a", "cred-b"];
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -83,6 +85,7 @@ async fn accept_many(
     n: usize,
     tasks: usize,
     models: &[&'static str],
+    creds: &'static [&'static str],
     max_requests: u64,
 ) -> f64 {
     let next = Arc::new(AtomicUsize::new(0));
@@ -92,7 +95,7 @@ async fn accept_many(
     for t in 0..tasks {
         let (store, next, models) = (store.clone(), next.clone(), models.clone());
         handles.push(tokio::spawn(async move {
-            let cred = if t % 2 == 0 { "cred-a" } else { "cred-b" };
+            let cred = creds[t % creds.len()];
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
@@ -142,14 +145,14 @@ async fn run() {
     };
     let naive = open(dir.path(), "naive.db", naive_options).await;
     let naive_n = 2_000;
-    let rate = accept_many(&naive, 0, naive_n, tasks, &["m1"], 50_000).await;
+    let rate = accept_many(&naive, 0, naive_n, tasks, &["m1"], TWO_CREDS, 50_000).await;
     println!("accepts/s, one commit per request ({naive_n} reqs, {tasks} tasks): {rate:.0}");
     naive.close().await;
     drop(naive);
 
     let store = open(dir.path(), "carpool.db", StoreOptions::default()).await;
     let models = ["m1", "m2", "m3", "m4"];
-    let rate = accept_many(&store, 0, pending, tasks, &models, 50_000).await;
+    let rate = accept_many(&store, 0, pending, tasks, &models, TWO_CREDS, 50_000).await;
     println!("accepts/s, group commit ({pending} reqs, {tasks} tasks): {rate:.0}");
     let open_windows = store.open_windows().await.unwrap();
     let held: u64 = open_windows.iter().map(|w| w.count).sum();
@@ -162,7 +165,16 @@ async fn run() {
 
     // One window of `window` requests, sealed, then streamed.
     let start = Instant::now();
-    accept_many(&store, pending, window, tasks, &["big"], window as u64 + 1).await;
+    let rate = accept_many(
+        &store,
+        pending,
+        window,
+        tasks,
+        &["big"],
+        &["cred-c"],
+        window as u64 + 1,
+    )
+    .await;
     let big = store
         .open_windows()
         .await
@@ -171,7 +183,7 @@ async fn run() {
         .find(|w| w.key.model == "big")
         .unwrap();
     println!(
-        "filled one {}-request window in {:.2} s",
+        "filled one {}-request window in {:.2} s ({rate:.0} accepts/s)",
         big.count,
         start.elapsed().as_secs_f64()
     );

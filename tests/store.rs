@@ -596,6 +596,46 @@ mod cases {
         store.close().await;
     }
 
+    pub async fn concurrent_repeats_make_one_request(h: &Harness) {
+        let store = h.open().await;
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut r = new_request(CRED_A, "m", "{\"same\":1}", T0 + i);
+                if i % 2 == 0 {
+                    r.idempotency_key = Some("one".into());
+                } else {
+                    r.sdk_retry = i > 1;
+                }
+                store.accept(r).await.unwrap()
+            }));
+        }
+        let mut keyed = HashSet::new();
+        let mut retried = HashSet::new();
+        let mut created = 0;
+        for (i, t) in tasks.into_iter().enumerate() {
+            let a = t.await.unwrap();
+            created += usize::from(a.created);
+            if i % 2 == 0 {
+                keyed.insert(a.record.id);
+            } else if i > 1 {
+                retried.insert(a.record.id);
+            }
+        }
+        assert_eq!(keyed.len(), 1, "one request per idempotency key");
+        assert!(
+            retried.len() <= 2,
+            "SDK retries re-attach to a live request"
+        );
+        let stored = store.list(CRED_A, None, 1000, None).await.unwrap();
+        assert_eq!(stored.len(), created);
+        assert!(
+            created <= 3,
+            "{created} requests stored for three distinct calls"
+        );
+    }
+
     pub async fn concurrent_accepts_are_all_durable_and_distinct(h: &Harness) {
         let store = h.open().await;
         let mut tasks = Vec::new();
@@ -698,6 +738,7 @@ contract!(
     reports_earliest_deadline_and_due_requests,
     purge_removes_only_results_past_their_ttl,
     everything_survives_a_restart,
+    concurrent_repeats_make_one_request,
     concurrent_accepts_are_all_durable_and_distinct,
 );
 

@@ -21,6 +21,7 @@ pub mod model;
 mod ops;
 mod postgres;
 mod sqlite;
+mod sqlite_intake;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;

@@ -152,8 +152,72 @@ fn parsed_opt<T>(
     value.map(|v| parsed(column, v, parse)).transpose()
 }
 
+/// Why a window holding `count` requests and `bytes` bytes cannot take one
+/// more of `len` bytes, if it cannot. An empty window takes anything.
+pub(crate) fn refuses(
+    count: i64,
+    bytes: i64,
+    len: i64,
+    limits: WindowLimits,
+) -> Option<FlushReason> {
+    if count == 0 {
+        None
+    } else if count + 1 > int(limits.max_requests) {
+        Some(FlushReason::MaxRequests)
+    } else if bytes + len > int(limits.max_bytes) {
+        Some(FlushReason::MaxBytes)
+    } else {
+        None
+    }
+}
+
+/// Limits never below one request and one byte.
+pub(crate) fn sane(limits: WindowLimits) -> WindowLimits {
+    WindowLimits {
+        max_requests: limits.max_requests.max(1),
+        max_bytes: limits.max_bytes.max(1),
+    }
+}
+
+pub(crate) const INSERT_REQUEST: &str = "INSERT INTO requests (id, credential_hash, upstream, endpoint, \
+    model, body, body_hash, idempotency_key, mode, deadline, callback_url, status, window_id, created_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12, $13)";
+
+pub(crate) fn reattach(record: RequestRecord) -> Accepted {
+    Accepted {
+        record,
+        created: false,
+        window: None,
+        sealed_previous: None,
+    }
+}
+
+/// The record of a request just accepted into `window`.
+pub(crate) fn queued_record(r: &NewRequest, window: &WindowId) -> RequestRecord {
+    RequestRecord {
+        id: r.id.clone(),
+        status: RequestStatus::Queued,
+        upstream: r.upstream.clone(),
+        endpoint: r.endpoint.clone(),
+        model: r.model.clone(),
+        mode: r.mode,
+        created_at: r.now,
+        submitted_at: None,
+        completed_at: None,
+        batch_id: None,
+        served_by: None,
+        response_status: None,
+        response_body: None,
+        error_code: None,
+        error_message: None,
+        deadline: r.deadline,
+        callback_url: r.callback_url.clone(),
+        window_id: Some(window.clone()),
+    }
+}
+
 /// The seal a window gets when the request just added filled it.
-fn filled(count: i64, bytes: i64, limits: WindowLimits) -> Option<FlushReason> {
+pub(crate) fn filled(count: i64, bytes: i64, limits: WindowLimits) -> Option<FlushReason> {
     if count >= int(limits.max_requests) {
         Some(FlushReason::MaxRequests)
     } else if bytes >= int(limits.max_bytes) {
@@ -192,7 +256,7 @@ macro_rules! backend_ops {
             sqlx::query::<$db>(sql)
         }
 
-        fn record(row: &DbRow) -> Result<RequestRecord, StoreError> {
+        pub(crate) fn record(row: &DbRow) -> Result<RequestRecord, StoreError> {
             let response_status = row
                 .try_get::<Option<i64>, _>("response_status")?
                 .map(|v| {
@@ -385,8 +449,9 @@ macro_rules! backend_ops {
             Ok(query.fetch_optional(&mut *conn).await?)
         }
 
-        async fn accept(conn: &mut Conn, r: &NewRequest, horizon: i64) -> Result<Accepted, StoreError> {
-            let reattach = |record| Accepted { record, created: false, window: None, sealed_previous: None };
+        /// An earlier request this one repeats: same idempotency key (same
+        /// body, else a conflict), or an SDK retry of a live request.
+        pub(crate) async fn existing(conn: &mut Conn, r: &NewRequest, horizon: i64) -> Result<Option<Accepted>, StoreError> {
             if let Some(key) = &r.idempotency_key {
                 let sql = concat!(
                     "SELECT ", req_cols!(), ", body_hash FROM requests \
@@ -397,7 +462,7 @@ macro_rules! backend_ops {
                     if hash != r.body_hash {
                         return Err(StoreError::IdempotencyConflict);
                     }
-                    return Ok(reattach(record(&row)?));
+                    return Ok(Some(reattach(record(&row)?)));
                 }
             }
             if r.sdk_retry {
@@ -409,8 +474,15 @@ macro_rules! backend_ops {
                 let since = r.now.saturating_sub(horizon);
                 let binds = [r.credential_hash.as_str(), &r.body_hash, &r.endpoint];
                 if let Some(row) = find_one(conn, sql, &binds, Some(since)).await? {
-                    return Ok(reattach(record(&row)?));
+                    return Ok(Some(reattach(record(&row)?)));
                 }
+            }
+            Ok(None)
+        }
+
+        async fn accept(conn: &mut Conn, r: &NewRequest, horizon: i64) -> Result<Accepted, StoreError> {
+            if let Some(found) = existing(conn, r, horizon).await? {
+                return Ok(found);
             }
             let key = WindowKey {
                 upstream: r.upstream.clone(),
@@ -421,9 +493,7 @@ macro_rules! backend_ops {
             let len = int(r.body.len() as u64);
             let (slot, sealed_previous) =
                 place(conn, &key, len, r.limits, r.upstream_key.as_deref(), r.now).await?;
-            q("INSERT INTO requests (id, credential_hash, upstream, endpoint, model, body, body_hash, \
-               idempotency_key, mode, deadline, callback_url, status, window_id, created_at) \
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12, $13)")
+            q(INSERT_REQUEST)
                 .bind(r.id.as_str())
                 .bind(&r.credential_hash)
                 .bind(&r.upstream)
@@ -439,26 +509,7 @@ macro_rules! backend_ops {
                 .bind(r.now)
                 .execute(&mut *conn)
                 .await?;
-            let record = RequestRecord {
-                id: r.id.clone(),
-                status: RequestStatus::Queued,
-                upstream: r.upstream.clone(),
-                endpoint: r.endpoint.clone(),
-                model: r.model.clone(),
-                mode: r.mode,
-                created_at: r.now,
-                submitted_at: None,
-                completed_at: None,
-                batch_id: None,
-                served_by: None,
-                response_status: None,
-                response_body: None,
-                error_code: None,
-                error_message: None,
-                deadline: r.deadline,
-                callback_url: r.callback_url.clone(),
-                window_id: Some(slot.id.clone()),
-            };
+            let record = queued_record(r, &slot.id);
             Ok(Accepted { record, created: true, window: Some(slot), sealed_previous })
         }
 
@@ -473,10 +524,7 @@ macro_rules! backend_ops {
             upstream_key: Option<&str>,
             now: i64,
         ) -> Result<(WindowSlot, Option<(WindowId, FlushReason)>), StoreError> {
-            let limits = WindowLimits {
-                max_requests: limits.max_requests.max(1),
-                max_bytes: limits.max_bytes.max(1),
-            };
+            let limits = sane(limits);
             let row = q("UPDATE windows SET count = count + 1, bytes = bytes + $5, \
                          upstream_key = COALESCE(upstream_key, $8) \
                          WHERE upstream = $1 AND credential_hash = $2 AND endpoint = $3 AND model = $4 \
@@ -888,6 +936,36 @@ macro_rules! backend_ops {
             .boxed()
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: WindowLimits = WindowLimits {
+        max_requests: 3,
+        max_bytes: 100,
+    };
+
+    #[test]
+    fn an_empty_window_takes_any_request() {
+        assert_eq!(refuses(0, 0, 1_000, L), None);
+    }
+
+    #[test]
+    fn a_window_refuses_the_request_past_either_limit() {
+        assert_eq!(refuses(2, 10, 10, L), None);
+        assert_eq!(refuses(3, 10, 10, L), Some(FlushReason::MaxRequests));
+        assert_eq!(refuses(1, 95, 5, L), None);
+        assert_eq!(refuses(1, 95, 6, L), Some(FlushReason::MaxBytes));
+    }
+
+    #[test]
+    fn a_window_reaching_a_limit_exactly_is_full() {
+        assert_eq!(filled(3, 10, L), Some(FlushReason::MaxRequests));
+        assert_eq!(filled(2, 100, L), Some(FlushReason::MaxBytes));
+        assert_eq!(filled(2, 99, L), None);
+    }
 }
 
 pub(crate) mod sqlite_ops {
