@@ -10,11 +10,11 @@ use std::collections::HashMap;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::Row as _;
 
-use super::ops::{filled, queued_record, reattach, refuses, sane, sqlite_ops};
+use super::ops::{filled, queued_record, reattach, refuses, retry_tag, sane, sqlite_ops};
 use super::{Accepted, FlushReason, NewRequest, StoreError, WindowKey, WindowSlot};
 use crate::model::WindowId;
 
-/// Rows per INSERT: 13 binds each stays well under SQLite's variable limit.
+/// Rows per INSERT: 14 binds each stays well under SQLite's variable limit.
 const ROWS_PER_INSERT: usize = 200;
 
 /// A window as this run fills it.
@@ -269,29 +269,17 @@ async fn insert_requests(
 ) -> Result<(), StoreError> {
     let mut sql = String::from(
         "INSERT INTO requests (id, credential_hash, upstream, endpoint, model, body, body_hash, \
-         idempotency_key, mode, deadline, callback_url, status, window_id, created_at) VALUES ",
+         idempotency_key, mode, deadline, callback_url, status, window_id, created_at, retry_tag) \
+         VALUES ",
     );
+    // Anonymous `?` placeholders: SQLite resolves a named one (`$N`) by a
+    // linear walk of the statement's names, quadratic over a 2,800-bind
+    // statement (it was 40% of intake CPU).
     for n in 0..chunk.len() {
-        let b = n * 13;
         if n > 0 {
             sql.push(',');
         }
-        sql.push_str(&format!(
-            "(${},${},${},${},${},${},${},${},${},${},${},'queued',${},${})",
-            b + 1,
-            b + 2,
-            b + 3,
-            b + 4,
-            b + 5,
-            b + 6,
-            b + 7,
-            b + 8,
-            b + 9,
-            b + 10,
-            b + 11,
-            b + 12,
-            b + 13
-        ));
+        sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,'queued',?,?,?)");
     }
     let mut query = sqlx::query(&sql);
     for &(i, f) in chunk {
@@ -309,7 +297,8 @@ async fn insert_requests(
             .bind(r.deadline)
             .bind(r.callback_url.as_deref())
             .bind(fills[f].id.as_str())
-            .bind(r.now);
+            .bind(r.now)
+            .bind(retry_tag(r));
     }
     query.execute(&mut *conn).await?;
     Ok(())

@@ -48,11 +48,13 @@ CREATE TABLE requests (
     response_status BIGINT,
     response_body   BYTEA,
     error_code      TEXT,
-    error_message   TEXT
+    error_message   TEXT,
+    -- See ops::retry_tag: what an SDK retry is found by.
+    retry_tag       BIGINT NOT NULL
 );
 CREATE UNIQUE INDEX requests_idempotency
     ON requests (credential_hash, idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX requests_retry ON requests (credential_hash, body_hash);
+CREATE INDEX requests_retry ON requests (retry_tag);
 CREATE INDEX requests_by_window ON requests (window_id, seq);
 CREATE INDEX requests_by_credential ON requests (credential_hash, seq);
 CREATE INDEX requests_open_deadline ON requests (deadline)
