@@ -8,7 +8,7 @@
 //!    streaming (the high-water mark is reset just before).
 //!
 //! Env: `CARPOOL_BENCH_PENDING` (default 100000), `CARPOOL_BENCH_TASKS`
-//! (default 256), `CARPOOL_BENCH_WINDOW` (default 50000).
+//! (default 1024: a group holds at most one request per waiting task), `CARPOOL_BENCH_WINDOW` (default 50000).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -144,7 +144,7 @@ fn main() {
 
 async fn run() {
     let pending = env("CARPOOL_BENCH_PENDING", 100_000);
-    let tasks = env("CARPOOL_BENCH_TASKS", 256);
+    let tasks = env("CARPOOL_BENCH_TASKS", 1024);
     let window = env("CARPOOL_BENCH_WINDOW", 50_000);
     // On the working disk, not a tmpfs: the fsyncs are the point.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

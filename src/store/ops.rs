@@ -539,50 +539,76 @@ macro_rules! backend_ops {
             now: i64,
         ) -> Result<(WindowSlot, Option<(WindowId, FlushReason)>), StoreError> {
             let limits = sane(limits);
-            let row = q("UPDATE windows SET count = count + 1, bytes = bytes + $5, \
-                         upstream_key = COALESCE(upstream_key, $8) \
-                         WHERE upstream = $1 AND credential_hash = $2 AND endpoint = $3 AND model = $4 \
-                         AND state = 'open' AND count + 1 <= $6 AND (count = 0 OR bytes + $5 <= $7) \
-                         RETURNING id, count, bytes, opened_at")
-                .bind(&key.upstream)
-                .bind(&key.credential_hash)
-                .bind(&key.endpoint)
-                .bind(&key.model)
-                .bind(len)
-                .bind(int(limits.max_requests))
-                .bind(int(limits.max_bytes))
-                .bind(upstream_key)
-                .fetch_optional(&mut *conn)
-                .await?;
-            let (id, count, bytes, opened_at, previous) = match row {
+            let mut previous = None;
+            // Postgres, read committed: a window another replica opened may
+            // become visible between statements; never seal a window that
+            // can still take the request, go back and join it instead.
+            let mut rounds = 0;
+            let joined = loop {
+                rounds += 1;
+                let row = q("UPDATE windows SET count = count + 1, bytes = bytes + $5, \
+                             upstream_key = COALESCE(upstream_key, $8) \
+                             WHERE upstream = $1 AND credential_hash = $2 AND endpoint = $3 AND model = $4 \
+                             AND state = 'open' AND count + 1 <= $6 AND (count = 0 OR bytes + $5 <= $7) \
+                             RETURNING id, count, bytes, opened_at")
+                    .bind(&key.upstream)
+                    .bind(&key.credential_hash)
+                    .bind(&key.endpoint)
+                    .bind(&key.model)
+                    .bind(len)
+                    .bind(int(limits.max_requests))
+                    .bind(int(limits.max_bytes))
+                    .bind(upstream_key)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if let Some(row) = row {
+                    break Some(row);
+                }
+                let sealed = q("UPDATE windows SET state = 'sealed', sealed_at = $5, \
+                                flush_reason = CASE WHEN count + 1 > $6 THEN 'max_requests' ELSE 'max_bytes' END \
+                                WHERE upstream = $1 AND credential_hash = $2 AND endpoint = $3 AND model = $4 \
+                                AND state = 'open' AND (count + 1 > $6 OR (count > 0 AND bytes + $8 > $7)) \
+                                RETURNING id, flush_reason")
+                    .bind(&key.upstream)
+                    .bind(&key.credential_hash)
+                    .bind(&key.endpoint)
+                    .bind(&key.model)
+                    .bind(now)
+                    .bind(int(limits.max_requests))
+                    .bind(int(limits.max_bytes))
+                    .bind(len)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if let Some(row) = sealed {
+                    previous = Some((
+                        WindowId::from_stored(row.try_get("id")?),
+                        parsed("flush_reason", row.try_get("flush_reason")?, FlushReason::parse)?,
+                    ));
+                    break None;
+                }
+                let open = q("SELECT id FROM windows WHERE upstream = $1 AND credential_hash = $2 \
+                              AND endpoint = $3 AND model = $4 AND state = 'open'")
+                    .bind(&key.upstream)
+                    .bind(&key.credential_hash)
+                    .bind(&key.endpoint)
+                    .bind(&key.model)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if open.is_none() || rounds >= 3 {
+                    break None;
+                }
+            };
+            let (id, count, bytes, opened_at) = match joined {
                 Some(row) => (
                     WindowId::from_stored(row.try_get("id")?),
                     row.try_get::<i64, _>("count")?,
                     row.try_get::<i64, _>("bytes")?,
                     row.try_get::<i64, _>("opened_at")?,
-                    None,
                 ),
                 None => {
-                    let sealed = q("UPDATE windows SET state = 'sealed', sealed_at = $5, \
-                                    flush_reason = CASE WHEN count + 1 > $6 THEN 'max_requests' ELSE 'max_bytes' END \
-                                    WHERE upstream = $1 AND credential_hash = $2 AND endpoint = $3 AND model = $4 \
-                                    AND state = 'open' RETURNING id, flush_reason")
-                        .bind(&key.upstream)
-                        .bind(&key.credential_hash)
-                        .bind(&key.endpoint)
-                        .bind(&key.model)
-                        .bind(now)
-                        .bind(int(limits.max_requests))
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                    let previous = match sealed {
-                        Some(row) => Some((
-                            WindowId::from_stored(row.try_get("id")?),
-                            parsed("flush_reason", row.try_get("flush_reason")?, FlushReason::parse)?,
-                        )),
-                        None => None,
-                    };
                     let id = WindowId::generate();
+                    // A racing insert of the key's open window fails on the
+                    // unique index and the whole transaction is retried.
                     q("INSERT INTO windows (id, upstream, credential_hash, endpoint, model, state, count, \
                        bytes, max_requests, max_bytes, opened_at, upstream_key) \
                        VALUES ($1, $2, $3, $4, $5, 'open', 1, $6, $7, $8, $9, $10)")
@@ -598,7 +624,7 @@ macro_rules! backend_ops {
                         .bind(upstream_key)
                         .execute(&mut *conn)
                         .await?;
-                    (id, 1, len, now, previous)
+                    (id, 1, len, now)
                 }
             };
             let sealed = filled(count, bytes, limits);

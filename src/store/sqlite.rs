@@ -60,10 +60,14 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            // Pages of the hot indexes stay cached (a ceiling, not an allocation).
-            .pragma("cache_size", "-32768");
-        let mut conn = connect.connect().await?;
+            .busy_timeout(Duration::from_secs(10));
+        // The writer keeps the hot index pages cached (a ceiling, not an
+        // allocation); readers keep SQLite's default.
+        let mut conn = connect
+            .clone()
+            .pragma("cache_size", "-32768")
+            .connect()
+            .await?;
         sqlite_migrate::migrate(&mut conn, "", MIGRATIONS).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(options.pool_size.max(1))
