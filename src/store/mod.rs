@@ -10,8 +10,9 @@
 //! Backends: SQLite (embedded default; one writer task group-commits every
 //! write, reads use a separate pool) and Postgres (several replicas share it;
 //! every transition is a conditional UPDATE, retried on conflicts). Both run
-//! the same SQL from `ops.rs`, and `tests/store.rs` runs one contract suite
-//! against each.
+//! the same SQL from `ops.rs` (the SQLite writer batches a group's accepts
+//! in `sqlite_intake.rs` with the same rules), and `tests/store.rs` runs one
+//! contract suite against each.
 //!
 //! Times in this API are Unix **milliseconds**; [`secs`] converts for the
 //! SPEC's handle fields.

@@ -56,6 +56,12 @@ impl fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     pub(crate) async fn connect(url: &str, options: StoreOptions) -> Result<Self, StoreError> {
+        // The writer and the read pool would each get a database of their own.
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(StoreError::UnsupportedUrl {
+                scheme: "sqlite in-memory".to_owned(),
+            });
+        }
         let connect = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
