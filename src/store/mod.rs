@@ -21,8 +21,10 @@ mod error;
 pub mod model;
 mod ops;
 mod postgres;
+mod reads;
 mod sqlite;
 mod sqlite_intake;
+mod writes;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
