@@ -412,6 +412,10 @@ mod cases {
         let w = a.window.unwrap().id;
         let rec = store.window(&w).await.unwrap().unwrap();
         assert_eq!(rec.upstream_key.as_deref(), Some("sk-secret"));
+        assert!(
+            !format!("{rec:?}").contains("sk-secret"),
+            "key in Debug output"
+        );
         // Transitions out of order are refused.
         assert!(!store.record_upload(&w, "f").await.unwrap());
         assert!(!store.mark_creating(&w).await.unwrap());
