@@ -166,7 +166,7 @@ macro_rules! read_ops {
         pub(crate) async fn open_windows(conn: &mut Conn) -> Result<Vec<WindowSummary>, StoreError> {
             let rows = q("SELECT w.id, w.upstream, w.credential_hash, w.endpoint, w.model, w.count, \
                           w.bytes, w.opened_at, (SELECT MIN(r.deadline) FROM requests r \
-                          WHERE r.window_id = w.id AND r.status = 'queued') AS earliest_deadline \
+                          WHERE r.window_id = w.id AND r.status = 'queued' AND r.deadline IS NOT NULL) AS earliest_deadline \
                           FROM windows w WHERE w.state = 'open' ORDER BY w.opened_at")
                 .fetch_all(&mut *conn)
                 .await?;

@@ -59,4 +59,7 @@ CREATE INDEX requests_by_window ON requests (window_id, seq);
 CREATE INDEX requests_by_credential ON requests (credential_hash, seq);
 CREATE INDEX requests_open_deadline ON requests (deadline)
     WHERE deadline IS NOT NULL AND status IN ('queued', 'submitted');
+-- The flusher's "earliest deadline of each open window", without a scan.
+CREATE INDEX requests_window_deadline ON requests (window_id, deadline)
+    WHERE deadline IS NOT NULL AND status = 'queued';
 CREATE INDEX requests_finished ON requests (completed_at) WHERE completed_at IS NOT NULL;
