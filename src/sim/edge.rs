@@ -1,6 +1,7 @@
 //! The edge every `/v1` call passes: faults, latency, bearer auth, and the
 //! call log. Control routes (`/_sim/...`) bypass it.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -41,6 +42,7 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
     }
+    let mut handled = false;
     let response = if verdict.drop_connection {
         let mut r = StatusCode::BAD_GATEWAY.into_response();
         r.extensions_mut().insert(DropConnection);
@@ -51,6 +53,7 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
     } else if credential.is_none() {
         ApiError::unauthorized().into_response()
     } else {
+        handled = true;
         next.run(req).await
     };
     if record {
@@ -78,7 +81,26 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
             status,
         });
     }
+    if handled && verdict.hold_response {
+        hold(&sim).await;
+    }
     response
+}
+
+/// Waits until held responses are released. The call is counted in
+/// `sim.held` meanwhile, also when its connection goes away first.
+async fn hold(sim: &Sim) {
+    struct Held<'a>(&'a Sim);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.0.held.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let mut release = sim.release.subscribe();
+    sim.held.fetch_add(1, Ordering::SeqCst);
+    let _held = Held(sim);
+    // The sender lives as long as the simulator.
+    let _ = release.changed().await;
 }
 
 /// The path segment standing where the template has one of `names`.

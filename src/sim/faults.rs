@@ -46,6 +46,14 @@ pub enum Fault {
         #[serde(default = "one")]
         count: u32,
     },
+    /// Handle the call, then hold its response (logged as handled) until
+    /// the faults are cleared or held responses are released: the caller
+    /// is left waiting on something that already happened.
+    HoldResponse {
+        route: String,
+        #[serde(default = "one")]
+        count: u32,
+    },
     /// The next job(s) created end this way.
     NextJob {
         outcome: JobOutcome,
@@ -105,6 +113,14 @@ impl Fault {
         }
     }
 
+    /// `count` calls on `route` handled, their responses held until released.
+    pub fn hold_response(route: &str, count: u32) -> Self {
+        Self::HoldResponse {
+            route: route.to_owned(),
+            count,
+        }
+    }
+
     pub fn latency(extra: Duration) -> Self {
         Self::Latency {
             route: None,
@@ -143,6 +159,8 @@ pub struct RouteVerdict {
     pub extra_latency: Duration,
     pub error: Option<(u16, Option<u64>)>,
     pub drop_connection: bool,
+    /// Handle the call, then hold the response until released.
+    pub hold_response: bool,
 }
 
 /// Which lines of a new job fail, captured when the job is created.
@@ -229,6 +247,14 @@ impl FaultBook {
                         && route_matches(route, method, template, path)
                     {
                         verdict.drop_connection = true;
+                        if take(count) {
+                            spent.push(i);
+                        }
+                    }
+                }
+                Fault::HoldResponse { route, count } => {
+                    if !verdict.hold_response && route_matches(route, method, template, path) {
+                        verdict.hold_response = true;
                         if take(count) {
                             spent.push(i);
                         }
@@ -409,6 +435,22 @@ mod tests {
         book.add(Fault::next_job(JobOutcome::Stuck));
         assert_eq!(book.take_job_outcome(), Some(JobOutcome::Stuck));
         assert_eq!(book.take_job_outcome(), None);
+    }
+
+    #[test]
+    fn hold_response_marks_matching_calls_until_used_up() {
+        let mut book = FaultBook::default();
+        book.add(Fault::hold_response("POST /v1/batches", 1));
+        assert!(!book.on_call("POST", "/v1/files", "/v1/files").hold_response);
+        assert!(
+            book.on_call("POST", "/v1/batches", "/v1/batches")
+                .hold_response
+        );
+        assert!(
+            !book
+                .on_call("POST", "/v1/batches", "/v1/batches")
+                .hold_response
+        );
     }
 
     #[test]
