@@ -635,6 +635,51 @@ async fn hold_response_fault_creates_the_job_but_answers_only_when_released() {
 }
 
 #[tokio::test]
+async fn hold_body_after_lines_sends_that_many_lines_then_pauses_until_released() {
+    let s = start(SimOptions::default()).await;
+    let lines: Vec<String> = (0..5)
+        .map(|i| openai_line(&format!("r{i}"), "m", &format!("line {i}")))
+        .collect();
+    let data = jsonl(&lines);
+    let file = s.upload(&data).await;
+    s.handle.add_fault(Fault::hold_body_after_lines(
+        "GET /v1/files/{file_id}/content",
+        2,
+        1,
+    ));
+    let resp = s
+        .http
+        .get(s.url(&format!("/v1/files/{file_id}/content", file_id = file)))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.iter().filter(|b| **b == b'\n').count() < 2 {
+        assert!(Instant::now() < deadline, "the first lines never came");
+        got.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    while s.handle.held_responses() == 0 {
+        assert!(Instant::now() < deadline, "the body was never held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        String::from_utf8(got.clone()).unwrap(),
+        jsonl(&lines[..2]),
+        "exactly two lines before the hold"
+    );
+    s.handle.release_held();
+    while let Some(chunk) = body.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(String::from_utf8(got).unwrap(), data);
+    assert_eq!(s.handle.held_responses(), 0);
+}
+
+#[tokio::test]
 async fn clearing_faults_lets_held_responses_go() {
     let s = start(SimOptions::default()).await;
     s.handle

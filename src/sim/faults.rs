@@ -48,11 +48,15 @@ pub enum Fault {
     },
     /// Handle the call, then hold its response (logged as handled) until
     /// the faults are cleared or held responses are released: the caller
-    /// is left waiting on something that already happened.
+    /// is left waiting on something that already happened. With
+    /// `after_lines`, the head and that many body lines go out first, then
+    /// the body pauses (a download stalled mid-file).
     HoldResponse {
         route: String,
         #[serde(default = "one")]
         count: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after_lines: Option<u64>,
     },
     /// The next job(s) created end this way.
     NextJob {
@@ -118,6 +122,17 @@ impl Fault {
         Self::HoldResponse {
             route: route.to_owned(),
             count,
+            after_lines: None,
+        }
+    }
+
+    /// `count` calls on `route` send their head and `lines` body lines, then
+    /// pause until released.
+    pub fn hold_body_after_lines(route: &str, lines: u64, count: u32) -> Self {
+        Self::HoldResponse {
+            route: route.to_owned(),
+            count,
+            after_lines: Some(lines),
         }
     }
 
@@ -161,6 +176,8 @@ pub struct RouteVerdict {
     pub drop_connection: bool,
     /// Handle the call, then hold the response until released.
     pub hold_response: bool,
+    /// With `hold_response`: send this many body lines before holding.
+    pub hold_after_lines: Option<u64>,
 }
 
 /// Which lines of a new job fail, captured when the job is created.
@@ -252,9 +269,14 @@ impl FaultBook {
                         }
                     }
                 }
-                Fault::HoldResponse { route, count } => {
+                Fault::HoldResponse {
+                    route,
+                    count,
+                    after_lines,
+                } => {
                     if !verdict.hold_response && route_matches(route, method, template, path) {
                         verdict.hold_response = true;
+                        verdict.hold_after_lines = *after_lines;
                         if take(count) {
                             spent.push(i);
                         }
