@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use carpool::sim::{self, Fault, JobOutcome, SimHandle, SimOptions};
-use futures_util::future::join_all;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::SqliteConnectOptions;
@@ -119,6 +119,25 @@ poll_interval = "100ms"
             .unwrap();
         conn.close().await.unwrap();
         rows
+    }
+
+    /// The requests the store holds as succeeded: id, completed_at, body.
+    async fn succeeded(&self) -> BTreeMap<String, (i64, Vec<u8>)> {
+        let opts = SqliteConnectOptions::new()
+            .filename(self.db())
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(5));
+        let mut conn = SqliteConnection::connect_with(&opts).await.unwrap();
+        let rows: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, completed_at, response_body FROM requests WHERE status = 'succeeded'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+        rows.into_iter()
+            .map(|(id, at, body)| (id, (at, body)))
+            .collect()
     }
 
     /// Waits until the store has all `WINDOWS` windows and each satisfies `ok`.
@@ -262,13 +281,18 @@ struct Sent {
 
 /// `PER_MODEL` async requests per model; each must be acknowledged with 202.
 async fn send_requests(carpool: &Carpool) -> Vec<Sent> {
+    send_many(carpool, PER_MODEL).await
+}
+
+/// `per_model` async requests per model, a few dozen at a time.
+async fn send_many(carpool: &Carpool, per_model: usize) -> Vec<Sent> {
     let http = client();
     // Every body names its model, so the batch answer (Mistral fills in the
     // job's model) equals the synchronous one.
     let bodies: Vec<Value> = MODELS
         .iter()
         .flat_map(|model| {
-            (0..PER_MODEL).map(move |i| {
+            (0..per_model).map(move |i| {
                 json!({
                     "model": model,
                     "messages": [{"role": "user", "content": format!("crash {model} {i}")}],
@@ -298,7 +322,10 @@ async fn send_requests(carpool: &Carpool) -> Vec<Sent> {
             }
         }
     });
-    join_all(calls).await
+    futures_util::stream::iter(calls)
+        .buffered(32)
+        .collect()
+        .await
 }
 
 /// The request object once it is final.
@@ -554,6 +581,71 @@ async fn while_results_download(dialect: &'static str) {
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
 }
 
+/// Stage 5, mid-file. Each results file pauses after 550 of its 600 lines:
+/// carpool has stored its first 500 results (one store chunk) and holds
+/// the rest in memory when it is killed. After the restart the stored
+/// answers stay exactly as they were (not answered twice) and the rest
+/// are resolved from a fresh download.
+async fn midway_through_a_results_file(dialect: &'static str) {
+    const PER_WINDOW: usize = 600;
+    const BEFORE_HOLD: u64 = 550;
+    const STORE_CHUNK: usize = 500;
+    let scene = Scene::new(dialect).await;
+    scene.sim.add_fault(Fault::hold_body_after_lines(
+        "GET /v1/files/{file_id}/content",
+        BEFORE_HOLD,
+        0,
+    ));
+    let mut carpool = Carpool::start(&scene.config("1h")).await;
+    let sent = send_many(&carpool, PER_WINDOW).await;
+    carpool.kill();
+    // Restarted on a short max_wait, so both full windows flush together.
+    let mut carpool = Carpool::start(&scene.config("100ms")).await;
+    scene
+        .until("every results download paused midway", |sim| {
+            sim.held_responses() == WINDOWS
+        })
+        .await;
+    let deadline = Instant::now() + PATIENCE;
+    let stored = loop {
+        let stored = scene.succeeded().await;
+        if stored.len() == WINDOWS * STORE_CHUNK {
+            break stored;
+        }
+        assert!(
+            stored.len() < WINDOWS * STORE_CHUNK,
+            "{dialect}: more stored than the delivered lines allow: {}",
+            stored.len()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{dialect}: {} results stored",
+            stored.len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    scene
+        .until_windows("submitted", |w| w.0 == "submitted")
+        .await;
+    carpool.kill();
+
+    scene.sim.clear_faults();
+    let carpool = Carpool::start(&scene.config("100ms")).await;
+    assert_every_request_answered_once(&scene, &carpool, &sent).await;
+    let after = scene.succeeded().await;
+    assert_eq!(after.len(), sent.len());
+    for (id, before) in &stored {
+        assert_eq!(
+            &after[id], before,
+            "{dialect}: {id} was stored before the kill and must not be answered again"
+        );
+    }
+}
+
+in_both_dialects!(
+    kill_midway_through_a_results_file_then_restart_keeps_stored_answers_and_resolves_the_rest,
+    midway_through_a_results_file
+);
 in_both_dialects!(
     kill_after_acknowledgement_before_flush_then_restart_answers_each_request_once,
     after_acknowledgement_before_flush
