@@ -404,11 +404,6 @@ async fn assert_every_request_answered_once(scene: &Scene, carpool: &Carpool, se
         per_window.values().all(|n| *n == 1),
         "{dialect}: a window got two jobs: {per_window:?}"
     );
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
 
     // Each request answered by the job that holds it, with its own answer.
     for (s, object) in sent.iter().zip(answers) {
@@ -461,6 +456,11 @@ async fn after_acknowledgement_before_flush(dialect: &'static str) {
 
     let carpool = Carpool::start(&scene.config("100ms")).await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
+    assert_eq!(
+        scene.successful_calls("POST", "/v1/files"),
+        WINDOWS,
+        "{dialect}: each window is uploaded once"
+    );
 }
 
 /// Stage 2. Job creation answers 500 until cleared: carpool uploads each
@@ -485,6 +485,11 @@ async fn after_upload_before_create(dialect: &'static str) {
     scene.sim.clear_faults();
     let carpool = Carpool::start(&scene.config("100ms")).await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
+    assert_eq!(
+        scene.successful_calls("POST", "/v1/files"),
+        WINDOWS,
+        "{dialect}: each window is uploaded once"
+    );
 }
 
 /// Stage 3. The simulator creates each job and holds the response: the job
@@ -512,6 +517,11 @@ async fn after_create_before_the_job_id_is_stored(dialect: &'static str) {
     scene.sim.clear_faults();
     let carpool = Carpool::start(&scene.config("100ms")).await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
+    assert_eq!(
+        scene.successful_calls("POST", "/v1/files"),
+        WINDOWS,
+        "{dialect}: each window is uploaded once"
+    );
 }
 
 /// Stage 4. Jobs stay running until the faults are cleared; killed once
@@ -555,6 +565,11 @@ async fn while_the_job_runs(dialect: &'static str) {
     scene.sim.clear_faults();
     scene.sim.finish_jobs();
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
+    assert_eq!(
+        scene.successful_calls("POST", "/v1/files"),
+        WINDOWS,
+        "{dialect}: each window is uploaded once"
+    );
 }
 
 /// Stage 5. The jobs finish, and each result download is handled but its
@@ -579,6 +594,11 @@ async fn while_results_download(dialect: &'static str) {
     scene.sim.clear_faults();
     let carpool = Carpool::start(&scene.config("100ms")).await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
+    assert_eq!(
+        scene.successful_calls("POST", "/v1/files"),
+        WINDOWS,
+        "{dialect}: each window is uploaded once"
+    );
 }
 
 /// Stage 5, mid-file. Each results file pauses after 550 of its 600 lines:
@@ -632,6 +652,11 @@ async fn midway_through_a_results_file(dialect: &'static str) {
     scene.sim.clear_faults();
     let carpool = Carpool::start(&scene.config("100ms")).await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
+    assert_eq!(
+        scene.successful_calls("POST", "/v1/files"),
+        WINDOWS,
+        "{dialect}: each window is uploaded once"
+    );
     let after = scene.succeeded().await;
     assert_eq!(after.len(), sent.len());
     for (id, before) in &stored {
@@ -642,6 +667,43 @@ async fn midway_through_a_results_file(dialect: &'static str) {
     }
 }
 
+/// Between flush and upload. The simulator stores each upload and holds
+/// the response: carpool never learns the file id and the window stays
+/// sealed. Killed there; the restart uploads again (the first file is left
+/// behind at the provider) and submits each window once.
+async fn while_the_upload_is_answered(dialect: &'static str) {
+    let scene = Scene::new(dialect).await;
+    scene
+        .sim
+        .add_fault(Fault::hold_response("POST /v1/files", 0));
+    let mut carpool = Carpool::start(&scene.config("100ms")).await;
+    let sent = send_requests(&carpool).await;
+    scene
+        .until("every window's upload held", |sim| {
+            sim.held_responses() == WINDOWS
+        })
+        .await;
+    scene
+        .until_windows("sealed without a file", |w| {
+            w.0 == "sealed" && w.1.is_none()
+        })
+        .await;
+    carpool.kill();
+
+    scene.sim.clear_faults();
+    let carpool = Carpool::start(&scene.config("100ms")).await;
+    assert_every_request_answered_once(&scene, &carpool, &sent).await;
+    assert_eq!(
+        scene.successful_calls("POST", "/v1/files"),
+        2 * WINDOWS,
+        "{dialect}: each window uploaded again after the restart"
+    );
+}
+
+in_both_dialects!(
+    kill_while_the_upload_is_answered_then_restart_uploads_again_and_submits_once,
+    while_the_upload_is_answered
+);
 in_both_dialects!(
     kill_midway_through_a_results_file_then_restart_keeps_stored_answers_and_resolves_the_rest,
     midway_through_a_results_file
