@@ -96,8 +96,8 @@ def main():
     if not BASE:
         print("usage: sdk_check.py BASE_URL (or set CARPOOL_SDK_BASE), e.g. http://127.0.0.1:9090")
         return 2
-    oai = OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0)
-    mis = Mistral(api_key=KEY, server_url=BASE)
+    oai = OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+    mis = Mistral(api_key=KEY, server_url=BASE, timeout_ms=int(TIMEOUT * 1000))
     state = {}
 
     # ------------------------------------------------------------ OpenAI
@@ -276,8 +276,8 @@ def main():
 
 def deferred_checks(state):
     """carpool only: SDK calls deferred without changing the calling code."""
-    oai_deferred = OpenAI(base_url=BASE + "/defer/v1", api_key=KEY, max_retries=0)
-    mis = Mistral(api_key=KEY, server_url=BASE)
+    oai_deferred = OpenAI(base_url=BASE + "/defer/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+    mis = Mistral(api_key=KEY, server_url=BASE, timeout_ms=int(TIMEOUT * 1000))
 
     @check("carpool: openai chat through /defer/v1 is served by a batch, same answer")
     def _():

@@ -404,7 +404,7 @@ mod cases {
             .is_empty());
     }
 
-    pub async fn submission_moves_queued_requests_and_forgets_the_upstream_key(h: &Harness) {
+    pub async fn submission_moves_queued_requests_and_the_upstream_key_lives_until_the_window_finishes(h: &Harness) {
         let store = h.open().await;
         let mut r = new_request(CRED_A, "m", "{}", T0);
         r.upstream_key = Some("sk-secret".into());
@@ -431,7 +431,8 @@ mod cases {
         submit(&store, &w, "job-7").await;
         let rec = store.window(&w).await.unwrap().unwrap();
         assert_eq!(rec.state, WindowState::Submitted);
-        assert_eq!(rec.upstream_key, None);
+        // Polling and downloading the job need the owner's key (passthrough).
+        assert_eq!(rec.upstream_key.as_deref(), Some("sk-secret"));
         assert_eq!(rec.job_id.as_deref(), Some("job-7"));
         assert_eq!(rec.flush_reason, Some(FlushReason::Shutdown));
         let req = store.get(&a.record.id, CRED_A).await.unwrap().unwrap();
@@ -443,6 +444,8 @@ mod cases {
             .finish_window(&w, WindowOutcome::Completed, T0 + 30)
             .await
             .unwrap());
+        let rec = store.window(&w).await.unwrap().unwrap();
+        assert_eq!(rec.upstream_key, None, "key kept after the window finished");
         assert!(!store
             .finish_window(&w, WindowOutcome::Failed, T0 + 31)
             .await
@@ -790,7 +793,7 @@ contract!(
     a_submitted_request_cancels_and_its_late_result_is_discarded,
     another_credential_never_sees_a_request,
     list_is_newest_first_filtered_and_paged,
-    submission_moves_queued_requests_and_forgets_the_upstream_key,
+    submission_moves_queued_requests_and_the_upstream_key_lives_until_the_window_finishes,
     resolves_each_request_once_and_only_from_its_window,
     fail_unresolved_fails_only_what_is_still_open,
     reports_earliest_deadline_and_due_requests,

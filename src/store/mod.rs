@@ -196,7 +196,8 @@ pub struct WindowRecord {
     pub opened_at: i64,
     pub sealed_at: Option<i64>,
     pub flush_reason: Option<FlushReason>,
-    /// Passthrough auth only; cleared once the job exists.
+    /// Passthrough auth only: submits, polls and downloads the window's
+    /// job; cleared once the window finishes.
     pub upstream_key: Option<String>,
     pub file_id: Option<String>,
     pub job_id: Option<String>,

@@ -362,8 +362,8 @@ macro_rules! write_ops {
 
         async fn record_job(conn: &mut Conn, id: &WindowId, job_id: &str, now: i64) -> Result<bool, StoreError> {
             let moved = q(&format!(
-                "UPDATE windows SET state = 'submitted', job_id = $2, submitted_at = $3, \
-                 upstream_key = NULL WHERE id = $1 AND state IN ({})",
+                "UPDATE windows SET state = 'submitted', job_id = $2, submitted_at = $3 \
+                 WHERE id = $1 AND state IN ({})",
                 window_from_sql(WindowState::Submitted)
             ))
             .bind(id.as_str())
