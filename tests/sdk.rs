@@ -85,8 +85,15 @@ poll_interval = "50ms"
     let carpool_jobs = sim
         .jobs()
         .iter()
-        .filter(|j| j.metadata.as_ref().is_some_and(|m| m.get("carpool_window").is_some()))
+        .filter(|j| {
+            j.metadata
+                .as_ref()
+                .is_some_and(|m| m.get("carpool_window").is_some())
+        })
         .count();
-    assert!(carpool_jobs >= 2, "deferred SDK calls made {carpool_jobs} carpool jobs");
+    assert!(
+        carpool_jobs >= 2,
+        "deferred SDK calls made {carpool_jobs} carpool jobs"
+    );
     app.stop().await.unwrap();
 }

@@ -404,7 +404,9 @@ mod cases {
             .is_empty());
     }
 
-    pub async fn submission_moves_queued_requests_and_the_upstream_key_lives_until_the_window_finishes(h: &Harness) {
+    pub async fn submission_moves_queued_requests_and_the_upstream_key_lives_until_the_window_finishes(
+        h: &Harness,
+    ) {
         let store = h.open().await;
         let mut r = new_request(CRED_A, "m", "{}", T0);
         r.upstream_key = Some("sk-secret".into());
