@@ -4,16 +4,18 @@
 //! `crate::proxy` (and later `crate::deferral`).
 //!
 //! Routes carpool serves itself: `GET /healthz`, `GET /readyz`,
-//! `GET /metrics`. Everything else falls through to the pass-through proxy,
+//! `GET /metrics`, the request handles under `/v1/carpool/requests`, and
+//! the operator's API under `/admin/` ([`admin`]). Everything else falls through to the pass-through proxy,
 //! which authenticates per upstream (see [`auth`]).
 
+mod admin;
 pub mod auth;
 pub mod error;
 pub mod observe;
 mod ops;
 mod requests;
 
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{middleware, Router};
 
 pub use auth::Caller;
@@ -32,6 +34,10 @@ pub fn router(state: AppState) -> Router {
             get(requests::get).delete(requests::cancel),
         )
         .route("/v1/carpool/requests/{id}/result", get(requests::result))
+        .route("/admin/windows", get(admin::windows))
+        .route("/admin/windows/{id}/flush", post(admin::flush_one))
+        .route("/admin/flush", post(admin::flush_all))
+        .route("/admin/jobs", get(admin::jobs))
         // Deferrable calls reach the deferral through `proxy::classify` in
         // the fallback.
         .fallback(passthrough)
