@@ -346,6 +346,8 @@ async fn ops_endpoints_report_health_readiness_and_metrics() {
     assert_eq!(health.status(), 200);
     let ready = client().get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
+    let report: Value = ready.json().await.unwrap();
+    assert_eq!(report["store"]["ready"], true);
     client()
         .post(app.url("/v1/chat/completions"))
         .json(&chat("m"))

@@ -23,14 +23,19 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             .into_response();
     }
     let report = state.readiness.check().await;
-    let (status, word) = if report.ready() {
+    let store = match state.deferral.store.ping().await {
+        Ok(()) => json!({"ready": true}),
+        Err(err) => json!({"ready": false, "error": err.to_string()}),
+    };
+    let store_ready = store["ready"] == true;
+    let (status, word) = if report.ready() && store_ready {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "unready")
     };
     (
         status,
-        Json(json!({"status": word, "upstreams": report.upstreams})),
+        Json(json!({"status": word, "store": store, "upstreams": report.upstreams})),
     )
         .into_response()
 }

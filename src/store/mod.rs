@@ -389,6 +389,11 @@ impl Store {
 
     // ---- windows ----------------------------------------------------------
 
+    /// Whether the store answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self.ping())
+    }
+
     pub async fn open_windows(&self) -> Result<Vec<WindowSummary>, StoreError> {
         dispatch!(self.open_windows())
     }

@@ -152,6 +152,14 @@ impl PgStore {
         ops::open_request_ids(&mut *self.inner.pool.acquire().await?, window).await
     }
 
+    /// One round trip on a pooled connection: the store answers.
+    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&mut *self.inner.pool.acquire().await?)
+            .await?;
+        Ok(())
+    }
+
     pub(crate) async fn open_windows(&self) -> Result<Vec<WindowSummary>, StoreError> {
         ops::open_windows(&mut *self.inner.pool.acquire().await?).await
     }
