@@ -207,7 +207,12 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
                 })
             })
             .await?;
-        deferral.store.record_upload(&window.id, &file_id).await?;
+        if !deferral.store.record_upload(&window.id, &file_id).await? {
+            // Someone else moved the window on (another replica): our
+            // upload is surplus.
+            let _ = client.delete_file(&key, &file_id).await;
+            return Ok(());
+        }
         window.state = WindowState::Uploaded;
         window.file_id = Some(file_id);
     }
@@ -215,8 +220,8 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
     // A window already in `creating` may have a job whose id we never
     // stored (a crash, or a create that timed out after it succeeded).
     let adopt = window.state == WindowState::Creating;
-    if window.state == WindowState::Uploaded {
-        deferral.store.mark_creating(&window.id).await?;
+    if window.state == WindowState::Uploaded && !deferral.store.mark_creating(&window.id).await? {
+        return Ok(());
     }
     let file_id = window.file_id.clone().unwrap_or_default();
     let existing = if adopt {
@@ -242,10 +247,13 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
                 .await?
         }
     };
-    deferral
+    if !deferral
         .store
         .record_job(&window.id, &job.id, now_ms())
-        .await?;
+        .await?
+    {
+        return Ok(());
+    }
     deferral
         .metrics
         .batch_jobs
