@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::model::ServedBy;
 use crate::providers::RetryObserver;
-use crate::store::{Resolution, ResolvedStatus};
+use crate::store::{Resolution, ResolvedStatus, WindowSummary};
 
 /// Buckets for whole pass-through calls (to the response headers).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -254,6 +254,26 @@ impl Metrics {
             tokens,
             upstream_retries,
         })
+    }
+
+    /// Sets the open-window gauges from a fresh listing: requests, bytes
+    /// and the oldest age per model (models with no open window drop out).
+    pub fn observe_open_windows(&self, open: &[WindowSummary], now_ms: i64) {
+        let mut by_model: std::collections::BTreeMap<&str, (i64, i64, i64)> = Default::default();
+        for w in open {
+            let entry = by_model.entry(w.key.model.as_str()).or_default();
+            entry.0 += w.count as i64;
+            entry.1 += w.bytes as i64;
+            entry.2 = entry.2.max((now_ms - w.opened_at).max(0) / 1000);
+        }
+        self.window_requests.reset();
+        self.window_bytes.reset();
+        self.window_oldest_age.reset();
+        for (model, (count, bytes, age)) in by_model {
+            self.window_requests.with_label_values(&[model]).set(count);
+            self.window_bytes.with_label_values(&[model]).set(bytes);
+            self.window_oldest_age.with_label_values(&[model]).set(age);
+        }
     }
 
     /// Counts a stored result and the tokens its answer used.

@@ -103,6 +103,27 @@ async fn operator_lists_a_window_flushes_it_and_sees_its_job() {
     assert_eq!(data[0]["requests"], 3);
     assert!(data[0]["bytes"].as_u64().unwrap() > 0);
     let id = data[0]["id"].as_str().unwrap().to_owned();
+    // The flusher's pass publishes the open window on /metrics too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = client()
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("carpool_window_requests{model=\"gpt-4o-mini\"} 3") {
+            assert!(text.contains("carpool_window_bytes{model=\"gpt-4o-mini\"}"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "window gauges never set"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let unknown = client()
         .post(app.url("/admin/windows/cpw_00000000000000000000000000000000/flush"))

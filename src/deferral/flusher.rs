@@ -58,7 +58,9 @@ pub async fn run(deferral: Deferral, shutdown: CancellationToken) {
 async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
     let now = now_ms();
     let mut next = IDLE_CHECK;
-    for window in deferral.store.open_windows().await? {
+    let open = deferral.store.open_windows().await?;
+    deferral.metrics.observe_open_windows(&open, now);
+    for window in open {
         let Some(upstream) = deferral.upstream(&window.key.upstream) else {
             continue;
         };
