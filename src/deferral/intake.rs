@@ -158,8 +158,11 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
             Ok(held_stream(deferral.clone(), record, credential.to_owned()))
         }
         Answer::Wait => {
-            let done = wait_final(deferral, &record.id, credential, None).await?;
-            Ok(final_response(&done.unwrap_or(record)))
+            let done = wait_final(deferral, &record.id, credential, None)
+                .await?
+                .unwrap_or(record);
+            observe_answer(deferral, "wait", &done);
+            Ok(final_response(&done))
         }
         Answer::Async { .. } => Ok(with_preference(
             accepted_response(&record, retry_after(deferral)),
@@ -170,12 +173,25 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
                 .await?
                 .unwrap_or(record);
             let response = if now.status.is_final() {
+                observe_answer(deferral, "prefer_wait", &now);
                 final_response(&now)
             } else {
                 accepted_response(&now, retry_after(deferral))
             };
             Ok(with_preference(response, &call.answer))
         }
+    }
+}
+
+/// Records accept-to-answer time for an answer given on a held connection.
+fn observe_answer(deferral: &Deferral, mode: &str, record: &RequestRecord) {
+    if let Some(done) = record.completed_at {
+        let secs = (done - record.created_at).max(0) as f64 / 1000.0;
+        deferral
+            .metrics
+            .deferred_answer
+            .with_label_values(&[mode])
+            .observe(secs);
     }
 }
 
