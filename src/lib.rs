@@ -11,6 +11,7 @@
 //! - [`deferral`]: intake, answers, window policy and the flusher.
 //! - [`resolution`]: polling jobs, reconciling result files, waking waiters.
 //! - [`metrics`]: every Prometheus family carpool exports.
+//! - [`pricing`]: what calls cost at realtime and batch prices (pure).
 //! - [`app`]: builds the shared state, starts workers, serves, shuts down.
 //! - [`sim`]: the simulated provider used by tests, benches and the demo.
 //! - [`demo`]: `carpool demo`, the deferred path end to end in one process.
@@ -21,6 +22,7 @@ pub mod deferral;
 pub mod demo;
 pub mod metrics;
 pub mod model;
+pub mod pricing;
 pub mod providers;
 pub mod proxy;
 pub mod resolution;

@@ -13,7 +13,7 @@
 //! - [`summary`]: the result and its plain-text form.
 //! - [`cost`]: token usage times the price table (pure).
 
-pub mod cost;
+pub use crate::pricing as cost;
 pub mod summary;
 pub mod tally;
 pub mod traffic;

@@ -1,5 +1,6 @@
-//! What the demo's calls would have cost: token usage from the answers times
-//! the `[prices]` table, at realtime and at batch prices. Pure arithmetic.
+//! What calls cost: token usage from the answers times the `[prices]`
+//! table, at realtime and at batch prices. Pure arithmetic, shared by the
+//! savings metric and `carpool demo`.
 
 use std::ops::AddAssign;
 
