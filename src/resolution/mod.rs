@@ -1,6 +1,10 @@
 //! Resolution: polling submitted jobs, reconciling their result files into
-//! stored results, and waking the callers that wait on them.
+//! stored results, and waking the callers that wait on them; and when a job
+//! ends badly or a deadline comes first, the failure chain ([`fallback`]:
+//! resubmit, realtime, error) and the deadline worker ([`deadline`]).
 
+pub mod deadline;
+pub mod fallback;
 pub mod poller;
 pub mod reconcile;
 pub mod waiters;
