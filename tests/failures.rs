@@ -570,3 +570,68 @@ async fn answered_requests_free_their_place_under_the_ceiling() {
     }
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_deadline_that_passes_while_carpool_is_down_is_met_by_realtime_after_restart() {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    sim.add_fault(Fault::NextJob {
+        outcome: JobOutcome::Stuck,
+        count: 0,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/carpool.db", dir.path().display());
+    let config = format!(
+        r#"
+[[upstreams]]
+name = "sim"
+dialect = "openai"
+base_url = "{}"
+api_key_env = "UPSTREAM_KEY"
+
+[batching]
+poll_interval = "50ms"
+max_wait = "1m"
+fallback_margin = "1s"
+"#,
+        sim.base_url()
+    );
+    let vars = [
+        ("UPSTREAM_KEY", "sk-upstream"),
+        ("CARPOOL_STORE__URL", url.as_str()),
+    ];
+    let first = TestApp::start(&config, &vars).await;
+    let body = chat("survive a restart");
+    let resp = post(
+        &first,
+        ALICE,
+        &[("carpool-mode", "async"), ("carpool-deadline", "2")],
+        &body,
+    )
+    .await;
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // SIGTERM: the open window is sealed and submitted (its job sticks).
+    first.stop().await.unwrap();
+    assert_eq!(sim.jobs().len(), 1);
+
+    let second = TestApp::start(&config, &vars).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let obj = loop {
+        let obj = handle(&second, ALICE, &id).await;
+        if obj["status"] != "submitted" {
+            break obj;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never answered after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(obj["status"], "succeeded", "{obj}");
+    assert_eq!(obj["served_by"], "realtime");
+    assert_eq!(obj["response"]["body"], sim::expected_response(CHAT, &body));
+    second.stop().await.unwrap();
+}
