@@ -555,12 +555,41 @@ async fn intake_over_the_ceiling_gets_429_and_stores_nothing() {
 #[tokio::test]
 async fn answered_requests_free_their_place_under_the_ceiling() {
     let (app, _sim) = setup("openai", "max_requests = 2\nmax_pending_per_client = 2").await;
-    let results = wait_calls(&app, 2, &[]).await;
-    assert_answered("openai", &results, "batch");
+    let async_call = |i: usize| {
+        let app = &app;
+        async move {
+            post(
+                app,
+                ALICE,
+                &[("carpool-mode", "async")],
+                &chat(&format!("q{i}")),
+            )
+            .await
+        }
+    };
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let resp = async_call(i).await;
+        assert_eq!(resp.status(), 202);
+        ids.push(
+            resp.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(async_call(2).await.status(), 429);
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handle(&app, ALICE, id).await["status"] != "succeeded" {
+            assert!(Instant::now() < deadline, "{id} never answered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     // Both are answered: once the snapshot is refreshed there is room again.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let resp = post(&app, ALICE, &[("carpool-mode", "async")], &chat("again")).await;
+        let resp = async_call(3).await;
         if resp.status() == 202 {
             break;
         }

@@ -90,6 +90,10 @@ pub struct ChainTally {
     pub resubmitted: u64,
     pub realtime: u64,
     pub failed: u64,
+    /// Some requests are being answered realtime by another task (the
+    /// deadline worker): the chain stopped short of `error`, and the window
+    /// must stay unfinished so a later pass completes it.
+    pub unsettled: bool,
 }
 
 /// The error code and message a job's end gives its unfinished requests:
@@ -174,6 +178,13 @@ pub async fn settle_unfinished(
         }
     }
 
+    // A request another task is answering realtime right now must not be
+    // failed under it: leave the window to the next pass.
+    let open = deferral.store.open_request_ids(&window.id).await?;
+    if open.iter().any(|id| deferral.fallbacks.contains(id)) {
+        tally.unsettled = true;
+        return Ok(tally);
+    }
     let failed = deferral
         .store
         .fail_unresolved(&window.id, &code, &message, now_ms())

@@ -64,6 +64,10 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
     }
     let started = window.submitted_at.unwrap_or(window.opened_at);
     let tally = reconcile(deferral, upstream, key, &window, &job).await?;
+    if tally.chain.unsettled {
+        tracing::info!(window = %window.id, "realtime fallbacks still in flight; the window finishes on a later pass");
+        return Ok(());
+    }
     let outcome = if job.phase == JobPhase::Completed {
         WindowOutcome::Completed
     } else {
