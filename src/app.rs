@@ -17,7 +17,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::forward::ForwarderError;
 use crate::proxy::health::Readiness;
 use crate::proxy::Forwarder;
-use crate::resolution::{janitor, poller};
+use crate::resolution::{deadline, janitor, poller};
 use crate::store::{FlushReason, Store, StoreError};
 
 /// Everything a handler or worker needs: a cheap `Clone` of `Arc`s, built
@@ -58,12 +58,7 @@ impl AppState {
             &config.upstreams,
         ));
         let config = Arc::new(config);
-        let deferral = Deferral::new(
-            config.clone(),
-            store,
-            forwarder.client().clone(),
-            metrics.clone(),
-        );
+        let deferral = Deferral::new(config.clone(), store, forwarder.clone(), metrics.clone());
         Ok(Self {
             config,
             metrics,
@@ -92,6 +87,7 @@ pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> 
     let grace = state.config.server.shutdown_grace;
     state.spawn(flusher::run(state.deferral.clone(), token.clone()));
     state.spawn(poller::run(state.deferral.clone(), token.clone()));
+    state.spawn(deadline::run(state.deferral.clone(), token.clone()));
     state.spawn(janitor::run(state.deferral.clone(), token.clone()));
     let app = crate::server::router(state.clone());
     let server = axum::serve(listener, app)

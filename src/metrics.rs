@@ -88,6 +88,18 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     /// `carpool_upstream_retries_total{operation, cause}`: files and jobs calls retried.
     pub upstream_retries: IntCounterVec,
+    /// `carpool_fallbacks_total{reason}`: deferred requests sent as realtime
+    /// calls (`deadline`, or the batch `failed` / `expired` / `cancelled`).
+    pub fallbacks: IntCounterVec,
+    /// `carpool_resubmissions_total{reason}`: requests put back in a window
+    /// after their batch `failed` / `expired` / `cancelled`.
+    pub resubmissions: IntCounterVec,
+    /// `carpool_requests_expired_total{reason}`: requests answered 504
+    /// `expired` (`deadline`, or `batch` for expired lines).
+    pub requests_expired: IntCounterVec,
+    /// `carpool_intake_refused_total{scope}`: deferred calls refused with
+    /// 429 at a pending ceiling (`global` or `client`).
+    pub intake_refused: IntCounterVec,
 }
 
 /// The token counts of an answer body (OpenAI and Mistral name them alike).
@@ -219,6 +231,38 @@ impl Metrics {
             ),
             &["operation", "cause"],
         )?;
+        let fallbacks = IntCounterVec::new(
+            Opts::new(
+                "carpool_fallbacks_total",
+                "Deferred requests sent as realtime calls, by reason (deadline, failed, expired, cancelled).",
+            ),
+            &["reason"],
+        )?;
+        let resubmissions = IntCounterVec::new(
+            Opts::new(
+                "carpool_resubmissions_total",
+                "Requests put back in a window after their batch job ended badly, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let requests_expired = IntCounterVec::new(
+            Opts::new(
+                "carpool_requests_expired_total",
+                "Deferred requests answered as expired (504), by reason (deadline, batch).",
+            ),
+            &["reason"],
+        )?;
+        let intake_refused = IntCounterVec::new(
+            Opts::new(
+                "carpool_intake_refused_total",
+                "Deferred calls refused with 429 at a pending ceiling, by scope (global, client).",
+            ),
+            &["scope"],
+        )?;
+        registry.register(Box::new(fallbacks.clone()))?;
+        registry.register(Box::new(resubmissions.clone()))?;
+        registry.register(Box::new(requests_expired.clone()))?;
+        registry.register(Box::new(intake_refused.clone()))?;
         registry.register(Box::new(deferred_accepted.clone()))?;
         registry.register(Box::new(deferred_answer.clone()))?;
         registry.register(Box::new(window_requests.clone()))?;
@@ -253,6 +297,10 @@ impl Metrics {
             results,
             tokens,
             upstream_retries,
+            fallbacks,
+            resubmissions,
+            requests_expired,
+            intake_refused,
         })
     }
 
@@ -281,7 +329,10 @@ impl Metrics {
         let outcome = match r.status {
             ResolvedStatus::Succeeded => "succeeded",
             ResolvedStatus::Failed => "failed",
-            ResolvedStatus::Expired => "expired",
+            ResolvedStatus::Expired => {
+                self.requests_expired.with_label_values(&["batch"]).inc();
+                "expired"
+            }
         };
         self.results.with_label_values(&[outcome]).inc();
         if let Some(body) = &r.response_body {

@@ -757,6 +757,98 @@ mod cases {
         }
         assert_eq!(streamed, ids);
     }
+
+    // ---- failures (issue 6) -----------------------------------------------
+
+    pub async fn resubmit_moves_only_open_requests_under_the_limit_with_the_window_key(
+        h: &Harness,
+    ) {
+        let store = h.open().await;
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let mut r = new_request(CRED_A, "m", &format!("{{\"r\":{i}}}"), T0);
+            r.upstream_key = Some("sk-owner".into());
+            ids.push(accept(&store, r).await.record.id);
+        }
+        let w = store
+            .get(&ids[0], CRED_A)
+            .await
+            .unwrap()
+            .unwrap()
+            .window_id
+            .unwrap();
+        store
+            .seal_window(&w, FlushReason::MaxWait, T0)
+            .await
+            .unwrap();
+        submit(&store, &w, "job-1").await;
+        // The job finished one line before it failed.
+        store
+            .resolve(&w, vec![success(&ids[0], "{}")])
+            .await
+            .unwrap();
+        let moved = store.resubmit(&w, 1, T0 + 40).await.unwrap();
+        assert_eq!(moved, ids[1..].to_vec());
+        assert!(store.open_request_ids(&w).await.unwrap().is_empty());
+        let again = store.get(&ids[1], CRED_A).await.unwrap().unwrap();
+        assert_eq!(again.status, RequestStatus::Queued);
+        let w2 = again.window_id.unwrap();
+        assert_ne!(w2, w);
+        let next = store.window(&w2).await.unwrap().unwrap();
+        assert_eq!(next.count, 2);
+        assert_eq!(
+            next.upstream_key.as_deref(),
+            Some("sk-owner"),
+            "the resubmission's job needs the owner's key"
+        );
+        // The second job fails too: both are at the limit and stay put.
+        store
+            .seal_window(&w2, FlushReason::MaxWait, T0 + 50)
+            .await
+            .unwrap();
+        submit(&store, &w2, "job-2").await;
+        assert!(store.resubmit(&w2, 1, T0 + 60).await.unwrap().is_empty());
+        assert_eq!(
+            store.open_request_ids(&w2).await.unwrap(),
+            ids[1..].to_vec()
+        );
+        // A higher limit lets them go once more.
+        assert_eq!(
+            store.resubmit(&w2, 2, T0 + 70).await.unwrap(),
+            ids[1..].to_vec()
+        );
+    }
+
+    pub async fn pending_counts_and_openness_follow_the_requests(h: &Harness) {
+        let store = h.open().await;
+        assert!(store.pending_by_credential().await.unwrap().is_empty());
+        let a1 = accept(&store, new_request(CRED_A, "m", "{\"a\":1}", T0)).await;
+        accept(&store, new_request(CRED_A, "m2", "{\"a\":2}", T0)).await;
+        accept(&store, new_request(CRED_B, "m", "{\"b\":1}", T0)).await;
+        let mut counts = store.pending_by_credential().await.unwrap();
+        counts.sort();
+        assert_eq!(counts, vec![(CRED_A.to_owned(), 2), (CRED_B.to_owned(), 1)]);
+        assert!(store.is_open(&a1.record.id).await.unwrap());
+        let w = a1.window.unwrap().id;
+        store
+            .seal_window(&w, FlushReason::MaxWait, T0)
+            .await
+            .unwrap();
+        submit(&store, &w, "job-1").await;
+        store
+            .resolve(&w, vec![success(&a1.record.id, "{}")])
+            .await
+            .unwrap();
+        assert!(!store.is_open(&a1.record.id).await.unwrap());
+        store
+            .finish_window(&w, WindowOutcome::Completed, T0 + 30)
+            .await
+            .unwrap();
+        let mut counts = store.pending_by_credential().await.unwrap();
+        counts.sort();
+        assert_eq!(counts, vec![(CRED_A.to_owned(), 1), (CRED_B.to_owned(), 1)]);
+        assert!(!store.is_open(&RequestId::generate()).await.unwrap());
+    }
 }
 
 macro_rules! contract {
@@ -804,6 +896,8 @@ contract!(
     concurrent_repeats_make_one_request,
     one_failing_accept_does_not_fail_its_group,
     concurrent_accepts_are_all_durable_and_distinct,
+    resubmit_moves_only_open_requests_under_the_limit_with_the_window_key,
+    pending_counts_and_openness_follow_the_requests,
 );
 
 #[tokio::test]

@@ -86,6 +86,8 @@ pub struct RawBatching {
     pub fallback_margin: Option<Scalar>,
     pub results_ttl: Option<Scalar>,
     pub delete_files: Option<bool>,
+    pub max_pending: Option<Scalar>,
+    pub max_pending_per_client: Option<Scalar>,
     #[serde(default)]
     pub models: Vec<RawModelBatching>,
 }

@@ -190,3 +190,29 @@ fn webhook_secret_must_be_whsec_base64_and_is_not_echoed() {
     );
     assert!(!p.iter().any(|x| x.contains("plain-text-secret")));
 }
+
+#[test]
+fn intake_ceilings_are_off_by_default_and_validated_with_their_key_path() {
+    let vars = [("MISTRAL_API_KEY", "k")];
+    let c = from_toml_str(MINIMAL, &env(&vars)).unwrap();
+    assert_eq!(c.batching.max_pending, None);
+    assert_eq!(c.batching.max_pending_per_client, None);
+    let text =
+        format!("{MINIMAL}\n[batching]\nmax_pending = 100\nmax_pending_per_client = \"10\"\n");
+    let c = from_toml_str(&text, &env(&vars)).unwrap();
+    assert_eq!(c.batching.max_pending, Some(100));
+    assert_eq!(c.batching.max_pending_per_client, Some(10));
+    let text = format!("{MINIMAL}\n[batching]\nmax_pending = 0\n");
+    let found = problems(&text, &vars);
+    assert!(
+        found.iter().any(|p| p.starts_with("batching.max_pending:")),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn only_the_error_policy_forbids_realtime_calls() {
+    assert!(FailurePolicy::Resubmit.allows_realtime());
+    assert!(FailurePolicy::Realtime.allows_realtime());
+    assert!(!FailurePolicy::Error.allows_realtime());
+}

@@ -160,12 +160,27 @@ pub struct ClientConfig {
     pub key_sha256: String,
 }
 
+/// What happens to the unfinished requests of a batch job that failed,
+/// expired, timed out or was cancelled. The policies form one chain:
+/// `resubmit` (each request at most `resubmit_limit` times) → `realtime`
+/// → `error`. A policy starts the chain at its own step; a realtime call
+/// that cannot be made (upstream unreachable, 5xx after retries) falls to
+/// `error`. `error` also forbids realtime calls for deadlines: a request
+/// whose deadline arrives then expires (504).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailurePolicy {
     Resubmit,
     Realtime,
     Error,
+}
+
+impl FailurePolicy {
+    /// Whether a request may be answered by a realtime call (after its
+    /// batch failed, or when its deadline arrives).
+    pub fn allows_realtime(self) -> bool {
+        !matches!(self, Self::Error)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -218,6 +233,13 @@ pub struct BatchingConfig {
     #[serde(serialize_with = "ser_duration")]
     pub results_ttl: Duration,
     pub delete_files: bool,
+    /// Intake ceiling on pending (queued or submitted) deferred requests,
+    /// all credentials together; past it, 429. `None`: no ceiling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pending: Option<u64>,
+    /// The same ceiling for each credential on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pending_per_client: Option<u64>,
     pub models: Vec<ModelBatching>,
 }
 
@@ -249,6 +271,15 @@ pub struct ModelBatching {
 }
 
 impl BatchingConfig {
+    /// The largest `fallback_margin` of any model: how far ahead the
+    /// deadline worker must look.
+    pub fn max_fallback_margin(&self) -> Duration {
+        self.models
+            .iter()
+            .filter_map(|m| m.fallback_margin)
+            .fold(self.defaults.fallback_margin, Duration::max)
+    }
+
     /// The policy for `model` on an upstream of `dialect`: the first matching
     /// `[[batching.models]]` entry over the defaults, capped at the dialect's
     /// own per-job limits.

@@ -560,6 +560,14 @@ fn batching(
             Duration::from_secs(7 * 24 * 3600),
         ),
         delete_files: raw.delete_files.unwrap_or(true),
+        max_pending: raw
+            .max_pending
+            .as_ref()
+            .map(|v| c.count("batching.max_pending", Some(v), 1, 1)),
+        max_pending_per_client: raw
+            .max_pending_per_client
+            .as_ref()
+            .map(|v| c.count("batching.max_pending_per_client", Some(v), 1, 1)),
         models,
     }
 }

@@ -8,10 +8,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::{DashMap, DashSet};
 use tokio::sync::Notify;
 
+use super::backpressure::IntakeGate;
 use crate::config::{AuthMode, Config, UpstreamConfig};
 use crate::metrics::Metrics;
-use crate::model::WindowId;
+use crate::model::{RequestId, WindowId};
 use crate::providers::{BatchClient, RetryPolicy};
+use crate::proxy::Forwarder;
 use crate::resolution::waiters::Waiters;
 use crate::store::{Store, WindowRecord};
 
@@ -47,6 +49,15 @@ pub struct Inner {
     /// Windows whose last submission failed: attempts so far and when to
     /// try again. Pacing only; losing it on restart costs one early retry.
     pub backoff: DashMap<WindowId, (u32, tokio::time::Instant)>,
+    /// Sends realtime fallbacks (the synchronous endpoint).
+    pub forwarder: Forwarder,
+    /// Rings when a request with a deadline was accepted.
+    pub deadline_wake: Notify,
+    /// Requests this process is answering by a realtime call right now, so
+    /// the deadline worker and a failed job never both call for one.
+    pub fallbacks: DashSet<RequestId>,
+    /// Intake ceilings (`max_pending`, `max_pending_per_client`).
+    pub gate: IntakeGate,
 }
 
 #[derive(Clone)]
@@ -65,9 +76,10 @@ impl Deferral {
     pub fn new(
         config: Arc<Config>,
         store: Store,
-        http: reqwest::Client,
+        forwarder: Forwarder,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let http = forwarder.client().clone();
         let retry = RetryPolicy {
             observer: Some(metrics.upstream_retry_observer()),
             ..RetryPolicy::default()
@@ -87,6 +99,10 @@ impl Deferral {
                 )
             })
             .collect();
+        let gate = IntakeGate::new(
+            config.batching.max_pending,
+            config.batching.max_pending_per_client,
+        );
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -98,6 +114,10 @@ impl Deferral {
                 poll_wake: Notify::new(),
                 busy: DashSet::new(),
                 backoff: DashMap::new(),
+                forwarder,
+                deadline_wake: Notify::new(),
+                fallbacks: DashSet::new(),
+                gate,
             }),
         }
     }
@@ -126,6 +146,27 @@ impl Deferral {
 
     pub fn succeeded_attempt(&self, id: &WindowId) {
         self.backoff.remove(id);
+    }
+}
+
+/// Marks a request as being answered realtime for as long as it lives.
+pub struct FallbackGuard {
+    deferral: Deferral,
+    id: RequestId,
+}
+
+impl FallbackGuard {
+    pub fn try_take(deferral: &Deferral, id: &RequestId) -> Option<Self> {
+        deferral.fallbacks.insert(id.clone()).then(|| Self {
+            deferral: deferral.clone(),
+            id: id.clone(),
+        })
+    }
+}
+
+impl Drop for FallbackGuard {
+    fn drop(&mut self) {
+        self.deferral.fallbacks.remove(&self.id);
     }
 }
 

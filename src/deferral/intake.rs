@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use super::answer::{
     accepted_response, carpool_headers, final_response, final_status_and_body, wait_final,
 };
+use super::backpressure::GateError;
 use super::engine::{now_ms, Deferral};
 use super::optin::{self, Answer};
 use super::sse;
@@ -100,6 +101,11 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
         _ => DeliveryMode::Async,
     };
     let upstream_key = window_key(&call);
+    let admission = deferral
+        .gate
+        .admit(&deferral.store, &call.caller.credential_hash)
+        .await
+        .map_err(|err| refused(deferral, err))?;
     let accepted = deferral
         .store
         .accept(NewRequest {
@@ -122,7 +128,21 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
             },
             now: now_ms(),
         })
-        .await?;
+        .await;
+    let accepted = match accepted {
+        Ok(a) if a.created => {
+            deferral.gate.keep(admission);
+            a
+        }
+        Ok(a) => {
+            deferral.gate.release(admission);
+            a
+        }
+        Err(err) => {
+            deferral.gate.release(admission);
+            return Err(err.into());
+        }
+    };
     // A window the store sealed on the way in (full) is counted here, once.
     let sealed = [
         accepted.sealed_previous.as_ref().map(|(_, reason)| *reason),
@@ -137,6 +157,9 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
     }
     if accepted.created {
         deferral.flush_wake.notify_one();
+        if deadline.is_some() {
+            deferral.deadline_wake.notify_one();
+        }
     }
     deferral
         .metrics
@@ -203,6 +226,23 @@ fn window_key(call: &Deferred<'_>) -> Option<String> {
     match call.upstream.auth {
         AuthMode::Passthrough => bearer(call.headers).map(str::to_owned),
         AuthMode::Managed => None,
+    }
+}
+
+/// A call past an intake ceiling: 429 with `Retry-After`, nothing stored.
+fn refused(deferral: &Deferral, err: GateError) -> ApiError {
+    match err {
+        GateError::Full(scope) => {
+            deferral
+                .metrics
+                .intake_refused
+                .with_label_values(&[scope.as_str()])
+                .inc();
+            ApiError::TooManyRequests {
+                retry_after: retry_after(deferral).min(Duration::from_secs(60)),
+            }
+        }
+        GateError::Store(err) => err.into(),
     }
 }
 

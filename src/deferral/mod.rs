@@ -6,6 +6,7 @@
 //! Results come back through [`crate::resolution`].
 
 pub mod answer;
+pub mod backpressure;
 pub mod engine;
 pub mod flusher;
 pub mod handles;

@@ -1,7 +1,11 @@
 //! Resolution: polling submitted jobs, reconciling their result files into
-//! stored results, waking the callers that wait on them, and purging
-//! results once `results_ttl` has passed.
+//! stored results, and waking the callers that wait on them; when a job
+//! ends badly or a deadline comes first, the failure chain ([`fallback`]:
+//! resubmit, realtime, error) and the deadline worker ([`deadline`]); and
+//! purging results once `results_ttl` has passed ([`janitor`]).
 
+pub mod deadline;
+pub mod fallback;
 pub mod janitor;
 pub mod poller;
 pub mod reconcile;

@@ -63,7 +63,11 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
         return Ok(());
     }
     let started = window.submitted_at.unwrap_or(window.opened_at);
-    let tally = reconcile(deferral, client, key, &window, &job).await?;
+    let tally = reconcile(deferral, upstream, key, &window, &job).await?;
+    if tally.chain.unsettled {
+        tracing::info!(window = %window.id, "realtime fallbacks still in flight; the window finishes on a later pass");
+        return Ok(());
+    }
     let outcome = if job.phase == JobPhase::Completed {
         WindowOutcome::Completed
     } else {
@@ -85,6 +89,7 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
     tracing::info!(
         window = %window.id, job = %job.id, status = %job.raw_status,
         succeeded = tally.succeeded, failed = tally.failed, missing = tally.missing,
+        unfinished = tally.unfinished, resubmitted = tally.chain.resubmitted, realtime = tally.chain.realtime,
         "batch job reconciled"
     );
     if deferral.config.batching.delete_files {

@@ -1,15 +1,17 @@
 //! Reconciliation: a finished job's output and error files, streamed line
-//! by line into stored results, then every member found in neither file
-//! failed to its caller. Idempotent: re-running it after a crash changes
-//! only requests that are still open.
+//! by line into stored results. After a completed job every member found in
+//! neither file is failed to its caller; after a job that failed, expired
+//! or was cancelled, lines the provider did not finish (a failure without
+//! an HTTP answer, e.g. `batch_expired`) are left open and the rest go down
+//! the failure chain ([`super::fallback`]). Idempotent: re-running it after
+//! a crash changes only requests that are still open.
 
 use bytes::Bytes;
 
-use crate::deferral::engine::{now_ms, Deferral};
+use super::fallback::{self, ChainTally};
+use crate::deferral::engine::{now_ms, BatchUpstream, Deferral};
 use crate::model::{RequestId, ServedBy};
-use crate::providers::{
-    parse_result_line, BatchClient, JobPhase, JobView, LineReader, ProviderError,
-};
+use crate::providers::{parse_result_line, JobPhase, JobView, LineReader, ProviderError};
 use crate::store::{Resolution, ResolvedStatus, StoreError, WindowRecord};
 
 /// Results written to the store per transaction.
@@ -29,13 +31,30 @@ pub struct Tally {
     pub succeeded: u64,
     pub failed: u64,
     pub unmatched_lines: u64,
+    /// Lines of a job that ended badly which the provider never ran.
+    pub unfinished: u64,
     pub missing: u64,
+    /// What the failure chain did with the unfinished requests.
+    pub chain: ChainTally,
+}
+
+/// One result line read: the result, and whether the provider answered it
+/// at all (false for a failure without an HTTP answer, e.g. `batch_expired`).
+pub struct ResultLine {
+    pub resolution: Resolution,
+    pub answered: bool,
 }
 
 /// Maps one result line to a resolution; `None` for a line that names no
 /// request of ours (logged and counted by the caller).
 pub fn resolution_of(line: &[u8], now: i64) -> Result<Resolution, Option<String>> {
+    result_line(line, now).map(|l| l.resolution)
+}
+
+/// [`resolution_of`], saying also whether the line was answered.
+pub fn result_line(line: &[u8], now: i64) -> Result<ResultLine, Option<String>> {
     let outcome = parse_result_line(line).map_err(|e| Some(e.to_string()))?;
+    let answered = outcome.error.is_none();
     let id = RequestId::parse(&outcome.custom_id).ok_or(None)?;
     let succeeded = outcome.succeeded();
     let (error_code, error_message) = match (&outcome.error, succeeded) {
@@ -50,7 +69,7 @@ pub fn resolution_of(line: &[u8], now: i64) -> Result<Resolution, Option<String>
         .error
         .as_ref()
         .is_some_and(|f| f.code == "batch_expired");
-    Ok(Resolution {
+    let resolution = Resolution {
         id,
         status: if succeeded {
             ResolvedStatus::Succeeded
@@ -65,10 +84,14 @@ pub fn resolution_of(line: &[u8], now: i64) -> Result<Resolution, Option<String>
         error_code,
         error_message,
         completed_at: now,
+    };
+    Ok(ResultLine {
+        resolution,
+        answered,
     })
 }
 
-fn upstream_message(body: &Bytes) -> String {
+pub(crate) fn upstream_message(body: &Bytes) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
@@ -80,20 +103,26 @@ fn upstream_message(body: &Bytes) -> String {
 }
 
 /// Streams one file into the store, waking waiters chunk by chunk.
+/// Lines without an answer are skipped when the job did not complete: the
+/// failure chain decides what becomes of those requests.
 async fn apply_file(
     deferral: &Deferral,
-    client: &BatchClient,
+    upstream: &BatchUpstream,
     key: &str,
     window: &WindowRecord,
+    job: &JobView,
     file_id: &str,
     tally: &mut Tally,
 ) -> Result<(), ReconcileError> {
-    let stream = client.download(key, file_id).await?;
+    let stream = upstream.client.download(key, file_id).await?;
     let mut reader = LineReader::new(Box::pin(stream));
     let mut chunk = Vec::with_capacity(CHUNK);
     while let Some(line) = reader.next_line().await? {
-        match resolution_of(&line, now_ms()) {
-            Ok(resolution) => {
+        match result_line(&line, now_ms()) {
+            Ok(ResultLine {
+                answered: false, ..
+            }) if job.phase != JobPhase::Completed => tally.unfinished += 1,
+            Ok(ResultLine { resolution, .. }) => {
                 if resolution.status == ResolvedStatus::Succeeded {
                     tally.succeeded += 1;
                 } else {
@@ -132,42 +161,29 @@ async fn store_chunk(
 /// Reconciles a job that reached a terminal phase.
 pub async fn reconcile(
     deferral: &Deferral,
-    client: &BatchClient,
+    upstream: &BatchUpstream,
     key: &str,
     window: &WindowRecord,
     job: &JobView,
 ) -> Result<Tally, ReconcileError> {
     let mut tally = Tally::default();
     for file in [&job.output_file, &job.error_file].into_iter().flatten() {
-        apply_file(deferral, client, key, window, file, &mut tally).await?;
+        apply_file(deferral, upstream, key, window, job, file, &mut tally).await?;
     }
-    let (code, message) = match job.phase {
-        JobPhase::Completed => (
-            "missing_result".to_owned(),
-            "the provider returned no result for this request".to_owned(),
-        ),
-        phase => (
-            format!("batch_{}", phase.as_str()),
-            if job.errors.is_empty() {
-                format!(
-                    "the batch job {} ended {} ({})",
-                    job.id,
-                    phase.as_str(),
-                    job.raw_status
-                )
-            } else {
-                format!(
-                    "the batch job {} ended {}: {}",
-                    job.id,
-                    phase.as_str(),
-                    job.errors.join("; ")
-                )
-            },
-        ),
-    };
+    if job.phase != JobPhase::Completed {
+        tally.chain =
+            fallback::settle_unfinished(deferral, upstream, Some(key), window, job).await?;
+        tally.missing = tally.chain.failed;
+        return Ok(tally);
+    }
     let missing = deferral
         .store
-        .fail_unresolved(&window.id, &code, &message, now_ms())
+        .fail_unresolved(
+            &window.id,
+            "missing_result",
+            "the provider returned no result for this request",
+            now_ms(),
+        )
         .await?;
     tally.missing = missing.len() as u64;
     deferral.waiters.wake(&missing);

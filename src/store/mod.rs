@@ -546,14 +546,50 @@ impl Store {
     }
 
     /// Moves open requests back to queued in the open window of their key
-    /// (opened if none), for resubmission. Returns the ids moved. The new
-    /// window has no upstream key unless a newer request brings one.
+    /// (opened if none), for resubmission, counting one resubmission each.
+    /// Returns the ids moved. The new window takes the old one's upstream
+    /// key when it has none.
     pub async fn requeue(
         &self,
         ids: Vec<RequestId>,
         now: i64,
     ) -> Result<Vec<RequestId>, StoreError> {
         self.write(Op::Requeue { ids, now }).await?.ids()
+    }
+
+    // ---- failures (issue 6) -------------------------------------------------
+
+    /// After a window's job failed, expired or was cancelled: requeues each of
+    /// its still open requests resubmitted fewer than `limit` times (counting
+    /// one more for each), into the open window of its key, which inherits
+    /// the old window's upstream key. Returns the ids moved; the others stay
+    /// open in `window` for the next policy.
+    pub async fn resubmit(
+        &self,
+        window: &WindowId,
+        limit: u32,
+        now: i64,
+    ) -> Result<Vec<RequestId>, StoreError> {
+        self.write(Op::Resubmit {
+            window: window.clone(),
+            limit,
+            now,
+        })
+        .await?
+        .ids()
+    }
+
+    /// Whether the request is still open (queued or submitted). Internal: no
+    /// credential check.
+    pub async fn is_open(&self, id: &RequestId) -> Result<bool, StoreError> {
+        dispatch!(self.is_open(id))
+    }
+
+    /// Requests counted in unfinished windows, per credential hash (an
+    /// estimate that can only run high: members answered early, e.g. by a
+    /// realtime fallback, count until their window finishes).
+    pub async fn pending_by_credential(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        dispatch!(self.pending_by_credential())
     }
 
     /// Deletes requests finished before `older_than` (results_ttl) and

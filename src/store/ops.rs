@@ -79,6 +79,12 @@ pub(crate) enum Op {
     Purge {
         older_than: i64,
     },
+    // ---- failures (issue 6)
+    Resubmit {
+        window: WindowId,
+        limit: u32,
+        now: i64,
+    },
 }
 
 /// What a write answers.

@@ -209,6 +209,30 @@ macro_rules! read_ops {
             .collect()
         }
 
+        // ---- failures (issue 6) -------------------------------------------
+
+        /// Requests counted in unfinished windows, by credential: what
+        /// intake backpressure weighs. Windows are few, so this is cheap.
+        pub(crate) async fn pending_by_credential(conn: &mut Conn) -> Result<Vec<(String, u64)>, StoreError> {
+            let rows = q("SELECT credential_hash, CAST(SUM(count) AS BIGINT) AS n FROM windows \
+                          WHERE state IN ('open', 'sealed', 'uploaded', 'creating', 'submitted') \
+                          GROUP BY credential_hash")
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get("credential_hash")?, uint(row.try_get::<Option<i64>, _>("n")?.unwrap_or(0)))))
+                .collect()
+        }
+
+        /// Whether the request is still queued or submitted.
+        pub(crate) async fn is_open(conn: &mut Conn, id: &RequestId) -> Result<bool, StoreError> {
+            Ok(q("SELECT 1 AS one FROM requests WHERE id = $1 AND status IN ('queued', 'submitted')")
+                .bind(id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?
+                .is_some())
+        }
+
         async fn lines_page(conn: &mut Conn, window: &WindowId, after: i64) -> Result<Vec<(i64, RequestId, Bytes)>, StoreError> {
             let rows = q("SELECT seq, id, body FROM requests WHERE window_id = $1 \
                           AND status IN ('queued', 'submitted') AND seq > $2 ORDER BY seq LIMIT $3")

@@ -166,6 +166,15 @@ impl SqliteStore {
         ops::windows_in(&mut *self.inner.read.acquire().await?, states).await
     }
 
+    // ---- failures (issue 6)
+    pub(crate) async fn is_open(&self, id: &RequestId) -> Result<bool, StoreError> {
+        ops::is_open(&mut *self.inner.read.acquire().await?, id).await
+    }
+
+    pub(crate) async fn pending_by_credential(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        ops::pending_by_credential(&mut *self.inner.read.acquire().await?).await
+    }
+
     pub(crate) fn window_lines(
         &self,
         id: WindowId,

@@ -94,6 +94,9 @@ macro_rules! write_ops {
                     Reply::Ids(ids)
                 }
                 Op::Requeue { ids, now } => Reply::Ids(requeue(conn, ids, *now).await?),
+                Op::Resubmit { window, limit, now } => {
+                    Reply::Ids(resubmit(conn, window, *limit, *now).await?)
+                }
                 Op::Purge { older_than } => {
                     let final_states = super::super::model::sql_list(
                         RequestStatus::ALL.into_iter().filter(|s| s.is_final()).map(|s| s.as_str()),
@@ -415,7 +418,8 @@ macro_rules! write_ops {
             let mut moved = Vec::new();
             for id in ids {
                 let row = q(&format!(
-                    "UPDATE requests SET status = 'queued', batch_id = NULL, submitted_at = NULL \
+                    "UPDATE requests SET status = 'queued', batch_id = NULL, submitted_at = NULL, \
+                     resubmits = resubmits + 1 \
                      WHERE id = $1 AND status IN ({}) \
                      RETURNING upstream, credential_hash, endpoint, model, window_id, \
                      CAST(length(body) AS BIGINT) AS len",
@@ -427,22 +431,28 @@ macro_rules! write_ops {
                 let Some(row) = row else { continue };
                 let key = window_key(&row)?;
                 let old: Option<String> = row.try_get("window_id")?;
-                let limits = match &old {
-                    Some(old) => q("SELECT max_requests, max_bytes FROM windows WHERE id = $1")
+                // The old window's limits, and (passthrough) its owner's
+                // key: the new window's job needs it as much as the old one's.
+                let (limits, upstream_key) = match &old {
+                    Some(old) => q("SELECT max_requests, max_bytes, upstream_key FROM windows WHERE id = $1")
                         .bind(old)
                         .fetch_optional(&mut *conn)
                         .await?
-                        .map(|w| -> Result<WindowLimits, StoreError> {
-                            Ok(WindowLimits {
-                                max_requests: uint(w.try_get("max_requests")?),
-                                max_bytes: uint(w.try_get("max_bytes")?),
-                            })
+                        .map(|w| -> Result<(WindowLimits, Option<String>), StoreError> {
+                            Ok((
+                                WindowLimits {
+                                    max_requests: uint(w.try_get("max_requests")?),
+                                    max_bytes: uint(w.try_get("max_bytes")?),
+                                },
+                                w.try_get("upstream_key")?,
+                            ))
                         })
                         .transpose()?
-                        .unwrap_or(FALLBACK_LIMITS),
-                    None => FALLBACK_LIMITS,
+                        .unwrap_or((FALLBACK_LIMITS, None)),
+                    None => (FALLBACK_LIMITS, None),
                 };
-                let (slot, _) = place(conn, &key, row.try_get("len")?, limits, None, now).await?;
+                let (slot, _) =
+                    place(conn, &key, row.try_get("len")?, limits, upstream_key.as_deref(), now).await?;
                 q("UPDATE requests SET window_id = $2 WHERE id = $1")
                     .bind(id.as_str())
                     .bind(slot.id.as_str())
@@ -453,6 +463,24 @@ macro_rules! write_ops {
             Ok(moved)
         }
 
+        // ---- failures (issue 6) -------------------------------------------
+
+        /// Requeues the still open requests of a window that were resubmitted
+        /// fewer than `limit` times; the others stay where they are for the
+        /// next policy.
+        async fn resubmit(conn: &mut Conn, window: &WindowId, limit: u32, now: i64) -> Result<Vec<RequestId>, StoreError> {
+            let rows = q("SELECT id FROM requests WHERE window_id = $1 \
+                          AND status IN ('queued', 'submitted') AND resubmits < $2 ORDER BY seq")
+                .bind(window.as_str())
+                .bind(i64::from(limit))
+                .fetch_all(&mut *conn)
+                .await?;
+            let ids = rows
+                .iter()
+                .map(|row| Ok(RequestId::from_stored(row.try_get("id")?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            requeue(conn, &ids, now).await
+        }
     };
 }
 
