@@ -76,6 +76,9 @@ models = ["*"]
 [batching]
 max_wait = "200ms"
 poll_interval = "50ms"
+# The SDKs declare a 60 s read timeout (x-stainless-read-timeout), which is
+# their deadline; the default 5 m margin would send them realtime at once.
+fallback_margin = "5s"
 "#,
         base = sim.base_url()
     );
