@@ -842,6 +842,7 @@ mod cases {
                 ("https://hooks.example/ok", "carpool.request.succeeded", 1),
             ]
         );
+        assert!(claimed.iter().any(|d| d.request_id == missing.record.id));
         let ok_delivery = claimed
             .iter()
             .find(|d| d.request_id == ok.record.id)
