@@ -19,6 +19,7 @@ use crate::proxy::health::Readiness;
 use crate::proxy::Forwarder;
 use crate::resolution::{deadline, janitor, poller};
 use crate::store::{FlushReason, Store, StoreError};
+use crate::webhooks::{self, Webhooks};
 
 /// Everything a handler or worker needs: a cheap `Clone` of `Arc`s, built
 /// once here. No globals.
@@ -30,6 +31,8 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     /// The deferred path: store, batch clients, waiters, worker wake-ups.
     pub deferral: Deferral,
+    /// Webhook deliveries (the outbox worker's handle).
+    pub webhooks: Webhooks,
     /// Cancelled when the process should stop.
     pub shutdown: CancellationToken,
     /// Every background task, so shutdown can wait for them. Spawn through
@@ -58,12 +61,24 @@ impl AppState {
             &config.upstreams,
         ));
         let config = Arc::new(config);
-        let deferral = Deferral::new(config.clone(), store, forwarder.clone(), metrics.clone());
+        let deferral = Deferral::new(
+            config.clone(),
+            store.clone(),
+            forwarder.clone(),
+            metrics.clone(),
+        );
+        let webhooks = Webhooks::new(
+            config.clone(),
+            store,
+            metrics.clone(),
+            deferral.waiters.stored().clone(),
+        );
         Ok(Self {
             config,
             metrics,
             forwarder,
             deferral,
+            webhooks,
             readiness,
             shutdown,
             tasks: TaskTracker::new(),
@@ -89,6 +104,7 @@ pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> 
     state.spawn(poller::run(state.deferral.clone(), token.clone()));
     state.spawn(deadline::run(state.deferral.clone(), token.clone()));
     state.spawn(janitor::run(state.deferral.clone(), token.clone()));
+    state.spawn(webhooks::worker::run(state.webhooks.clone(), token.clone()));
     let app = crate::server::router(state.clone());
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(token.clone().cancelled_owned())

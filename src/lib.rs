@@ -10,6 +10,7 @@
 //! - [`providers`]: batch APIs of each dialect behind one trait.
 //! - [`deferral`]: intake, answers, window policy and the flusher.
 //! - [`resolution`]: polling jobs, reconciling result files, waking waiters.
+//! - [`webhooks`]: signed, retried deliveries of finished requests (outbox worker, SSRF guard).
 //! - [`metrics`]: every Prometheus family carpool exports.
 //! - [`pricing`]: what calls cost at realtime and batch prices (pure).
 //! - [`app`]: builds the shared state, starts workers, serves, shuts down.
@@ -29,3 +30,4 @@ pub mod resolution;
 pub mod server;
 pub mod sim;
 pub mod store;
+pub mod webhooks;

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use serde::Deserialize;
 
@@ -100,6 +100,17 @@ pub struct Metrics {
     /// `carpool_intake_refused_total{scope}`: deferred calls refused with
     /// 429 at a pending ceiling (`global` or `client`).
     pub intake_refused: IntCounterVec,
+    /// `carpool_webhook_deliveries_total{outcome}`: deliveries that ended:
+    /// `delivered`, `gone` (410), `refused` (SSRF guard), `exhausted`
+    /// (max_attempts), `dropped` (request no longer stored, or no secret).
+    pub webhook_deliveries: IntCounterVec,
+    /// `carpool_webhook_attempts_total{result}`: `success`, `gone`,
+    /// `http_error`, `timeout`, `transport_error`, `refused`, `dropped`.
+    pub webhook_attempts: IntCounterVec,
+    /// `carpool_webhook_outbox_pending`: deliveries not yet delivered or dead.
+    pub webhook_outbox_pending: IntGauge,
+    /// `carpool_webhook_delivery_seconds`: result stored to delivery accepted.
+    pub webhook_delivery_latency: Histogram,
 }
 
 /// The token counts of an answer body (OpenAI and Mistral name them alike).
@@ -263,6 +274,35 @@ impl Metrics {
         registry.register(Box::new(resubmissions.clone()))?;
         registry.register(Box::new(requests_expired.clone()))?;
         registry.register(Box::new(intake_refused.clone()))?;
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "carpool_webhook_deliveries_total",
+                "Webhook deliveries that ended, by outcome (delivered, gone, refused, exhausted, dropped).",
+            ),
+            &["outcome"],
+        )?;
+        let webhook_attempts = IntCounterVec::new(
+            Opts::new(
+                "carpool_webhook_attempts_total",
+                "Webhook delivery attempts, by result.",
+            ),
+            &["result"],
+        )?;
+        let webhook_outbox_pending = IntGauge::new(
+            "carpool_webhook_outbox_pending",
+            "Webhook deliveries waiting to be delivered (not yet delivered or dead).",
+        )?;
+        let webhook_delivery_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "carpool_webhook_delivery_seconds",
+                "Webhooks: from the result being stored to the receiver accepting it.",
+            )
+            .buckets(DEFERRED_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(webhook_deliveries.clone()))?;
+        registry.register(Box::new(webhook_attempts.clone()))?;
+        registry.register(Box::new(webhook_outbox_pending.clone()))?;
+        registry.register(Box::new(webhook_delivery_latency.clone()))?;
         registry.register(Box::new(deferred_accepted.clone()))?;
         registry.register(Box::new(deferred_answer.clone()))?;
         registry.register(Box::new(window_requests.clone()))?;
@@ -301,6 +341,10 @@ impl Metrics {
             resubmissions,
             requests_expired,
             intake_refused,
+            webhook_deliveries,
+            webhook_attempts,
+            webhook_outbox_pending,
+            webhook_delivery_latency,
         })
     }
 

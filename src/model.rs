@@ -59,6 +59,24 @@ id_type!(
     WindowId,
     "cpw_"
 );
+id_type!(
+    /// A webhook delivery (its `webhook-id`): one per request with a
+    /// callback, the same across every attempt and replay.
+    DeliveryId,
+    "msg_"
+);
+
+impl DeliveryId {
+    /// The delivery of a request's result: derived from the request id, so
+    /// enqueueing it twice finds the same row.
+    pub fn for_request(request: &RequestId) -> Self {
+        let id = request.as_str();
+        Self(format!(
+            "msg_{}",
+            id.strip_prefix(RequestId::PREFIX).unwrap_or(id)
+        ))
+    }
+}
 
 /// The state of a deferred request as callers see it (SPEC section 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

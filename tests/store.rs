@@ -8,10 +8,10 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
-use carpool::model::{RequestId, RequestStatus, ServedBy, WindowId};
+use carpool::model::{DeliveryId, RequestId, RequestStatus, ServedBy, WindowId};
 use carpool::store::{
-    Accepted, CancelOutcome, DeliveryMode, FlushReason, NewRequest, Resolution, ResolvedStatus,
-    Store, StoreError, StoreOptions, WindowLimits, WindowOutcome, WindowState,
+    Accepted, CancelOutcome, DeliveryMode, DeliveryState, FlushReason, NewRequest, Resolution,
+    ResolvedStatus, Store, StoreError, StoreOptions, WindowLimits, WindowOutcome, WindowState,
 };
 use futures_util::TryStreamExt;
 
@@ -849,6 +849,238 @@ mod cases {
         assert_eq!(counts, vec![(CRED_A.to_owned(), 1), (CRED_B.to_owned(), 1)]);
         assert!(!store.is_open(&RequestId::generate()).await.unwrap());
     }
+
+    // ---- webhook outbox -----------------------------------------------------
+
+    fn with_callback(body: &str, now: i64) -> NewRequest {
+        let mut r = new_request(CRED_A, "m", body, now);
+        r.mode = DeliveryMode::Callback;
+        r.callback_url = Some(format!("https://hooks.example/{body}"));
+        r
+    }
+
+    pub async fn every_final_state_of_a_callback_request_enqueues_one_delivery(h: &Harness) {
+        let store = h.open().await;
+        let ok = accept(&store, with_callback("ok", T0)).await;
+        let expired = accept(&store, with_callback("expired", T0)).await;
+        let missing = accept(&store, with_callback("missing", T0)).await;
+        let cancelled = accept(&store, with_callback("cancelled", T0)).await;
+        let plain = accept(&store, new_request(CRED_A, "m", "plain", T0)).await;
+        assert_eq!(
+            ok.record.callback_url.as_deref(),
+            Some("https://hooks.example/ok")
+        );
+        assert_eq!(ok.record.mode, DeliveryMode::Callback);
+        assert!(matches!(
+            store
+                .cancel(&cancelled.record.id, CRED_A, T0 + 1)
+                .await
+                .unwrap(),
+            CancelOutcome::Cancelled(_)
+        ));
+        let w = ok.window.clone().unwrap().id;
+        store
+            .seal_window(&w, FlushReason::MaxWait, T0)
+            .await
+            .unwrap();
+        submit(&store, &w, "job").await;
+        let mut late = success(&expired.record.id, "{}");
+        late.status = ResolvedStatus::Expired;
+        let changed = store
+            .resolve(
+                &w,
+                vec![
+                    success(&ok.record.id, "{}"),
+                    success(&plain.record.id, "{}"),
+                    late,
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(changed.len(), 3);
+        // A repeat of the same result changes nothing and enqueues nothing.
+        store
+            .resolve(&w, vec![success(&ok.record.id, "{}")])
+            .await
+            .unwrap();
+        store
+            .fail_unresolved(&w, "missing_result", "gone", T0 + 30)
+            .await
+            .unwrap();
+        // No close: a dropped store is what a crash leaves behind.
+        drop(store);
+
+        let store = h.open().await;
+        assert_eq!(store.outbox_pending().await.unwrap(), (4, Some(T0 + 1)));
+        let mut claimed = store
+            .claim_deliveries(T0 + 100, T0 + 200, 10)
+            .await
+            .unwrap();
+        claimed.sort_by_key(|d| d.url.clone());
+        let got: Vec<(&str, &str, u32)> = claimed
+            .iter()
+            .map(|d| (d.url.as_str(), d.event.as_str(), d.attempts))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "https://hooks.example/cancelled",
+                    "carpool.request.cancelled",
+                    1
+                ),
+                ("https://hooks.example/expired", "carpool.request.failed", 1),
+                ("https://hooks.example/missing", "carpool.request.failed", 1),
+                ("https://hooks.example/ok", "carpool.request.succeeded", 1),
+            ]
+        );
+        assert!(claimed.iter().any(|d| d.request_id == missing.record.id));
+        let ok_delivery = claimed
+            .iter()
+            .find(|d| d.request_id == ok.record.id)
+            .unwrap();
+        assert_eq!(ok_delivery.id, DeliveryId::for_request(&ok.record.id));
+        assert_eq!(
+            ok_delivery.created_at,
+            T0 + 20,
+            "created when the result was stored"
+        );
+        assert_eq!(
+            store
+                .request_by_id(&ok.record.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .status,
+            RequestStatus::Succeeded
+        );
+        store.close().await;
+    }
+
+    pub async fn deliveries_are_leased_retried_dead_lettered_and_replayed(h: &Harness) {
+        let store = h.open().await;
+        let a = accept(&store, with_callback("a", T0)).await;
+        store
+            .resolve_one(success(&a.record.id, "{}"))
+            .await
+            .unwrap();
+        let id = DeliveryId::for_request(&a.record.id);
+        assert!(
+            store
+                .claim_deliveries(T0, T0 + 50, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "not due yet"
+        );
+        let first = store
+            .claim_deliveries(T0 + 20, T0 + 1_000, 10)
+            .await
+            .unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].attempts, 1);
+        // Leased: nobody else takes it while the attempt runs.
+        assert!(store
+            .claim_deliveries(T0 + 500, T0 + 2_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        // The lease ran out (the worker died): the next claim takes it again.
+        let second = store
+            .claim_deliveries(T0 + 1_000, T0 + 3_000, 10)
+            .await
+            .unwrap();
+        assert_eq!(second[0].attempts, 2);
+        // The first attempt reports late: ignored.
+        assert!(!store
+            .delivery_retry(&id, 1, T0 + 9_000, Some(500), "late")
+            .await
+            .unwrap());
+        assert!(store
+            .delivery_retry(&id, 2, T0 + 5_000, Some(503), "busy")
+            .await
+            .unwrap());
+        assert!(store
+            .claim_deliveries(T0 + 4_999, T0 + 9_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        let third = store
+            .claim_deliveries(T0 + 5_000, T0 + 9_000, 10)
+            .await
+            .unwrap();
+        assert_eq!(third[0].attempts, 3);
+        assert_eq!(third[0].last_status, Some(503));
+        assert!(store
+            .delivery_dead(&id, 3, Some(410), "gone", T0 + 6_000)
+            .await
+            .unwrap());
+        assert_eq!(store.outbox_pending().await.unwrap(), (0, None));
+        let dead = store.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].state, DeliveryState::Dead);
+        assert_eq!(dead[0].last_error.as_deref(), Some("gone"));
+        assert_eq!(dead[0].finished_at, Some(T0 + 6_000));
+
+        assert!(!store
+            .replay_dead_letter(&DeliveryId::generate(), T0)
+            .await
+            .unwrap());
+        assert!(store.replay_dead_letter(&id, T0 + 7_000).await.unwrap());
+        assert!(
+            !store.replay_dead_letter(&id, T0 + 7_000).await.unwrap(),
+            "pending again"
+        );
+        let replayed = store
+            .claim_deliveries(T0 + 7_000, T0 + 8_000, 10)
+            .await
+            .unwrap();
+        assert_eq!(replayed[0].attempts, 1, "a replay starts a fresh count");
+        assert_eq!(replayed[0].id, id, "and keeps its webhook-id");
+        assert!(store
+            .delivery_succeeded(&id, 200, T0 + 7_500)
+            .await
+            .unwrap());
+        assert!(!store
+            .delivery_succeeded(&id, 200, T0 + 7_600)
+            .await
+            .unwrap());
+        let done = store.delivery(&id).await.unwrap().unwrap();
+        assert_eq!(done.state, DeliveryState::Delivered);
+        assert!(store.dead_letters(10).await.unwrap().is_empty());
+        assert_eq!(store.replay_dead_letters(T0 + 8_000).await.unwrap(), 0);
+        store.close().await;
+    }
+
+    pub async fn replicas_never_claim_the_same_delivery(h: &Harness) {
+        let store = h.open().await;
+        for i in 0..40 {
+            let r = accept(&store, with_callback(&format!("r{i}"), T0)).await;
+            store
+                .resolve_one(success(&r.record.id, "{}"))
+                .await
+                .unwrap();
+        }
+        let replicas: Vec<Store> = vec![store.clone(), h.open().await, h.open().await];
+        let mut tasks = Vec::new();
+        for s in replicas {
+            tasks.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for _ in 0..10 {
+                    mine.extend(s.claim_deliveries(T0 + 100, T0 + 10_000, 3).await.unwrap());
+                }
+                mine
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap().into_iter().map(|d| d.id));
+        }
+        let distinct: HashSet<_> = all.iter().cloned().collect();
+        assert_eq!(all.len(), 40);
+        assert_eq!(distinct.len(), 40);
+        store.close().await;
+    }
 }
 
 macro_rules! contract {
@@ -898,6 +1130,9 @@ contract!(
     concurrent_accepts_are_all_durable_and_distinct,
     resubmit_moves_only_open_requests_under_the_limit_with_the_window_key,
     pending_counts_and_openness_follow_the_requests,
+    every_final_state_of_a_callback_request_enqueues_one_delivery,
+    deliveries_are_leased_retried_dead_lettered_and_replayed,
+    replicas_never_claim_the_same_delivery,
 );
 
 #[tokio::test]

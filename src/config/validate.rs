@@ -710,7 +710,7 @@ fn webhooks(c: &mut Check<'_>, raw: &RawWebhooks) -> WebhooksConfig {
         timeout: c.duration(
             "webhooks.timeout",
             raw.timeout.as_ref(),
-            Duration::from_secs(10),
+            Duration::from_secs(15),
         ),
         schedule,
     }

@@ -20,9 +20,11 @@ use super::optin::{self, Answer};
 use super::sse;
 use crate::config::{AuthMode, UpstreamConfig};
 use crate::model::RequestId;
+use crate::proxy::classify::CALLBACK_HEADER;
 use crate::server::auth::{bearer, Caller};
 use crate::server::error::ApiError;
 use crate::store::{DeliveryMode, NewRequest, RequestRecord, StoreError, WindowLimits};
+use crate::webhooks::target;
 
 /// SSE comment cadence while a streamed wait-mode call is held.
 const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
@@ -96,9 +98,11 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
         .config
         .batching
         .policy_for(&call.model, call.upstream.dialect);
-    let mode = match call.answer {
-        Answer::Wait => DeliveryMode::Wait,
-        _ => DeliveryMode::Async,
+    let callback_url = callback(deferral, call.headers)?;
+    let mode = match (&callback_url, &call.answer) {
+        (Some(_), _) => DeliveryMode::Callback,
+        (None, Answer::Wait) => DeliveryMode::Wait,
+        (None, _) => DeliveryMode::Async,
     };
     let upstream_key = window_key(&call);
     let admission = deferral
@@ -120,7 +124,7 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
             sdk_retry: optin::is_sdk_retry(call.headers),
             mode,
             deadline,
-            callback_url: None,
+            callback_url,
             upstream_key,
             limits: WindowLimits {
                 max_requests: policy.max_requests,
@@ -216,6 +220,34 @@ fn observe_answer(deferral: &Deferral, mode: &str, record: &RequestRecord) {
             .with_label_values(&[mode])
             .observe(secs);
     }
+}
+
+/// The `Carpool-Callback` URL, checked before anything is stored: http or
+/// https only, and not a host the SSRF guard can refuse without DNS (an IP
+/// literal or `localhost` that is not allow-listed). Host names are judged
+/// again, resolved, at each delivery.
+fn callback(deferral: &Deferral, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(CALLBACK_HEADER) else {
+        return Ok(None);
+    };
+    let invalid = |message: String| ApiError::BadRequest {
+        message,
+        param: Some("Carpool-Callback".to_owned()),
+        code: "invalid_callback",
+    };
+    let raw = value
+        .to_str()
+        .map_err(|_| invalid("Carpool-Callback is not valid text".to_owned()))?;
+    let webhooks = &deferral.config.webhooks;
+    if webhooks.secrets.is_empty() {
+        return Err(ApiError::Unprocessable {
+            message: "this carpool has no webhook signing secret configured, so it cannot deliver a Carpool-Callback".to_owned(),
+            code: "callbacks_not_configured",
+        });
+    }
+    let url =
+        target::check_at_intake(raw, &webhooks.allow_hosts).map_err(|e| invalid(e.to_string()))?;
+    Ok(Some(url.into()))
 }
 
 /// The key the window's batch calls need from this caller: under

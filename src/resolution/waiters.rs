@@ -14,6 +14,9 @@ use crate::model::RequestId;
 #[derive(Clone, Default)]
 pub struct Waiters {
     map: Arc<DashMap<RequestId, Arc<Notify>>>,
+    /// Rings on every wake, for workers that follow every stored result
+    /// (the webhook outbox).
+    stored: Arc<Notify>,
 }
 
 /// A registration; dropping it forgets the entry once nobody else holds it.
@@ -34,11 +37,19 @@ impl Waiters {
     }
 
     pub fn wake(&self, ids: &[RequestId]) {
+        if !ids.is_empty() {
+            self.stored.notify_one();
+        }
         for id in ids {
             if let Some(notify) = self.map.get(id) {
                 notify.notify_waiters();
             }
         }
+    }
+
+    /// Rings (one stored permit) whenever any request is woken.
+    pub fn stored(&self) -> &Arc<Notify> {
+        &self.stored
     }
 
     /// Held registrations, for tests and metrics.

@@ -1,9 +1,10 @@
 //! The operator's API under `/admin/`, behind `server.admin_token`: open
-//! windows, flushing one (or all), and the batch jobs in flight. Every
+//! windows, flushing one (or all), the batch jobs in flight, and webhook
+//! dead letters (list, replay one or all). Every
 //! route refuses a missing or wrong token with 401; without a configured
 //! token the whole API is refused.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::{json, Value};
@@ -13,8 +14,8 @@ use super::ApiError;
 use crate::app::AppState;
 use crate::deferral::engine::now_ms;
 use crate::deferral::flusher;
-use crate::model::WindowId;
-use crate::store::{secs, FlushReason, WindowState};
+use crate::model::{DeliveryId, WindowId};
+use crate::store::{secs, DeliveryRecord, FlushReason, WindowState};
 
 /// Checks the admin token in constant time.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -127,4 +128,77 @@ pub async fn jobs(
         })
         .collect();
     Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+// ---- webhook dead letters ----------------------------------------------------
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct DeadLetterQuery {
+    pub limit: Option<u32>,
+}
+
+fn dead_letter(d: &DeliveryRecord) -> Value {
+    json!({
+        "id": d.id.as_str(),
+        "object": "carpool.dead_letter",
+        "request_id": d.request_id.as_str(),
+        "url": d.url,
+        "type": d.event,
+        "attempts": d.attempts,
+        "last_status": d.last_status,
+        "reason": d.last_error,
+        "created_at": secs(d.created_at),
+        "dead_at": d.finished_at.map(secs),
+    })
+}
+
+/// `GET /admin/dead-letters?limit=N`: deliveries given up on, most recent
+/// first (default 100, at most 1000).
+pub async fn dead_letters(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<DeadLetterQuery>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let dead = state.webhooks.store.dead_letters(limit).await?;
+    let data: Vec<Value> = dead.iter().map(dead_letter).collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+/// `POST /admin/dead-letters/{id}/replay`: delivers a dead letter again,
+/// with a fresh attempt count and the same `webhook-id`.
+pub async fn replay_dead_letter(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let not_found = || ApiError::NotFound {
+        what: format!("dead letter {id}"),
+    };
+    let delivery = DeliveryId::parse(&id).ok_or_else(not_found)?;
+    if !state
+        .webhooks
+        .store
+        .replay_dead_letter(&delivery, now_ms())
+        .await?
+    {
+        return Err(not_found());
+    }
+    state.webhooks.wake();
+    tracing::info!(delivery = %delivery, "dead letter replayed by an operator");
+    Ok(Json(json!({ "id": delivery.as_str(), "replayed": true })))
+}
+
+/// `POST /admin/dead-letters/replay`: every dead letter delivered again.
+pub async fn replay_dead_letters(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let n = state.webhooks.store.replay_dead_letters(now_ms()).await?;
+    state.webhooks.wake();
+    tracing::info!(deliveries = n, "all dead letters replayed by an operator");
+    Ok(Json(json!({ "replayed": n })))
 }

@@ -38,6 +38,15 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/windows/{id}/flush", post(admin::flush_one))
         .route("/admin/flush", post(admin::flush_all))
         .route("/admin/jobs", get(admin::jobs))
+        .route("/admin/dead-letters", get(admin::dead_letters))
+        .route(
+            "/admin/dead-letters/replay",
+            post(admin::replay_dead_letters),
+        )
+        .route(
+            "/admin/dead-letters/{id}/replay",
+            post(admin::replay_dead_letter),
+        )
         // Deferrable calls reach the deferral through `proxy::classify` in
         // the fallback.
         .fallback(passthrough)

@@ -20,6 +20,7 @@
 mod error;
 pub mod model;
 mod ops;
+mod outbox;
 mod postgres;
 mod reads;
 mod sqlite;
@@ -33,9 +34,11 @@ use futures_util::stream::BoxStream;
 
 pub use error::StoreError;
 pub use model::{DeliveryMode, FlushReason, ResolvedStatus, WindowOutcome, WindowState};
+pub use outbox::{event_type, DeliveryRecord, DeliveryState};
 
-use crate::model::{RequestId, RequestStatus, ServedBy, WindowId};
+use crate::model::{DeliveryId, RequestId, RequestStatus, ServedBy, WindowId};
 use ops::{Op, Reply};
+use outbox::OutboxOp;
 
 /// How long an SDK retry (same credential, endpoint and body) re-attaches to
 /// the request it repeats.
@@ -596,5 +599,122 @@ impl Store {
     /// finished windows; returns the number of requests deleted.
     pub async fn purge_finished(&self, older_than: i64) -> Result<u64, StoreError> {
         self.write(Op::Purge { older_than }).await?.count()
+    }
+
+    // ---- webhook outbox (outbox.rs) ---------------------------------------
+    // A delivery is enqueued by `resolve`, `resolve_one`, `fail_unresolved`
+    // and `cancel` themselves, in their transaction, for a request with a
+    // callback URL.
+
+    /// Claims up to `limit` due deliveries for one attempt each: their
+    /// attempt count goes up by one and they are leased until `lease_until`
+    /// (due again then if the attempt never reports).
+    pub async fn claim_deliveries(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Claim {
+            now,
+            lease_until,
+            limit,
+        }))
+        .await?
+        .deliveries()
+    }
+
+    /// pending → delivered.
+    pub async fn delivery_succeeded(
+        &self,
+        id: &DeliveryId,
+        status: u16,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Delivered {
+            id: id.clone(),
+            status,
+            now,
+        }))
+        .await?
+        .applied()
+    }
+
+    /// Schedules the next attempt after a failed `attempt` (ignored if the
+    /// delivery was claimed again since).
+    pub async fn delivery_retry(
+        &self,
+        id: &DeliveryId,
+        attempt: u32,
+        next_at: i64,
+        status: Option<u16>,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Retry {
+            id: id.clone(),
+            attempt,
+            next_at,
+            status,
+            error: error.to_owned(),
+        }))
+        .await?
+        .applied()
+    }
+
+    /// pending → dead (a dead letter), with the reason.
+    pub async fn delivery_dead(
+        &self,
+        id: &DeliveryId,
+        attempt: u32,
+        status: Option<u16>,
+        reason: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Dead {
+            id: id.clone(),
+            attempt,
+            status,
+            reason: reason.to_owned(),
+            now,
+        }))
+        .await?
+        .applied()
+    }
+
+    /// dead → pending with a fresh attempt count, due at `now`; false if it
+    /// is not a dead letter.
+    pub async fn replay_dead_letter(&self, id: &DeliveryId, now: i64) -> Result<bool, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Replay {
+            id: id.clone(),
+            now,
+        }))
+        .await?
+        .applied()
+    }
+
+    /// Every dead letter → pending; returns how many.
+    pub async fn replay_dead_letters(&self, now: i64) -> Result<u64, StoreError> {
+        self.write(Op::Outbox(OutboxOp::ReplayAll { now }))
+            .await?
+            .count()
+    }
+
+    /// Dead letters, most recently dead first.
+    pub async fn dead_letters(&self, limit: u32) -> Result<Vec<DeliveryRecord>, StoreError> {
+        dispatch!(self.dead_letters(limit))
+    }
+
+    pub async fn delivery(&self, id: &DeliveryId) -> Result<Option<DeliveryRecord>, StoreError> {
+        dispatch!(self.delivery(id))
+    }
+
+    /// The number of pending deliveries and the earliest `next_attempt_at`.
+    pub async fn outbox_pending(&self) -> Result<(u64, Option<i64>), StoreError> {
+        dispatch!(self.outbox_pending())
+    }
+
+    /// A request by id alone. Internal: no credential check.
+    pub async fn request_by_id(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+        dispatch!(self.request_by_id(id))
     }
 }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
 
 use super::model::{request_from_sql, window_from_sql};
+use super::outbox::{DeliveryRecord, OutboxOp};
 use super::{
     Accepted, CancelOutcome, DeliveryMode, FlushReason, NewRequest, RequestRecord, Resolution,
     StoreError, WindowKey, WindowLimits, WindowOutcome, WindowRecord, WindowSlot, WindowState,
@@ -85,6 +86,8 @@ pub(crate) enum Op {
         limit: u32,
         now: i64,
     },
+    /// The webhook outbox's own transitions (`outbox.rs`).
+    Outbox(OutboxOp),
 }
 
 /// What a write answers.
@@ -95,6 +98,7 @@ pub(crate) enum Reply {
     Applied(bool),
     Ids(Vec<RequestId>),
     Count(u64),
+    Deliveries(Vec<DeliveryRecord>),
 }
 
 impl Reply {
@@ -129,6 +133,12 @@ impl Reply {
         match self {
             Reply::Count(n) => Ok(n),
             other => Err(other.mismatch("purge")),
+        }
+    }
+    pub(crate) fn deliveries(self) -> Result<Vec<DeliveryRecord>, StoreError> {
+        match self {
+            Reply::Deliveries(d) => Ok(d),
+            other => Err(other.mismatch("claim")),
         }
     }
 }
@@ -325,11 +335,13 @@ mod tests {
 pub(crate) mod sqlite_ops {
     super::super::reads::read_ops!(sqlx::Sqlite);
     super::super::writes::write_ops!(sqlx::Sqlite);
+    super::super::outbox::outbox_ops!(sqlx::Sqlite);
 }
 
 pub(crate) mod pg_ops {
     super::super::reads::read_ops!(sqlx::Postgres);
     super::super::writes::write_ops!(sqlx::Postgres);
+    super::super::outbox::outbox_ops!(sqlx::Postgres);
 }
 
 /// Applies each migration newer than the stored version, in order, in one

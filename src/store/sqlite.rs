@@ -296,3 +296,31 @@ async fn alone(conn: &mut SqliteConnection, op: &Op, horizon: i64) -> Result<Rep
         }
     }
 }
+
+// ---- webhook outbox reads (outbox.rs) ----------------------------------------
+impl SqliteStore {
+    pub(crate) async fn dead_letters(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<super::DeliveryRecord>, StoreError> {
+        ops::dead_letters(&mut *self.inner.read.acquire().await?, limit).await
+    }
+
+    pub(crate) async fn delivery(
+        &self,
+        id: &crate::model::DeliveryId,
+    ) -> Result<Option<super::DeliveryRecord>, StoreError> {
+        ops::delivery_by_id(&mut *self.inner.read.acquire().await?, id).await
+    }
+
+    pub(crate) async fn outbox_pending(&self) -> Result<(u64, Option<i64>), StoreError> {
+        ops::outbox_pending(&mut *self.inner.read.acquire().await?).await
+    }
+
+    pub(crate) async fn request_by_id(
+        &self,
+        id: &RequestId,
+    ) -> Result<Option<RequestRecord>, StoreError> {
+        ops::request_by_id(&mut *self.inner.read.acquire().await?, id).await
+    }
+}

@@ -78,7 +78,7 @@ macro_rules! write_ops {
                 Op::FailUnresolved { window, code, message, now } => {
                     let rows = q(&format!(
                         "UPDATE requests SET status = 'failed', error_code = $2, error_message = $3, \
-                         completed_at = $4 WHERE window_id = $1 AND status IN ({}) RETURNING id",
+                         completed_at = $4 WHERE window_id = $1 AND status IN ({}) RETURNING id, callback_url",
                         request_from_sql(RequestStatus::Failed)
                     ))
                     .bind(window.as_str())
@@ -89,7 +89,11 @@ macro_rules! write_ops {
                     .await?;
                     let mut ids = Vec::with_capacity(rows.len());
                     for row in &rows {
-                        ids.push(RequestId::from_stored(row.try_get("id")?));
+                        let id = RequestId::from_stored(row.try_get("id")?);
+                        if let Some(url) = row.try_get::<Option<String>, _>("callback_url")? {
+                            enqueue_delivery(conn, &id, &url, RequestStatus::Failed, *now).await?;
+                        }
+                        ids.push(id);
                     }
                     Reply::Ids(ids)
                 }
@@ -112,8 +116,14 @@ macro_rules! write_ops {
                         .bind(*older_than)
                         .execute(&mut *conn)
                         .await?;
+                    // Finished deliveries go with their requests.
+                    q("DELETE FROM webhook_deliveries WHERE finished_at < $1 AND state <> 'pending'")
+                        .bind(*older_than)
+                        .execute(&mut *conn)
+                        .await?;
                     Reply::Count(n)
                 }
+                Op::Outbox(o) => apply_outbox(conn, o).await?,
             })
         }
 
@@ -356,6 +366,11 @@ macro_rules! write_ops {
                 }
             }
             let record = get(conn, id, credential_hash).await?;
+            if let Some(r) = record.as_ref().filter(|_| changed) {
+                if let Some(url) = &r.callback_url {
+                    enqueue_delivery(conn, id, url, RequestStatus::Cancelled, now).await?;
+                }
+            }
             Ok(match record {
                 Some(r) if changed => CancelOutcome::Cancelled(r),
                 Some(r) => CancelOutcome::AlreadyFinal(r),
@@ -393,10 +408,11 @@ macro_rules! write_ops {
 
         async fn resolve_one(conn: &mut Conn, r: &Resolution, window: Option<&WindowId>) -> Result<bool, StoreError> {
             let to = r.status.status();
-            Ok(q(&format!(
+            let row = q(&format!(
                 "UPDATE requests SET status = $3, served_by = $4, response_status = $5, \
                  response_body = $6, error_code = $7, error_message = $8, completed_at = $9 \
-                 WHERE id = $1 AND ($2 IS NULL OR window_id = $2) AND status IN ({})",
+                 WHERE id = $1 AND ($2 IS NULL OR window_id = $2) AND status IN ({}) \
+                 RETURNING callback_url",
                 request_from_sql(to)
             ))
             .bind(r.id.as_str())
@@ -408,10 +424,13 @@ macro_rules! write_ops {
             .bind(r.error_code.as_deref())
             .bind(r.error_message.as_deref())
             .bind(r.completed_at)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected()
-                == 1)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let Some(row) = row else { return Ok(false) };
+            if let Some(url) = row.try_get::<Option<String>, _>("callback_url")? {
+                enqueue_delivery(conn, &r.id, &url, to, r.completed_at).await?;
+            }
+            Ok(true)
         }
 
         async fn requeue(conn: &mut Conn, ids: &[RequestId], now: i64) -> Result<Vec<RequestId>, StoreError> {

@@ -68,3 +68,25 @@ CREATE INDEX requests_finished ON requests (completed_at) WHERE completed_at IS 
 -- Times a request was put back in a window after its batch failed, expired
 -- or was cancelled; `on_batch_failure = "resubmit"` stops at resubmit_limit.
 ALTER TABLE requests ADD COLUMN resubmits INTEGER NOT NULL DEFAULT 0;
+
+-- ---- webhook outbox (src/store/outbox.rs) --------------------------------
+-- One row per request with a callback that reached a final state, written
+-- in the transaction that finished the request. `next_attempt_at` is both
+-- the schedule and the lease of a claimed attempt.
+CREATE TABLE webhook_deliveries (
+    id              TEXT PRIMARY KEY,
+    request_id      TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    finished_at     INTEGER,
+    last_status     INTEGER,
+    last_error      TEXT
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+    WHERE state = 'pending';
+CREATE INDEX webhook_deliveries_dead ON webhook_deliveries (finished_at, id)
+    WHERE state = 'dead';
