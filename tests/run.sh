@@ -11,4 +11,4 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import openai, mistra
 fi
 export CARPOOL_PYTHON="$PWD/$venv/bin/python"
 
-cargo test --all-targets --locked "$@"
+cargo test --locked "$@"
