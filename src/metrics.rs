@@ -10,14 +10,15 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use serde::Deserialize;
 
+use crate::config::ModelPrice;
 use crate::model::ServedBy;
+use crate::pricing::{cost_of, TokenUsage};
 use crate::providers::RetryObserver;
-use crate::store::{Resolution, ResolvedStatus, WindowSummary};
+use crate::store::{ResolvedStatus, WindowSummary};
 
 /// Buckets for whole pass-through calls (to the response headers).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -88,6 +89,9 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     /// `carpool_upstream_retries_total{operation, cause}`: files and jobs calls retried.
     pub upstream_retries: IntCounterVec,
+    /// `carpool_estimated_savings_usd_total{model}`: batch-served tokens
+    /// priced at realtime minus batch prices, from `[prices]`.
+    pub savings: CounterVec,
     /// `carpool_fallbacks_total{reason}`: deferred requests sent as realtime
     /// calls (`deadline`, or the batch `failed` / `expired` / `cancelled`).
     pub fallbacks: IntCounterVec,
@@ -111,20 +115,6 @@ pub struct Metrics {
     pub webhook_outbox_pending: IntGauge,
     /// `carpool_webhook_delivery_seconds`: result stored to delivery accepted.
     pub webhook_delivery_latency: Histogram,
-}
-
-/// The token counts of an answer body (OpenAI and Mistral name them alike).
-#[derive(Deserialize)]
-struct UsageOnly {
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct Usage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
 }
 
 impl Metrics {
@@ -314,6 +304,14 @@ impl Metrics {
         registry.register(Box::new(submit_failures.clone()))?;
         registry.register(Box::new(results.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
+        let savings = CounterVec::new(
+            Opts::new(
+                "carpool_estimated_savings_usd_total",
+                "Estimated USD saved by answering from batches instead of realtime, by model (from [prices]).",
+            ),
+            &["model"],
+        )?;
+        registry.register(Box::new(savings.clone()))?;
         registry.register(Box::new(upstream_retries.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(passthrough_duration.clone()))?;
@@ -337,6 +335,7 @@ impl Metrics {
             results,
             tokens,
             upstream_retries,
+            savings,
             fallbacks,
             resubmissions,
             requests_expired,
@@ -368,9 +367,18 @@ impl Metrics {
         }
     }
 
-    /// Counts a stored result and the tokens its answer used.
-    pub fn record_result(&self, model: &str, r: &Resolution) {
-        let outcome = match r.status {
+    /// Counts a result that was stored: its outcome, the tokens its answer
+    /// used, and for a batch-served answer what it saved against realtime
+    /// prices (`price` from `[prices]`, when the model has one).
+    pub fn record_result(
+        &self,
+        model: &str,
+        status: ResolvedStatus,
+        served_by: ServedBy,
+        usage: Option<TokenUsage>,
+        price: Option<&ModelPrice>,
+    ) {
+        let outcome = match status {
             ResolvedStatus::Succeeded => "succeeded",
             ResolvedStatus::Failed => "failed",
             ResolvedStatus::Expired => {
@@ -379,21 +387,18 @@ impl Metrics {
             }
         };
         self.results.with_label_values(&[outcome]).inc();
-        if let Some(body) = &r.response_body {
-            self.record_tokens(model, r.served_by.unwrap_or(ServedBy::Batch), body);
-        }
-    }
-
-    /// Adds the `usage` of an answer body to the token counters.
-    pub fn record_tokens(&self, model: &str, served_by: ServedBy, body: &[u8]) {
-        if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_slice::<UsageOnly>(body) {
-            let served = served_by.as_str();
-            self.tokens
-                .with_label_values(&[model, served, "input"])
-                .inc_by(u.prompt_tokens);
-            self.tokens
-                .with_label_values(&[model, served, "output"])
-                .inc_by(u.completion_tokens);
+        let Some(usage) = usage else { return };
+        let served = served_by.as_str();
+        self.tokens
+            .with_label_values(&[model, served, "input"])
+            .inc_by(usage.prompt);
+        self.tokens
+            .with_label_values(&[model, served, "output"])
+            .inc_by(usage.completion);
+        if let (ServedBy::Batch, Some(price)) = (served_by, price) {
+            self.savings
+                .with_label_values(&[model])
+                .inc_by(cost_of(usage, price).savings());
         }
     }
 

@@ -28,6 +28,25 @@ impl TokenUsage {
         })
     }
 
+    /// The `usage` of an answer body given as bytes, reading nothing else.
+    pub fn from_body(body: &[u8]) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            usage: Option<Usage>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Usage {
+            prompt_tokens: u64,
+            #[serde(default)]
+            completion_tokens: u64,
+        }
+        let usage = serde_json::from_slice::<Body>(body).ok()?.usage?;
+        Some(Self {
+            prompt: usage.prompt_tokens,
+            completion: usage.completion_tokens,
+        })
+    }
+
     pub fn total(&self) -> u64 {
         self.prompt + self.completion
     }

@@ -616,3 +616,46 @@ async fn bad_input_is_refused_with_the_spec_status_and_stores_nothing() {
     assert!(sim.jobs().is_empty());
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn batch_answers_count_tokens_and_savings_at_the_configured_prices() {
+    let prices = "[prices]\nbatch_discount = 0.5\n\n[[prices.models]]\nmodel = \"priced-*\"\ninput = 2.0\noutput = 8.0\n";
+    let (app, _sim) = setup("openai", "max_wait = \"100ms\"", prices).await;
+    let body = chat("priced-model", "how much did this cost?");
+    let resp = post(&app, ALICE, &[("carpool-mode", "wait")], &body).await;
+    assert_eq!(resp.status(), 200);
+    let answer = json_of(resp).await;
+    let (input, output) = (
+        answer["usage"]["prompt_tokens"].as_f64().unwrap(),
+        answer["usage"]["completion_tokens"].as_f64().unwrap(),
+    );
+    let expected = (input * 2.0 + output * 8.0) / 1e6 * 0.5;
+    let text = client()
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let saved = metric(
+        &text,
+        "carpool_estimated_savings_usd_total{model=\"priced-model\"}",
+    );
+    assert!(
+        (saved - expected).abs() < 1e-12,
+        "saved {saved}, expected {expected}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "carpool_tokens_total{kind=\"input\",model=\"priced-model\",served_by=\"batch\"}"
+        ),
+        input
+    );
+    assert_eq!(
+        metric(&text, "carpool_results_total{outcome=\"succeeded\"}"),
+        1.0
+    );
+    app.stop().await.unwrap();
+}

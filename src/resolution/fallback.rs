@@ -25,6 +25,7 @@ use super::reconcile::upstream_message;
 use crate::config::{FailurePolicy, Secret};
 use crate::deferral::engine::{now_ms, BatchUpstream, Deferral, FallbackGuard};
 use crate::model::{RequestId, ServedBy};
+use crate::pricing::TokenUsage;
 use crate::providers::{JobPhase, JobView, RetryPolicy};
 use crate::server::auth::Caller;
 use crate::store::{Resolution, ResolvedStatus, StoreError, WindowRecord};
@@ -226,9 +227,6 @@ pub async fn realtime(deferral: &Deferral, c: Candidate<'_>) -> Result<bool, Sto
     let resolution = match answer {
         Ok((status, body)) => {
             let ok = (200..300).contains(&status);
-            deferral
-                .metrics
-                .record_tokens(c.model, ServedBy::Realtime, &body);
             Resolution {
                 id: c.id.clone(),
                 status: if ok {
@@ -255,8 +253,16 @@ pub async fn realtime(deferral: &Deferral, c: Candidate<'_>) -> Result<bool, Sto
             completed_at: now,
         },
     };
+    let status = resolution.status;
+    let usage = resolution
+        .response_body
+        .as_deref()
+        .and_then(TokenUsage::from_body);
     let stored = deferral.store.resolve_one(resolution).await?;
     if stored {
+        deferral
+            .metrics
+            .record_result(c.model, status, ServedBy::Realtime, usage, None);
         deferral.waiters.wake(std::slice::from_ref(c.id));
         tracing::info!(request = %c.id, reason = c.reason.as_str(), "answered by a realtime call");
     }

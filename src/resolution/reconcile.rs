@@ -6,11 +6,14 @@
 //! the failure chain ([`super::fallback`]). Idempotent: re-running it after
 //! a crash changes only requests that are still open.
 
+use std::collections::HashSet;
+
 use bytes::Bytes;
 
 use super::fallback::{self, ChainTally};
 use crate::deferral::engine::{now_ms, BatchUpstream, Deferral};
 use crate::model::{RequestId, ServedBy};
+use crate::pricing::TokenUsage;
 use crate::providers::{parse_result_line, JobPhase, JobView, LineReader, ProviderError};
 use crate::store::{Resolution, ResolvedStatus, StoreError, WindowRecord};
 
@@ -150,10 +153,30 @@ async fn store_chunk(
     window: &WindowRecord,
     chunk: Vec<Resolution>,
 ) -> Result<(), StoreError> {
-    for r in &chunk {
-        deferral.metrics.record_result(&window.key.model, r);
-    }
+    // Counted once stored, and only what the store applied: a re-run after
+    // a crash must not count the same answers twice.
+    let facts: Vec<_> = chunk
+        .iter()
+        .map(|r| {
+            let usage = r.response_body.as_deref().and_then(TokenUsage::from_body);
+            (
+                r.id.clone(),
+                r.status,
+                r.served_by.unwrap_or(ServedBy::Batch),
+                usage,
+            )
+        })
+        .collect();
     let changed = deferral.store.resolve(&window.id, chunk).await?;
+    let applied: HashSet<&RequestId> = changed.iter().collect();
+    let price = deferral.config.prices.for_model(&window.key.model);
+    for (id, status, served_by, usage) in &facts {
+        if applied.contains(id) {
+            deferral
+                .metrics
+                .record_result(&window.key.model, *status, *served_by, *usage, price);
+        }
+    }
     deferral.waiters.wake(&changed);
     Ok(())
 }
