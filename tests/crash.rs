@@ -133,6 +133,16 @@ impl Scene {
         }
     }
 
+    /// Over both runs, each window's file was uploaded exactly once.
+    fn assert_each_window_uploaded_once(&self) {
+        assert_eq!(
+            self.successful_calls("POST", "/v1/files"),
+            WINDOWS,
+            "{}: each window is uploaded once",
+            self.dialect
+        );
+    }
+
     fn successful_calls(&self, method: &str, route: &str) -> usize {
         self.sim
             .calls()
@@ -306,11 +316,7 @@ async fn after_acknowledgement_before_flush(dialect: &'static str) {
 
     let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
 }
 
 /// Stage 2. Job creation answers 500 until cleared: carpool uploads each
@@ -335,11 +341,7 @@ async fn after_upload_before_create(dialect: &'static str) {
     scene.sim.clear_faults();
     let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
 }
 
 /// Stage 3. The simulator creates each job and holds the response: the job
@@ -367,11 +369,7 @@ async fn after_create_before_the_job_id_is_stored(dialect: &'static str) {
     scene.sim.clear_faults();
     let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
 }
 
 /// Stage 4. Jobs stay running until the faults are cleared; killed once
@@ -415,11 +413,7 @@ async fn while_the_job_runs(dialect: &'static str) {
     scene.sim.clear_faults();
     scene.sim.finish_jobs();
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
 }
 
 /// Stage 5. The jobs finish, and each result download is handled but its
@@ -444,11 +438,7 @@ async fn while_results_download(dialect: &'static str) {
     scene.sim.clear_faults();
     let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
 }
 
 /// Stage 5, mid-file. Each results file pauses after 550 of its 600 lines:
@@ -502,11 +492,7 @@ async fn midway_through_a_results_file(dialect: &'static str) {
     scene.sim.clear_faults();
     let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
     let after = scene.succeeded().await;
     assert_eq!(after.len(), sent.len());
     for (id, before) in &stored {

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use sqlx::Connection as _;
 use support::binary::{self, Binary};
 use support::config::SimConfig;
-use support::{client, metrics, TestApp, CHAT, PATIENCE};
+use support::{client, metrics, request_object, TestApp, CHAT, PATIENCE};
 use tokio::time::Instant;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -249,15 +249,7 @@ async fn delivery_is_signed_by_every_secret_and_verifies_with_the_reference_libr
     assert_eq!(body["data"]["response"]["status_code"], 200);
     assert_eq!(body["data"]["served_by"], "batch");
     // The same object the handle shows.
-    let handle: Value = client()
-        .get(app.url(&format!("/v1/carpool/requests/{id}")))
-        .bearer_auth("sk-caller")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let handle = request_object(&app, "sk-caller", &id).await;
     assert_eq!(handle, body["data"]);
 
     until_state(&app, &id, DeliveryState::Delivered).await;
