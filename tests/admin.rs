@@ -9,30 +9,17 @@ use std::time::Duration;
 
 use carpool::sim::{self, Fault, JobOutcome, SimOptions};
 use serde_json::{json, Value};
-use support::{client, TestApp};
+use support::config::SimConfig;
+use support::{client, metrics, TestApp};
 
 const ADMIN: &str = "admin-secret-token";
 
 async fn setup() -> (TestApp, sim::SimHandle) {
     let sim = sim::spawn(SimOptions::default()).await.unwrap();
-    let config = format!(
-        r#"
-[server]
-admin_token_env = "CARPOOL_TEST_ADMIN"
-
-[[upstreams]]
-name = "sim"
-dialect = "openai"
-base_url = "{}"
-api_key_env = "UPSTREAM_KEY"
-auth = "managed"
-
-[batching]
-max_wait = "1h"
-poll_interval = "50ms"
-"#,
-        sim.base_url()
-    );
+    let config = SimConfig::new("openai", &sim)
+        .server("admin_token_env = \"CARPOOL_TEST_ADMIN\"")
+        .batching("max_wait = \"1h\"")
+        .toml();
     let app = TestApp::start(
         &config,
         &[("UPSTREAM_KEY", "sk-up"), ("CARPOOL_TEST_ADMIN", ADMIN)],
@@ -106,14 +93,7 @@ async fn operator_lists_a_window_flushes_it_and_sees_its_job() {
     // The flusher's pass publishes the open window on /metrics too.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let text = client()
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics(&app).await;
         if text.contains("carpool_window_requests{model=\"gpt-4o-mini\"} 3") {
             assert!(text.contains("carpool_window_bytes{model=\"gpt-4o-mini\"}"));
             break;
@@ -166,14 +146,7 @@ async fn operator_lists_a_window_flushes_it_and_sees_its_job() {
     assert_eq!(job["flush_reason"], "operator");
     assert_eq!(job["requests"], 3);
     assert_eq!(job["job_id"], sim.jobs()[0].id);
-    let metrics = client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("carpool_flushes_total{reason=\"operator\"} 1"));
+    let text = metrics(&app).await;
+    assert!(text.contains("carpool_flushes_total{reason=\"operator\"} 1"));
     app.stop().await.unwrap();
 }

@@ -10,39 +10,27 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use carpool::sim::{self, Fault, JobOutcome, SimHandle, SimOptions};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{Connection, SqliteConnection};
+use sqlx::Connection;
+use support::binary::{self, Binary};
+use support::config::SimConfig;
+use support::{create_route, settled, CHAT, PATIENCE};
 use tokio::time::Instant;
 
 const ALICE: &str = "sk-alice";
 const UPSTREAM_KEY: &str = "sk-upstream";
-const CHAT: &str = "/v1/chat/completions";
 /// Two models, so every test has two windows to keep apart.
 const MODELS: [&str; 2] = ["m-small", "m-large"];
 const PER_MODEL: usize = 3;
 const WINDOWS: usize = MODELS.len();
-/// Bound on every wait.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// The routes a dialect creates jobs on.
-fn create_route(dialect: &str) -> &'static str {
-    match dialect {
-        "mistral" => "POST /v1/batch/jobs",
-        _ => "POST /v1/batches",
-    }
-}
-
 fn job_route(dialect: &str) -> &'static str {
     match dialect {
         "mistral" => "/v1/batch/jobs/{job_id}",
@@ -72,47 +60,22 @@ impl Scene {
 
     /// Writes a config with this `max_wait` and returns its path.
     fn config(&self, max_wait: &str) -> PathBuf {
-        let text = format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
+        SimConfig::new(self.dialect, &self.sim)
+            .binary(&self.db())
+            .client("alice", ALICE)
+            .batching(&format!("max_wait = \"{max_wait}\""))
+            .batching("poll_interval = \"100ms\"")
+            .write(&self.dir.path().join(format!("carpool-{max_wait}.toml")))
+    }
 
-[store]
-url = "sqlite://{db}"
-
-[[upstreams]]
-name = "sim"
-dialect = "{dialect}"
-base_url = "{base}"
-api_key_env = "UPSTREAM_KEY"
-auth = "managed"
-models = ["*"]
-
-[[clients]]
-name = "alice"
-key_sha256 = "{alice}"
-
-[batching]
-max_wait = "{max_wait}"
-poll_interval = "100ms"
-"#,
-            db = self.db().display(),
-            dialect = self.dialect,
-            base = self.sim.base_url(),
-            alice = hex::encode(Sha256::digest(ALICE.as_bytes())),
-        );
-        let path = self.dir.path().join(format!("carpool-{max_wait}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path
+    /// The binary on the config with this `max_wait`.
+    async fn start(&self, max_wait: &str) -> Binary {
+        Binary::start(&self.config(max_wait), &[("UPSTREAM_KEY", UPSTREAM_KEY)]).await
     }
 
     /// The windows in carpool's store: (state, file id, job id).
     async fn windows(&self) -> Vec<(String, Option<String>, Option<String>)> {
-        let opts = SqliteConnectOptions::new()
-            .filename(self.db())
-            .read_only(true)
-            .busy_timeout(Duration::from_secs(5));
-        let mut conn = SqliteConnection::connect_with(&opts).await.unwrap();
+        let mut conn = binary::read_only(&self.db()).await;
         let rows = sqlx::query_as("SELECT state, file_id, job_id FROM windows")
             .fetch_all(&mut conn)
             .await
@@ -123,11 +86,7 @@ poll_interval = "100ms"
 
     /// The requests the store holds as succeeded: id, completed_at, body.
     async fn succeeded(&self) -> BTreeMap<String, (i64, Vec<u8>)> {
-        let opts = SqliteConnectOptions::new()
-            .filename(self.db())
-            .read_only(true)
-            .busy_timeout(Duration::from_secs(5));
-        let mut conn = SqliteConnection::connect_with(&opts).await.unwrap();
+        let mut conn = binary::read_only(&self.db()).await;
         let rows: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(
             "SELECT id, completed_at, response_body FROM requests WHERE status = 'succeeded'",
         )
@@ -174,94 +133,22 @@ poll_interval = "100ms"
         }
     }
 
+    /// Over both runs, each window's file was uploaded exactly once.
+    fn assert_each_window_uploaded_once(&self) {
+        assert_eq!(
+            self.successful_calls("POST", "/v1/files"),
+            WINDOWS,
+            "{}: each window is uploaded once",
+            self.dialect
+        );
+    }
+
     fn successful_calls(&self, method: &str, route: &str) -> usize {
         self.sim
             .calls()
             .iter()
             .filter(|c| c.method == method && c.route == route && c.status == 200)
             .count()
-    }
-}
-
-/// The carpool binary, killed when dropped (also when a test panics).
-struct Carpool {
-    child: Child,
-    addr: String,
-}
-
-impl Carpool {
-    async fn start(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_carpool"))
-            .args(["serve", "--log-format", "json", "--config"])
-            .arg(config)
-            .env_clear()
-            .env("UPSTREAM_KEY", UPSTREAM_KEY)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let (tx, rx) = mpsc::channel::<Value>();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    let _ = tx.send(v);
-                }
-            }
-        });
-        let mut carpool = Self {
-            child,
-            addr: String::new(),
-        };
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            match rx.try_recv() {
-                Ok(v) if v["message"] == "carpool listening" => {
-                    carpool.addr = v["listen"].as_str().unwrap().to_owned();
-                    // Keep draining the logs so the child never blocks on a full pipe.
-                    std::thread::spawn(move || while rx.recv().is_ok() {});
-                    return carpool;
-                }
-                Ok(_) => {}
-                Err(mpsc::TryRecvError::Empty) => {
-                    if let Some(status) = carpool.child.try_wait().unwrap() {
-                        panic!("carpool exited before listening: {status}");
-                    }
-                    assert!(Instant::now() < deadline, "carpool never said it listens");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    panic!("carpool closed its output before listening")
-                }
-            }
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        if self.child.try_wait().unwrap().is_some() {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Carpool {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -280,12 +167,12 @@ struct Sent {
 }
 
 /// `PER_MODEL` async requests per model; each must be acknowledged with 202.
-async fn send_requests(carpool: &Carpool) -> Vec<Sent> {
+async fn send_requests(carpool: &Binary) -> Vec<Sent> {
     send_many(carpool, PER_MODEL).await
 }
 
 /// `per_model` async requests per model, a few dozen at a time.
-async fn send_many(carpool: &Carpool, per_model: usize) -> Vec<Sent> {
+async fn send_many(carpool: &Binary, per_model: usize) -> Vec<Sent> {
     let http = client();
     // Every body names its model, so the batch answer (Mistral fills in the
     // job's model) equals the synchronous one.
@@ -328,40 +215,13 @@ async fn send_many(carpool: &Carpool, per_model: usize) -> Vec<Sent> {
         .await
 }
 
-/// The request object once it is final.
-async fn settled(carpool: &Carpool, id: &str) -> Value {
-    let http = client();
-    let url = carpool.url(&format!("/v1/carpool/requests/{id}"));
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let object: Value = http
-            .get(&url)
-            .bearer_auth(ALICE)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let status = object["status"].as_str().unwrap_or_default().to_owned();
-        if !["queued", "submitted"].contains(&status.as_str()) {
-            return object;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "request {id} still {status} after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// What must hold after the restart, whatever the stage of the kill.
-async fn assert_every_request_answered_once(scene: &Scene, carpool: &Carpool, sent: &[Sent]) {
+async fn assert_every_request_answered_once(scene: &Scene, carpool: &Binary, sent: &[Sent]) {
     let dialect = scene.dialect;
     let http = client();
     let mut answers = Vec::new();
     for s in sent {
-        answers.push(settled(carpool, &s.id).await);
+        answers.push(settled(carpool, ALICE, &s.id).await);
     }
     let jobs = scene.sim.jobs();
 
@@ -448,19 +308,15 @@ macro_rules! in_both_dialects {
 /// whose `max_wait` is 100ms, so the resumed windows flush at once.
 async fn after_acknowledgement_before_flush(dialect: &'static str) {
     let scene = Scene::new(dialect).await;
-    let mut carpool = Carpool::start(&scene.config("1h")).await;
+    let mut carpool = scene.start("1h").await;
     let sent = send_requests(&carpool).await;
     scene.until_windows("open", |w| w.0 == "open").await;
     assert!(scene.sim.calls().is_empty(), "nothing reached the provider");
     carpool.kill();
 
-    let carpool = Carpool::start(&scene.config("100ms")).await;
+    let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
 }
 
 /// Stage 2. Job creation answers 500 until cleared: carpool uploads each
@@ -472,7 +328,7 @@ async fn after_upload_before_create(dialect: &'static str) {
     scene
         .sim
         .add_fault(Fault::status(create_route(dialect), 500, 0));
-    let mut carpool = Carpool::start(&scene.config("100ms")).await;
+    let mut carpool = scene.start("100ms").await;
     let sent = send_requests(&carpool).await;
     scene
         .until_windows("uploaded and creating", |w| {
@@ -483,13 +339,9 @@ async fn after_upload_before_create(dialect: &'static str) {
     assert!(scene.sim.jobs().is_empty());
 
     scene.sim.clear_faults();
-    let carpool = Carpool::start(&scene.config("100ms")).await;
+    let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
 }
 
 /// Stage 3. The simulator creates each job and holds the response: the job
@@ -500,7 +352,7 @@ async fn after_create_before_the_job_id_is_stored(dialect: &'static str) {
     scene
         .sim
         .add_fault(Fault::hold_response(create_route(dialect), 0));
-    let mut carpool = Carpool::start(&scene.config("100ms")).await;
+    let mut carpool = scene.start("100ms").await;
     let sent = send_requests(&carpool).await;
     scene
         .until("every window's job created and its response held", |sim| {
@@ -515,13 +367,9 @@ async fn after_create_before_the_job_id_is_stored(dialect: &'static str) {
     carpool.kill();
 
     scene.sim.clear_faults();
-    let carpool = Carpool::start(&scene.config("100ms")).await;
+    let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
 }
 
 /// Stage 4. Jobs stay running until the faults are cleared; killed once
@@ -533,7 +381,7 @@ async fn while_the_job_runs(dialect: &'static str) {
         outcome: JobOutcome::Stuck,
         count: 0,
     });
-    let mut carpool = Carpool::start(&scene.config("100ms")).await;
+    let mut carpool = scene.start("100ms").await;
     let sent = send_requests(&carpool).await;
     scene
         .until_windows("submitted", |w| w.0 == "submitted" && w.2.is_some())
@@ -556,7 +404,7 @@ async fn while_the_job_runs(dialect: &'static str) {
     carpool.kill();
 
     let before_restart = scene.sim.calls().len();
-    let carpool = Carpool::start(&scene.config("100ms")).await;
+    let carpool = scene.start("100ms").await;
     scene
         .until("every running job polled after the restart", |sim| {
             polled(sim, before_restart)
@@ -565,11 +413,7 @@ async fn while_the_job_runs(dialect: &'static str) {
     scene.sim.clear_faults();
     scene.sim.finish_jobs();
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
 }
 
 /// Stage 5. The jobs finish, and each result download is handled but its
@@ -579,7 +423,7 @@ async fn while_results_download(dialect: &'static str) {
     scene
         .sim
         .add_fault(Fault::hold_response("GET /v1/files/{file_id}/content", 0));
-    let mut carpool = Carpool::start(&scene.config("100ms")).await;
+    let mut carpool = scene.start("100ms").await;
     let sent = send_requests(&carpool).await;
     scene
         .until("every window's results download held", |sim| {
@@ -592,13 +436,9 @@ async fn while_results_download(dialect: &'static str) {
     carpool.kill();
 
     scene.sim.clear_faults();
-    let carpool = Carpool::start(&scene.config("100ms")).await;
+    let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
 }
 
 /// Stage 5, mid-file. Each results file pauses after 550 of its 600 lines:
@@ -616,11 +456,11 @@ async fn midway_through_a_results_file(dialect: &'static str) {
         BEFORE_HOLD,
         0,
     ));
-    let mut carpool = Carpool::start(&scene.config("1h")).await;
+    let mut carpool = scene.start("1h").await;
     let sent = send_many(&carpool, PER_WINDOW).await;
     carpool.kill();
     // Restarted on a short max_wait, so both full windows flush together.
-    let mut carpool = Carpool::start(&scene.config("100ms")).await;
+    let mut carpool = scene.start("100ms").await;
     scene
         .until("every results download paused midway", |sim| {
             sim.held_responses() == WINDOWS
@@ -650,13 +490,9 @@ async fn midway_through_a_results_file(dialect: &'static str) {
     carpool.kill();
 
     scene.sim.clear_faults();
-    let carpool = Carpool::start(&scene.config("100ms")).await;
+    let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
-    assert_eq!(
-        scene.successful_calls("POST", "/v1/files"),
-        WINDOWS,
-        "{dialect}: each window is uploaded once"
-    );
+    scene.assert_each_window_uploaded_once();
     let after = scene.succeeded().await;
     assert_eq!(after.len(), sent.len());
     for (id, before) in &stored {
@@ -676,7 +512,7 @@ async fn while_the_upload_is_answered(dialect: &'static str) {
     scene
         .sim
         .add_fault(Fault::hold_response("POST /v1/files", 0));
-    let mut carpool = Carpool::start(&scene.config("100ms")).await;
+    let mut carpool = scene.start("100ms").await;
     let sent = send_requests(&carpool).await;
     scene
         .until("every window's upload held", |sim| {
@@ -691,7 +527,7 @@ async fn while_the_upload_is_answered(dialect: &'static str) {
     carpool.kill();
 
     scene.sim.clear_faults();
-    let carpool = Carpool::start(&scene.config("100ms")).await;
+    let carpool = scene.start("100ms").await;
     assert_every_request_answered_once(&scene, &carpool, &sent).await;
     assert_eq!(
         scene.successful_calls("POST", "/v1/files"),

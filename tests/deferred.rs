@@ -12,58 +12,25 @@ use std::time::Duration;
 use carpool::sim::{self, Fault, SimHandle, SimOptions};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use support::{client, TestApp};
+use support::config::SimConfig;
+use support::{client, metric, metrics, post_chat, settled, submissions, TestApp, CHAT};
 
 const DIALECTS: [&str; 2] = ["mistral", "openai"];
 const ALICE: &str = "sk-alice";
 const BOB: &str = "sk-bob";
-const CHAT: &str = "/v1/chat/completions";
-
-fn sha(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
 
 /// carpool in front of a fresh simulator; `batching` is extra `[batching]`
-/// keys, `tail` any further TOML.
+/// keys (max_wait 1m unless given), `tail` any further TOML.
 async fn setup(dialect: &str, batching: &str, tail: &str) -> (TestApp, SimHandle) {
     let sim = sim::spawn(SimOptions::default()).await.unwrap();
-    let config = format!(
-        r#"
-[server]
-max_body = "64KB"
-
-[[upstreams]]
-name = "sim"
-dialect = "{dialect}"
-base_url = "{base}"
-api_key_env = "UPSTREAM_KEY"
-auth = "managed"
-models = ["*"]
-
-[[clients]]
-name = "alice"
-key_sha256 = "{alice}"
-
-[[clients]]
-name = "bob"
-key_sha256 = "{bob}"
-
-[batching]
-poll_interval = "50ms"
-{batching}
-{tail}
-"#,
-        base = sim.base_url(),
-        alice = sha(ALICE),
-        bob = sha(BOB),
-        batching = if batching.contains("max_wait") {
-            batching.to_owned()
-        } else {
-            format!("max_wait = \"1m\"\n{batching}")
-        },
-    );
-    let app = TestApp::start(&config, &[("UPSTREAM_KEY", "sk-upstream")]).await;
+    let config = SimConfig::new(dialect, &sim)
+        .server("max_body = \"64KB\"")
+        .client("alice", ALICE)
+        .client("bob", BOB)
+        .batching("max_wait = \"1m\"")
+        .batching(batching)
+        .extra(tail);
+    let app = TestApp::start(&config.toml(), &[("UPSTREAM_KEY", "sk-upstream")]).await;
     (app, sim)
 }
 
@@ -71,66 +38,8 @@ fn chat(model: &str, text: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 32})
 }
 
-async fn post(
-    app: &TestApp,
-    key: &str,
-    headers: &[(&str, &str)],
-    body: &Value,
-) -> reqwest::Response {
-    let mut req = client().post(app.url(CHAT)).bearer_auth(key).json(body);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().await.unwrap()
-}
-
 async fn json_of(resp: reqwest::Response) -> Value {
     resp.json().await.unwrap()
-}
-
-/// Waits until the handle reports a final status; returns the object.
-async fn settled(app: &TestApp, key: &str, id: &str) -> Value {
-    let url = app.url(&format!("/v1/carpool/requests/{id}"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let obj: Value = client()
-            .get(&url)
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let status = obj["status"].as_str().unwrap_or("").to_owned();
-        if !["queued", "submitted"].contains(&status.as_str()) {
-            return obj;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "request {id} still {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Every custom id the simulator saw, with how many jobs each was in.
-fn submissions(sim: &SimHandle) -> Vec<(String, usize)> {
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    for job in sim.jobs() {
-        for id in job.custom_ids {
-            *counts.entry(id).or_default() += 1;
-        }
-    }
-    counts.into_iter().collect()
-}
-
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -142,7 +51,7 @@ async fn concurrent_wait_calls_over_two_models_make_two_jobs_and_each_caller_get
             let body = chat(model, &format!("question number {i}"));
             let app = &app;
             async move {
-                let resp = post(app, ALICE, &[("carpool-mode", "wait")], &body).await;
+                let resp = post_chat(app, ALICE, &[("carpool-mode", "wait")], &body).await;
                 let status = resp.status();
                 let served = resp.headers().get("carpool-served-by").cloned();
                 let batch = resp.headers().get("carpool-batch-id").cloned();
@@ -175,7 +84,7 @@ async fn max_requests_five_splits_twelve_requests_into_jobs_of_five_five_and_two
         let (app, sim) = setup(dialect, "max_requests = 5\nmax_wait = \"300ms\"", "").await;
         let mut ids = Vec::new();
         for i in 0..12 {
-            let resp = post(
+            let resp = post_chat(
                 &app,
                 ALICE,
                 &[("carpool-mode", "async")],
@@ -191,20 +100,13 @@ async fn max_requests_five_splits_twelve_requests_into_jobs_of_five_five_and_two
         let mut sizes: Vec<usize> = sim.jobs().iter().map(|j| j.custom_ids.len()).collect();
         sizes.sort();
         assert_eq!(sizes, vec![2, 5, 5], "{dialect}");
-        let metrics = client()
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics(&app).await;
         assert_eq!(
-            metric(&metrics, "carpool_flushes_total{reason=\"max_requests\"}"),
+            metric(&text, "carpool_flushes_total{reason=\"max_requests\"}"),
             2.0
         );
         assert_eq!(
-            metric(&metrics, "carpool_flushes_total{reason=\"max_wait\"}"),
+            metric(&text, "carpool_flushes_total{reason=\"max_wait\"}"),
             1.0
         );
         app.stop().await.unwrap();
@@ -216,7 +118,7 @@ async fn max_wait_flushes_a_lone_request() {
     for dialect in DIALECTS {
         let (app, sim) = setup(dialect, "max_wait = \"200ms\"", "").await;
         let body = chat("lonely", "anyone there?");
-        let resp = post(&app, ALICE, &[("carpool-mode", "wait")], &body).await;
+        let resp = post_chat(&app, ALICE, &[("carpool-mode", "wait")], &body).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(json_of(resp).await, sim::expected_response(CHAT, &body));
         assert_eq!(sim.jobs().len(), 1);
@@ -229,7 +131,7 @@ async fn async_then_poll_then_result_equals_the_synchronous_answer() {
     for dialect in DIALECTS {
         let (app, sim) = setup(dialect, "max_wait = \"100ms\"", "").await;
         let body = chat("m", "what is a carpool?");
-        let resp = post(&app, ALICE, &[("prefer", "respond-async")], &body).await;
+        let resp = post_chat(&app, ALICE, &[("prefer", "respond-async")], &body).await;
         assert_eq!(resp.status(), 202);
         assert_eq!(resp.headers()["preference-applied"], "respond-async");
         let location = resp.headers()["location"].to_str().unwrap().to_owned();
@@ -260,7 +162,7 @@ async fn async_then_poll_then_result_equals_the_synchronous_answer() {
             .await
             .unwrap();
         assert_eq!(from_batch, json_of(direct).await, "{dialect}");
-        let now = post(&app, ALICE, &[("carpool-mode", "now")], &body).await;
+        let now = post_chat(&app, ALICE, &[("carpool-mode", "now")], &body).await;
         assert_eq!(from_batch, json_of(now).await);
         app.stop().await.unwrap();
     }
@@ -271,7 +173,7 @@ async fn delete_before_flush_keeps_the_request_out_of_every_job() {
     for dialect in DIALECTS {
         let (app, sim) = setup(dialect, "max_requests = 3", "").await;
         let first = json_of(
-            post(
+            post_chat(
                 &app,
                 ALICE,
                 &[("carpool-mode", "async")],
@@ -292,7 +194,7 @@ async fn delete_before_flush_keeps_the_request_out_of_every_job() {
         assert_eq!(json_of(del).await["status"], "cancelled");
         let mut kept = Vec::new();
         for i in 0..3 {
-            let resp = post(
+            let resp = post_chat(
                 &app,
                 ALICE,
                 &[("carpool-mode", "async")],
@@ -327,10 +229,10 @@ async fn idempotent_repeat_and_sdk_retry_each_make_one_submission() {
         let (app, sim) = setup(dialect, "max_wait = \"200ms\"", "").await;
         let body = chat("m", "only once please");
         let key = [("carpool-mode", "async"), ("idempotency-key", "job-42")];
-        let a = json_of(post(&app, ALICE, &key, &body).await).await;
-        let b = json_of(post(&app, ALICE, &key, &body).await).await;
+        let a = json_of(post_chat(&app, ALICE, &key, &body).await).await;
+        let b = json_of(post_chat(&app, ALICE, &key, &body).await).await;
         assert_eq!(a["id"], b["id"]);
-        let reused = post(&app, ALICE, &key, &chat("m", "a different body")).await;
+        let reused = post_chat(&app, ALICE, &key, &chat("m", "a different body")).await;
         assert_eq!(reused.status(), 422);
         assert_eq!(
             json_of(reused).await["error"]["code"],
@@ -339,7 +241,7 @@ async fn idempotent_repeat_and_sdk_retry_each_make_one_submission() {
 
         // An SDK retry carries no key, only a retry count.
         let retried_body = chat("m", "sent by an SDK that timed out");
-        let first = post(
+        let first = post_chat(
             &app,
             ALICE,
             &[("carpool-mode", "wait"), ("x-stainless-retry-count", "0")],
@@ -364,7 +266,7 @@ async fn idempotent_repeat_and_sdk_retry_each_make_one_submission() {
                 assert!(tokio::time::Instant::now() < deadline);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            post(
+            post_chat(
                 &app,
                 ALICE,
                 &[("carpool-mode", "wait"), ("x-stainless-retry-count", "1")],
@@ -390,7 +292,7 @@ async fn idempotent_repeat_and_sdk_retry_each_make_one_submission() {
 async fn another_credential_gets_404_on_the_handle() {
     let (app, _sim) = setup("mistral", "", "").await;
     let made = json_of(
-        post(
+        post_chat(
             &app,
             ALICE,
             &[("carpool-mode", "async")],
@@ -453,7 +355,7 @@ async fn a_per_line_failure_reaches_only_its_own_caller_with_the_upstream_status
     for dialect in DIALECTS {
         let (app, sim) = setup(dialect, "max_requests = 2", "").await;
         let doomed = json_of(
-            post(
+            post_chat(
                 &app,
                 ALICE,
                 &[("carpool-mode", "async")],
@@ -469,7 +371,7 @@ async fn a_per_line_failure_reaches_only_its_own_caller_with_the_upstream_status
             status: 400,
         });
         let fine_body = chat("m", "fine");
-        let fine = post(&app, ALICE, &[("carpool-mode", "wait")], &fine_body).await;
+        let fine = post_chat(&app, ALICE, &[("carpool-mode", "wait")], &fine_body).await;
         assert_eq!(fine.status(), 200);
         assert_eq!(
             json_of(fine).await,
@@ -500,7 +402,7 @@ async fn a_streamed_wait_call_gets_valid_sse() {
         let mut body = chat("m", "stream this back to me please");
         let expected = sim::expected_response(CHAT, &body);
         body["stream"] = json!(true);
-        let resp = post(&app, ALICE, &[("carpool-mode", "wait")], &body).await;
+        let resp = post_chat(&app, ALICE, &[("carpool-mode", "wait")], &body).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
         assert!(resp.headers().contains_key("carpool-request-id"));
@@ -622,7 +524,7 @@ async fn batch_answers_count_tokens_and_savings_at_the_configured_prices() {
     let prices = "[prices]\nbatch_discount = 0.5\n\n[[prices.models]]\nmodel = \"priced-*\"\ninput = 2.0\noutput = 8.0\n";
     let (app, _sim) = setup("openai", "max_wait = \"100ms\"", prices).await;
     let body = chat("priced-model", "how much did this cost?");
-    let resp = post(&app, ALICE, &[("carpool-mode", "wait")], &body).await;
+    let resp = post_chat(&app, ALICE, &[("carpool-mode", "wait")], &body).await;
     assert_eq!(resp.status(), 200);
     let answer = json_of(resp).await;
     let (input, output) = (
@@ -630,14 +532,7 @@ async fn batch_answers_count_tokens_and_savings_at_the_configured_prices() {
         answer["usage"]["completion_tokens"].as_f64().unwrap(),
     );
     let expected = (input * 2.0 + output * 8.0) / 1e6 * 0.5;
-    let text = client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&app).await;
     let saved = metric(
         &text,
         "carpool_estimated_savings_usd_total{model=\"priced-model\"}",

@@ -13,77 +13,29 @@ use carpool::sim::{self, Fault, JobOutcome, SimHandle, SimOptions};
 use carpool::store::WindowState;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use support::{client, TestApp};
+use support::config::{key_sha256, SimConfig};
+use support::{create_route, metric, metrics, post_chat, request_object, settled, TestApp, CHAT};
 
 const DIALECTS: [&str; 2] = ["mistral", "openai"];
 const ALICE: &str = "sk-alice";
 const BOB: &str = "sk-bob";
-const CHAT: &str = "/v1/chat/completions";
-
-fn sha(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
 
 /// carpool in front of a fresh simulator; `batching` is extra `[batching]`
 /// keys (poll_interval is 50ms, max_wait 200ms unless given).
 async fn setup(dialect: &str, batching: &str) -> (TestApp, SimHandle) {
     let sim = sim::spawn(SimOptions::default()).await.unwrap();
-    let max_wait = if batching.contains("max_wait") {
-        ""
-    } else {
-        "max_wait = \"200ms\""
-    };
-    let config = format!(
-        r#"
-[server]
-max_body = "64KB"
-shutdown_grace = "5s"
-
-[[upstreams]]
-name = "sim"
-dialect = "{dialect}"
-base_url = "{base}"
-api_key_env = "UPSTREAM_KEY"
-auth = "managed"
-models = ["*"]
-
-[[clients]]
-name = "alice"
-key_sha256 = "{alice}"
-
-[[clients]]
-name = "bob"
-key_sha256 = "{bob}"
-
-[batching]
-poll_interval = "50ms"
-{max_wait}
-{batching}
-"#,
-        base = sim.base_url(),
-        alice = sha(ALICE),
-        bob = sha(BOB),
-    );
-    let app = TestApp::start(&config, &[("UPSTREAM_KEY", "sk-upstream")]).await;
+    let config = SimConfig::new(dialect, &sim)
+        .server("max_body = \"64KB\"\nshutdown_grace = \"5s\"")
+        .client("alice", ALICE)
+        .client("bob", BOB)
+        .batching("max_wait = \"200ms\"")
+        .batching(batching);
+    let app = TestApp::start(&config.toml(), &[("UPSTREAM_KEY", "sk-upstream")]).await;
     (app, sim)
 }
 
 fn chat(text: &str) -> Value {
     json!({"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 32})
-}
-
-async fn post(
-    app: &TestApp,
-    key: &str,
-    headers: &[(&str, &str)],
-    body: &Value,
-) -> reqwest::Response {
-    let mut req = client().post(app.url(CHAT)).bearer_auth(key).json(body);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().await.unwrap()
 }
 
 /// A held (wait mode) call's status, headers of interest and JSON body.
@@ -98,7 +50,7 @@ struct Held {
 async fn wait_call(app: &TestApp, key: &str, extra: &[(&str, &str)], body: &Value) -> Held {
     let mut headers = vec![("carpool-mode", "wait")];
     headers.extend_from_slice(extra);
-    let resp = post(app, key, &headers, body).await;
+    let resp = post_chat(app, key, &headers, body).await;
     let header = |name: &str| {
         resp.headers()
             .get(name)
@@ -128,44 +80,6 @@ async fn wait_calls(app: &TestApp, n: usize, extra: &[(&str, &str)]) -> Vec<(Val
         (body, held)
     }))
     .await
-}
-
-async fn handle(app: &TestApp, key: &str, id: &str) -> Value {
-    client()
-        .get(app.url(&format!("/v1/carpool/requests/{id}")))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn metrics(app: &TestApp) -> String {
-    client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn create_route(dialect: &str) -> &'static str {
-    match dialect {
-        "mistral" => "POST /v1/batch/jobs",
-        _ => "POST /v1/batches",
-    }
 }
 
 /// Calls the simulator logged with this method and route, by status.
@@ -321,7 +235,7 @@ async fn realtime_policy_answers_every_caller_through_the_synchronous_endpoint()
         assert_eq!(calls(&sim, "POST", CHAT), vec![200, 200, 200], "{dialect}");
         assert_eq!(sim.jobs().len(), 1, "{dialect}: nothing resubmitted");
         for (_, held) in &results {
-            let obj = handle(&app, ALICE, &held.id).await;
+            let obj = request_object(&app, ALICE, &held.id).await;
             assert_eq!(obj["status"], "succeeded");
             assert_eq!(obj["served_by"], "realtime");
         }
@@ -367,7 +281,7 @@ async fn error_policy_gives_each_caller_502_with_the_providers_reason() {
                 message.contains("failed (simulated)"),
                 "{dialect}: the provider's reason is in {message:?}"
             );
-            let obj = handle(&app, ALICE, &held.id).await;
+            let obj = request_object(&app, ALICE, &held.id).await;
             assert_eq!(obj["status"], "failed");
             assert_eq!(obj["error"]["code"], "batch_failed");
         }
@@ -398,7 +312,7 @@ async fn stuck_job_with_deadline(dialect: &'static str) {
     let jobs = sim.jobs();
     assert_eq!(jobs.len(), 1, "{dialect}: the request was in a (stuck) job");
     assert!(jobs[0].custom_ids.contains(&held.id));
-    let before = handle(&app, ALICE, &held.id).await;
+    let before = request_object(&app, ALICE, &held.id).await;
 
     // The stuck job finishes after all: its late result must be dropped.
     sim.clear_faults();
@@ -420,7 +334,7 @@ async fn stuck_job_with_deadline(dialect: &'static str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let after = handle(&app, ALICE, &held.id).await;
+    let after = request_object(&app, ALICE, &held.id).await;
     assert_eq!(
         after, before,
         "{dialect}: the late batch result changed the answer"
@@ -454,7 +368,7 @@ async fn deadline_without_realtime_fails_with_504_and_expired() {
         assert!(started.elapsed() < Duration::from_secs(2), "{dialect}");
         assert_eq!(held.status, 504, "{dialect}: {}", held.body);
         assert_eq!(held.body["error"]["code"], "deadline_exceeded");
-        let obj = handle(&app, ALICE, &held.id).await;
+        let obj = request_object(&app, ALICE, &held.id).await;
         assert_eq!(obj["status"], "expired");
         assert_eq!(obj["served_by"], Value::Null);
         assert!(
@@ -505,7 +419,7 @@ async fn intake_over_the_ceiling_gets_429_and_stores_nothing() {
         let async_call = |key: &'static str, i: usize| {
             let app = &app;
             async move {
-                post(
+                post_chat(
                     app,
                     key,
                     &[("carpool-mode", "async")],
@@ -529,14 +443,18 @@ async fn intake_over_the_ceiling_gets_429_and_stores_nothing() {
         let store = &app.state.deferral.store;
         assert_eq!(
             store
-                .list(&sha(ALICE), None, 100, None)
+                .list(&key_sha256(ALICE), None, 100, None)
                 .await
                 .unwrap()
                 .len(),
             2
         );
         assert_eq!(
-            store.list(&sha(BOB), None, 100, None).await.unwrap().len(),
+            store
+                .list(&key_sha256(BOB), None, 100, None)
+                .await
+                .unwrap()
+                .len(),
             1
         );
         let text = metrics(&app).await;
@@ -558,7 +476,7 @@ async fn answered_requests_free_their_place_under_the_ceiling() {
     let async_call = |i: usize| {
         let app = &app;
         async move {
-            post(
+            post_chat(
                 app,
                 ALICE,
                 &[("carpool-mode", "async")],
@@ -580,11 +498,11 @@ async fn answered_requests_free_their_place_under_the_ceiling() {
     }
     assert_eq!(async_call(2).await.status(), 429);
     for id in &ids {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while handle(&app, ALICE, id).await["status"] != "succeeded" {
-            assert!(Instant::now() < deadline, "{id} never answered");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert_eq!(
+            settled(&app, ALICE, id).await["status"],
+            "succeeded",
+            "{id}"
+        );
     }
     // Both are answered: once the snapshot is refreshed there is room again.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -609,28 +527,16 @@ async fn a_deadline_that_passes_while_carpool_is_down_is_met_by_realtime_after_r
     });
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/carpool.db", dir.path().display());
-    let config = format!(
-        r#"
-[[upstreams]]
-name = "sim"
-dialect = "openai"
-base_url = "{}"
-api_key_env = "UPSTREAM_KEY"
-
-[batching]
-poll_interval = "50ms"
-max_wait = "1m"
-fallback_margin = "1s"
-"#,
-        sim.base_url()
-    );
+    let config = SimConfig::new("openai", &sim)
+        .batching("max_wait = \"1m\"\nfallback_margin = \"1s\"")
+        .toml();
     let vars = [
         ("UPSTREAM_KEY", "sk-upstream"),
         ("CARPOOL_STORE__URL", url.as_str()),
     ];
     let first = TestApp::start(&config, &vars).await;
     let body = chat("survive a restart");
-    let resp = post(
+    let resp = post_chat(
         &first,
         ALICE,
         &[("carpool-mode", "async"), ("carpool-deadline", "2")],
@@ -647,18 +553,7 @@ fallback_margin = "1s"
     assert_eq!(sim.jobs().len(), 1);
 
     let second = TestApp::start(&config, &vars).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let obj = loop {
-        let obj = handle(&second, ALICE, &id).await;
-        if obj["status"] != "submitted" {
-            break obj;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never answered after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let obj = settled(&second, ALICE, &id).await;
     assert_eq!(obj["status"], "succeeded", "{obj}");
     assert_eq!(obj["served_by"], "realtime");
     assert_eq!(obj["response"]["body"], sim::expected_response(CHAT, &body));

@@ -8,8 +8,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use support::binary::Binary;
 use support::upstream::Upstream;
-use support::{client, dead_address, eventually, one_upstream, TestApp};
+use support::{client, dead_address, eventually, metrics, one_upstream, TestApp};
 
 const KEY: (&str, &str) = ("UPSTREAM_KEY", "sk-upstream-secret");
 
@@ -104,8 +105,7 @@ async fn upstream_error_status_headers_and_body_come_back_verbatim() {
         assert_eq!(resp.headers()["x-upstream"], "primary");
         assert_eq!(resp.bytes().await.unwrap(), direct_body);
     }
-    let metrics = client().get(app.url("/metrics")).send().await.unwrap();
-    let text = metrics.text().await.unwrap();
+    let text = metrics(&app).await;
     assert!(
         text.contains(r#"carpool_upstream_errors_total{operation="passthrough",status="503",upstream="primary"} 1"#),
         "{text}"
@@ -354,14 +354,7 @@ async fn ops_endpoints_report_health_readiness_and_metrics() {
         .send()
         .await
         .unwrap();
-    let text = client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&app).await;
     for family in [
         r#"carpool_requests_total{mode="passthrough",outcome="ok",route="/v1/chat/completions"} 1"#,
         "carpool_passthrough_duration_seconds_bucket",
@@ -410,9 +403,6 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
 /// finish, then the process exits 0.
 #[tokio::test]
 async fn sigterm_drains_an_in_flight_stream_and_exits_zero() {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-
     let up = Upstream::start("primary").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("carpool.toml");
@@ -423,43 +413,13 @@ async fn sigterm_drains_an_in_flight_stream_and_exits_zero() {
         dir.path().display()
     );
     std::fs::write(&path, text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_carpool"))
-        .args(["serve", "--log-format", "json", "--config"])
-        .arg(&path)
-        .env_clear()
-        .env(KEY.0, KEY.1)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let wait_for = |message: &str| -> Value {
-        loop {
-            let v = rx.recv_timeout(Duration::from_secs(20)).expect("log line");
-            if v["message"] == message {
-                return v;
-            }
-        }
-    };
-    let listening = wait_for("carpool listening");
-    let addr = listening["listen"].as_str().unwrap().to_owned();
+    let mut carpool = Binary::start(&path, &[KEY]).await;
 
     up.hold_streams();
     let mut body = chat("m");
     body["stream"] = json!(true);
     let resp = client()
-        .post(format!("http://{addr}/v1/chat/completions"))
+        .post(carpool.url("/v1/chat/completions"))
         .json(&body)
         .send()
         .await
@@ -467,9 +427,8 @@ async fn sigterm_drains_an_in_flight_stream_and_exits_zero() {
     let mut stream = resp.bytes_stream();
     stream.next().await.unwrap().unwrap();
 
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    wait_for("SIGTERM received, shutting down");
+    carpool.terminate();
+    carpool.until_log("SIGTERM received, shutting down").await;
     up.release_streams();
     let mut rest = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -479,13 +438,6 @@ async fn sigterm_drains_an_in_flight_stream_and_exits_zero() {
         .unwrap()
         .ends_with("data: [DONE]\n\n"));
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(std::time::Instant::now() < deadline, "carpool did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = carpool.exited().await;
     assert!(status.success(), "exit status {status}");
 }

@@ -8,26 +8,15 @@ use std::time::Duration;
 
 use carpool::sim::{self, SimOptions};
 use serde_json::{json, Value};
+use support::config::SimConfig;
 use support::{client, TestApp};
 
 #[tokio::test]
 async fn a_result_is_purged_once_results_ttl_has_passed() {
     let sim = sim::spawn(SimOptions::default()).await.unwrap();
-    let config = format!(
-        r#"
-[[upstreams]]
-name = "sim"
-dialect = "mistral"
-base_url = "{}"
-api_key_env = "UPSTREAM_KEY"
-
-[batching]
-max_wait = "50ms"
-poll_interval = "50ms"
-results_ttl = "1s"
-"#,
-        sim.base_url()
-    );
+    let config = SimConfig::new("mistral", &sim)
+        .batching("max_wait = \"50ms\"\nresults_ttl = \"1s\"")
+        .toml();
     let app = TestApp::start(&config, &[("UPSTREAM_KEY", "sk-up")]).await;
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "keep me a while"}]});
     let resp = client()

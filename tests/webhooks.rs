@@ -9,12 +9,10 @@
 mod support;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -24,14 +22,15 @@ use carpool::model::{DeliveryId, RequestId};
 use carpool::sim::{self, SimHandle, SimOptions};
 use carpool::store::{DeliveryMode, DeliveryState, NewRequest, WindowLimits};
 use serde_json::{json, Value};
-use support::{client, TestApp};
+use sqlx::Connection as _;
+use support::binary::{self, Binary};
+use support::config::SimConfig;
+use support::{client, metrics, request_object, TestApp, CHAT, PATIENCE};
 use tokio::time::Instant;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const ROTATED: &str = "whsec_c2Vjb25kLXNlY3JldC1mb3Ita2V5LXJvdGF0aW9uISE=";
 const ADMIN: &str = "admin-token-for-webhooks";
-const CHAT: &str = "/v1/chat/completions";
-const PATIENCE: Duration = Duration::from_secs(30);
 
 // ---- the receiver ---------------------------------------------------------
 
@@ -129,30 +128,18 @@ async fn record(State(script): State<Arc<Script>>, headers: HeaderMap, body: Byt
 // ---- carpool in-process ---------------------------------------------------
 
 fn config(sim: &SimHandle, webhooks: &str) -> String {
-    format!(
-        r#"
-[server]
-admin_token_env = "WEBHOOK_TEST_ADMIN"
-
-[[upstreams]]
-name = "sim"
-dialect = "openai"
-base_url = "{base}"
-api_key_env = "UPSTREAM_KEY"
-auth = "managed"
-
-[batching]
-max_wait = "100ms"
-poll_interval = "50ms"
-
-[webhooks]
+    SimConfig::new("openai", sim)
+        .server("admin_token_env = \"WEBHOOK_TEST_ADMIN\"")
+        .batching("max_wait = \"100ms\"")
+        .extra(&format!(
+            r#"[webhooks]
 secrets = ["{SECRET}", "{ROTATED}"]
 schedule = ["50ms"]
 timeout = "2s"
 {webhooks}
-"#,
-        base = sim.base_url()
-    )
+"#
+        ))
+        .toml()
 }
 
 async fn setup(webhooks: &str) -> (TestApp, SimHandle) {
@@ -222,17 +209,6 @@ async fn admin(app: &TestApp, method: reqwest::Method, path: &str) -> (u16, Valu
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-async fn metrics(app: &TestApp) -> String {
-    client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 // ---- tests ----------------------------------------------------------------
 
 #[tokio::test]
@@ -273,15 +249,7 @@ async fn delivery_is_signed_by_every_secret_and_verifies_with_the_reference_libr
     assert_eq!(body["data"]["response"]["status_code"], 200);
     assert_eq!(body["data"]["served_by"], "batch");
     // The same object the handle shows.
-    let handle: Value = client()
-        .get(app.url(&format!("/v1/carpool/requests/{id}")))
-        .bearer_auth("sk-caller")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let handle = request_object(&app, "sk-caller", &id).await;
     assert_eq!(handle, body["data"]);
 
     until_state(&app, &id, DeliveryState::Delivered).await;
@@ -549,94 +517,9 @@ async fn a_host_name_resolving_to_loopback_is_refused_at_delivery() {
 
 // ---- crash: the real binary -----------------------------------------------
 
-/// The carpool binary, killed when dropped (also when a test panics).
-struct Carpool {
-    child: Child,
-    addr: String,
-}
-
-impl Carpool {
-    async fn start(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_carpool"))
-            .args(["serve", "--log-format", "json", "--config"])
-            .arg(config)
-            .env_clear()
-            .env("UPSTREAM_KEY", "sk-up")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let (tx, rx) = mpsc::channel::<Value>();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    let _ = tx.send(v);
-                }
-            }
-        });
-        let mut carpool = Self {
-            child,
-            addr: String::new(),
-        };
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            match rx.try_recv() {
-                Ok(v) if v["message"] == "carpool listening" => {
-                    carpool.addr = v["listen"].as_str().unwrap().to_owned();
-                    std::thread::spawn(move || while rx.recv().is_ok() {});
-                    return carpool;
-                }
-                Ok(_) => {}
-                Err(mpsc::TryRecvError::Empty) => {
-                    if let Some(status) = carpool.child.try_wait().unwrap() {
-                        panic!("carpool exited before listening: {status}");
-                    }
-                    assert!(Instant::now() < deadline, "carpool never said it listens");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    panic!("carpool closed its output before listening")
-                }
-            }
-        }
-    }
-
-    fn base(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn kill(&mut self) {
-        if self.child.try_wait().unwrap().is_some() {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Carpool {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// The outbox as the store holds it: delivery id → (state, last status).
 async fn outbox(db: &Path) -> BTreeMap<String, (String, Option<i64>)> {
-    use sqlx::Connection as _;
-    let opts = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .read_only(true)
-        .busy_timeout(Duration::from_secs(5));
-    let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+    let mut conn = binary::read_only(db).await;
     let rows: Vec<(String, String, Option<i64>)> =
         sqlx::query_as("SELECT id, state, last_status FROM webhook_deliveries")
             .fetch_all(&mut conn)
@@ -674,47 +557,27 @@ async fn pending_deliveries_survive_a_kill_9_and_each_is_delivered_once_after_re
     receiver.accept(false);
     let sim = sim::spawn(SimOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db: PathBuf = dir.path().join("carpool.db");
-    let config = dir.path().join("carpool.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{db}"
-
-[[upstreams]]
-name = "sim"
-dialect = "openai"
-base_url = "{base}"
-api_key_env = "UPSTREAM_KEY"
-auth = "managed"
-
-[batching]
-max_wait = "100ms"
-poll_interval = "50ms"
-
-[webhooks]
+    let db = dir.path().join("carpool.db");
+    let config = SimConfig::new("openai", &sim)
+        .binary(&db)
+        .batching("max_wait = \"100ms\"")
+        .extra(&format!(
+            r#"[webhooks]
 secret = "{SECRET}"
 allow_hosts = ["127.0.0.1"]
 schedule = ["100ms"]
 timeout = "2s"
 max_attempts = 1000
-"#,
-            db = db.display(),
-            base = sim.base_url(),
-        ),
-    )
-    .unwrap();
+"#
+        ))
+        .write(&dir.path().join("carpool.toml"));
+    let env = [("UPSTREAM_KEY", "sk-up")];
 
-    let mut carpool = Carpool::start(&config).await;
+    let mut carpool = Binary::start(&config, &env).await;
     let mut ids = Vec::new();
     for i in 0..N {
         let resp =
-            post_with_callback(&carpool.base(), &receiver.url(), &format!("crash {i}")).await;
+            post_with_callback(&carpool.url(""), &receiver.url(), &format!("crash {i}")).await;
         assert_eq!(resp.status(), 202);
         let object: Value = resp.json().await.unwrap();
         ids.push(
@@ -737,7 +600,7 @@ max_attempts = 1000
     assert!(receiver.hits().iter().all(|h| h.answered == 503));
 
     receiver.accept(true);
-    let _carpool = Carpool::start(&config).await;
+    let _carpool = Binary::start(&config, &env).await;
     until_outbox(&db, "every delivery delivered", |rows| {
         rows.len() == N && rows.values().all(|(state, _)| state == "delivered")
     })

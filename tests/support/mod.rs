@@ -1,7 +1,11 @@
-//! Shared test helpers: the full app on port 0 ([`TestApp`]) and a small
-//! scripted upstream ([`upstream::Upstream`]).
+//! Shared test helpers: the full app on port 0 ([`TestApp`]), the real
+//! binary ([`binary::Binary`]), a config builder ([`config::SimConfig`]), a
+//! small scripted upstream ([`upstream::Upstream`]), and what tests ask of a
+//! running carpool (handles, metrics) and of the simulator.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod binary;
+pub mod config;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -9,10 +13,22 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use carpool::app::{self, AppState};
-use carpool::config;
+use carpool::sim::SimHandle;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// Bound on every wait for something carpool or the simulator must do.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The route every deferred test calls.
+pub const CHAT: &str = "/v1/chat/completions";
+
+/// A running carpool: in this process ([`TestApp`]) or the binary.
+pub trait Server {
+    fn url(&self, path: &str) -> String;
+}
 
 /// carpool itself, serving on 127.0.0.1:0 in this process.
 pub struct TestApp {
@@ -35,7 +51,7 @@ impl TestApp {
             .collect();
         vars.entry("CARPOOL_STORE__URL".to_owned())
             .or_insert_with(|| format!("sqlite://{}/carpool.db", dir.path().display()));
-        let config = config::from_toml_str(config_toml, &vars)
+        let config = carpool::config::from_toml_str(config_toml, &vars)
             .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -59,6 +75,12 @@ impl TestApp {
     pub async fn stop(self) -> std::io::Result<()> {
         self.shutdown.cancel();
         self.handle.await.unwrap()
+    }
+}
+
+impl Server for TestApp {
+    fn url(&self, path: &str) -> String {
+        TestApp::url(self, path)
     }
 }
 
@@ -112,4 +134,88 @@ pub async fn dead_address() -> SocketAddr {
     let addr = l.local_addr().unwrap();
     drop(l);
     addr
+}
+
+/// POSTs `body` to the chat route as caller `key`, with `headers`.
+pub async fn post_chat(
+    server: &impl Server,
+    key: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> reqwest::Response {
+    let mut req = client().post(server.url(CHAT)).bearer_auth(key).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+/// The request object of handle `id`, as caller `key` sees it.
+pub async fn request_object(server: &impl Server, key: &str, id: &str) -> Value {
+    client()
+        .get(server.url(&format!("/v1/carpool/requests/{id}")))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until handle `id` reports a final status; returns the object.
+pub async fn settled(server: &impl Server, key: &str, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let object = request_object(server, key, id).await;
+        let status = object["status"].as_str().unwrap_or_default().to_owned();
+        if !["queued", "submitted"].contains(&status.as_str()) {
+            return object;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request {id} still {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `/metrics` text.
+pub async fn metrics(server: &impl Server) -> String {
+    client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the first sample line starting with `prefix`; 0 if none.
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Every custom id the simulator saw, with how many jobs each was in.
+pub fn submissions(sim: &SimHandle) -> Vec<(String, usize)> {
+    let mut counts = BTreeMap::<String, usize>::new();
+    for job in sim.jobs() {
+        for id in job.custom_ids {
+            *counts.entry(id).or_default() += 1;
+        }
+    }
+    counts.into_iter().collect()
+}
+
+/// The simulator's route (method and path) that creates a batch job.
+pub fn create_route(dialect: &str) -> &'static str {
+    match dialect {
+        "mistral" => "POST /v1/batch/jobs",
+        _ => "POST /v1/batches",
+    }
 }
