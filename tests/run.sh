@@ -11,4 +11,13 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import openai, mistra
 fi
 export CARPOOL_PYTHON="$PWD/$venv/bin/python"
 
-cargo test --locked "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "carpool: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
