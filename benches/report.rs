@@ -34,7 +34,7 @@
 //!
 //! Tunables: `CARPOOL_BENCH_RUNS` (3; medians are reported),
 //! `CARPOOL_BENCH_SECS` (3, per pass-through point), `CARPOOL_BENCH_RATES`
-//! (`500,1000,2000,3000,4000,6000,8000`), `CARPOOL_BENCH_CPUS` (`0,1`: the
+//! (`500,1000,2000,4000,8000,12000,16000,20000`), `CARPOOL_BENCH_CPUS` (`0,1`: the
 //! proxy's CPU, then the load's), `OHA` (path of the load generator).
 //! The table is printed on stdout; progress goes to stderr.
 
@@ -63,6 +63,10 @@ struct Settings {
     only: Option<Vec<String>>,
     /// (proxy CPU, load CPU) when pinning is possible.
     cpus: Option<(usize, usize)>,
+    /// CPUs this process could use at start.
+    cpu_count: usize,
+    /// Open descriptors this process (and so each child) may have.
+    fd_limit: u64,
     oha: Option<PathBuf>,
     bin: PathBuf,
     dir: tempfile::TempDir,
@@ -78,7 +82,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 impl Settings {
     fn from_env() -> Res<Self> {
         let rates = std::env::var("CARPOOL_BENCH_RATES")
-            .unwrap_or_else(|_| "500,1000,2000,3000,4000,6000,8000".to_owned())
+            .unwrap_or_else(|_| "500,1000,2000,4000,8000,12000,16000,20000".to_owned())
             .split(',')
             .filter_map(|r| r.trim().parse().ok())
             .collect();
@@ -92,6 +96,8 @@ impl Settings {
             rates,
             only,
             cpus,
+            cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            fd_limit: raise_fd_limit(120_000),
             oha: find_oha(),
             bin: PathBuf::from(env!("CARGO_BIN_EXE_carpool")),
             dir: tempfile::tempdir()?,
@@ -277,7 +283,8 @@ async fn start_carpool(
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"1s\"\n\n\
              [store]\nurl = \"sqlite://{}\"\n\n\
-             [[upstreams]]\nname = \"sim\"\ndialect = \"mistral\"\nbase_url = \"{}\"\nauth = \"passthrough\"\n\n\
+             [[upstreams]]\nname = \"sim\"\ndialect = \"mistral\"\nbase_url = \"{}\"\n\
+             auth = \"managed\"\napi_key_env = \"CARPOOL_BENCH_SIM_KEY\"\n\n\
              [batching]\n{batching}\n",
             db.display(),
             sim.url
@@ -290,6 +297,7 @@ async fn start_carpool(
         .arg(&config)
         .env("TOKIO_WORKER_THREADS", "1")
         .env("RUST_LOG", "warn")
+        .env("CARPOOL_BENCH_SIM_KEY", KEY)
         .stdout(Stdio::null())
         .stderr(log);
     let proc = Proc {
@@ -471,7 +479,7 @@ impl Report {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default();
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = s.cpu_count;
         println!();
         println!(
             "carpool performance report, {date}, {cpus} CPUs, medians of {} runs, pinning: {}",
@@ -826,6 +834,16 @@ async fn hold(target: SocketAddr, from: usize, to: usize) -> Res<Vec<tokio::net:
 
 async fn held(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Report) -> Res<()> {
     eprintln!("== held callers");
+    // Each end of every held call is a descriptor in its own process; keep
+    // some for the store, the listener and the driver's own connections.
+    let most = (s.fd_limit.saturating_sub(1_500) / 1_000 * 1_000) as usize;
+    let sizes: Vec<usize> = [10_000usize, 50_000.min(most)]
+        .into_iter()
+        .filter(|&n| n <= most)
+        .collect();
+    if sizes.is_empty() {
+        return Err(format!("descriptor limit {} is too low to hold callers", s.fd_limit).into());
+    }
     let mut rss_idle = Vec::new();
     let mut rss = BTreeMap::<usize, Vec<f64>>::new();
     for run in 0..s.runs {
@@ -841,7 +859,7 @@ async fn held(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Repo
         rss_idle.push(carpool.proc.rss_mib()?);
         let mut streams = Vec::new();
         let mut have = 0;
-        for n in [10_000usize, 50_000] {
+        for &n in &sizes {
             streams.extend(hold(addr, have, n).await?);
             have = n;
             wait_metric(
@@ -862,20 +880,35 @@ async fn held(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Repo
         drop(streams);
     }
     let idle = median(&rss_idle);
+    let mut each_kib = f64::NAN;
     for (n, v) in &rss {
         let r = median(v);
+        each_kib = (r - idle) * 1024.0 / *n as f64;
         let big = *n == 50_000;
         report.row(
             "held callers",
             format!("RSS with {n} wait-mode callers held"),
-            format!(
-                "{r:.0} MiB ({:.1} KiB each)",
-                (r - idle) * 1024.0 / *n as f64
-            ),
+            format!("{r:.0} MiB ({each_kib:.1} KiB each)"),
             format!("{idle:.0} MiB idle"),
             if big { "< 1 GiB" } else { "" },
             big.then_some(r < 1024.0),
         );
+    }
+    if !rss.contains_key(&50_000) {
+        let projected = idle + 50_000.0 * each_kib / 1024.0;
+        report.row(
+            "held callers",
+            "RSS with 50000 callers, projected (idle + 50,000 × KiB each above)",
+            format!("{projected:.0} MiB"),
+            format!("{idle:.0} MiB idle"),
+            "< 1 GiB",
+            Some(projected < 1024.0),
+        );
+        report.notes.push(format!(
+            "held callers: this machine caps open descriptors at {} per process (hard limit, no CAP_SYS_RESOURCE), \
+             so at most {most} callers could be held; the 50,000 figure is projected from the per-caller cost.",
+            s.fd_limit
+        ));
     }
     Ok(())
 }
@@ -1267,9 +1300,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let fds = raise_fd_limit(300_000);
-    if fds < 110_000 && settings.wants("held") {
-        eprintln!("report: descriptor limit is {fds}; held-caller figures need about 110,000 (run as root or raise `ulimit -Hn`)");
+    if settings.fd_limit < 52_000 && settings.wants("held") {
+        eprintln!(
+            "report: the descriptor limit is {}; holding 50,000 callers needs about 52,000 (raise `ulimit -Hn`); a projection is reported instead",
+            settings.fd_limit
+        );
     }
     if let Some(cpu) = settings.load_cpu() {
         let mut set = nix::sched::CpuSet::new();
@@ -1293,5 +1328,11 @@ fn main() -> ExitCode {
         report.notes.push(format!("aborted: {err}"));
     }
     report.print(&settings);
+    if std::env::var_os("CARPOOL_BENCH_KEEP").is_some() {
+        eprintln!(
+            "report: logs and configs kept in {}",
+            settings.dir.keep().display()
+        );
+    }
     ExitCode::SUCCESS
 }
