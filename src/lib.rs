@@ -13,10 +13,12 @@
 //! - [`metrics`]: every Prometheus family carpool exports.
 //! - [`app`]: builds the shared state, starts workers, serves, shuts down.
 //! - [`sim`]: the simulated provider used by tests, benches and the demo.
+//! - [`demo`]: `carpool demo`, the deferred path end to end in one process.
 
 pub mod app;
 pub mod config;
 pub mod deferral;
+pub mod demo;
 pub mod metrics;
 pub mod model;
 pub mod providers;

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
             }
             Command::CheckConfig { config } => carpool::config::check_cli(&config),
             Command::Sim { listen } => carpool::sim::serve_cli(listen).await,
-            Command::Demo => ExitCode::FAILURE,
+            Command::Demo => carpool::demo::cli().await,
         }
     })
 }

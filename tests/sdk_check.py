@@ -12,7 +12,9 @@ download, in both dialects.
 The base URL carries no /v1: the OpenAI client gets base + "/v1", the
 Mistral client gets base (its paths carry /v1). Optional env:
 CARPOOL_SDK_KEY (bearer token, default "sk-sdk-check"),
-CARPOOL_SDK_TIMEOUT (seconds to wait for a batch, default 120).
+CARPOOL_SDK_TIMEOUT (seconds to wait for a batch, default 120),
+CARPOOL_SDK_DEFERRED=1 (BASE is carpool: also check deferred calls made
+through the SDKs unchanged, by the /defer prefix and the Carpool-Mode header).
 
 The answer checks rely on the simulator being deterministic: the same
 request body always gets the same answer, so a batch result must equal what
@@ -38,6 +40,7 @@ except ImportError:  # mistralai 1.x
 BASE = (sys.argv[1] if len(sys.argv) > 1 else os.environ.get("CARPOOL_SDK_BASE", "")).rstrip("/")
 KEY = os.environ.get("CARPOOL_SDK_KEY", "sk-sdk-check")
 TIMEOUT = float(os.environ.get("CARPOOL_SDK_TIMEOUT", "120"))
+DEFERRED = os.environ.get("CARPOOL_SDK_DEFERRED") == "1"
 
 OPENAI_MODEL = "gpt-4o-mini"
 MISTRAL_MODEL = "mistral-small-latest"
@@ -93,8 +96,8 @@ def main():
     if not BASE:
         print("usage: sdk_check.py BASE_URL (or set CARPOOL_SDK_BASE), e.g. http://127.0.0.1:9090")
         return 2
-    oai = OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0)
-    mis = Mistral(api_key=KEY, server_url=BASE)
+    oai = OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+    mis = Mistral(api_key=KEY, server_url=BASE, timeout_ms=int(TIMEOUT * 1000))
     state = {}
 
     # ------------------------------------------------------------ OpenAI
@@ -262,10 +265,50 @@ def main():
         got = outputs[0]["response"]["body"]["choices"][0]["message"]["content"]
         expect(got == sync.choices[0].message.content, "inline and sync answers differ")
 
+    if DEFERRED:
+        deferred_checks(state)
+
     passed = sum(1 for _, ok in results if ok)
     failed = len(results) - passed
     print(f"sdk_check: {passed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def deferred_checks(state):
+    """carpool only: SDK calls deferred without changing the calling code."""
+    oai_deferred = OpenAI(base_url=BASE + "/defer/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+    mis = Mistral(api_key=KEY, server_url=BASE, timeout_ms=int(TIMEOUT * 1000))
+
+    @check("carpool: openai chat through /defer/v1 is served by a batch, same answer")
+    def _():
+        raw = oai_deferred.chat.completions.with_raw_response.create(
+            model=OPENAI_MODEL, messages=messages("hello from openai")
+        )
+        expect(raw.headers.get("carpool-served-by") == "batch", f"headers {dict(raw.headers)}")
+        expect(raw.headers.get("carpool-request-id", "").startswith("cpr_"), "no request id")
+        answer = raw.parse()
+        expect(answer.choices[0].message.content == state.get("openai_plain"), "deferred answer differs")
+
+    @check("carpool: openai streamed chat through /defer/v1 adds up to the plain answer")
+    def _():
+        stream = oai_deferred.chat.completions.create(
+            model=OPENAI_MODEL, messages=messages("hello from openai"), stream=True
+        )
+        parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        expect("".join(parts) == state.get("openai_plain"), f"streamed {''.join(parts)!r}")
+
+    @check("carpool: mistral chat with Carpool-Mode: wait is served by a batch, same answer")
+    def _():
+        plain = mis.chat.complete(model=MISTRAL_MODEL, messages=messages("deferred mistral question"))
+        deferred = mis.chat.complete(
+            model=MISTRAL_MODEL,
+            messages=messages("deferred mistral question"),
+            http_headers={"Carpool-Mode": "wait"},
+        )
+        expect(
+            deferred.choices[0].message.content == plain.choices[0].message.content,
+            "deferred answer differs",
+        )
 
 
 if __name__ == "__main__":

@@ -594,6 +594,112 @@ async fn drop_connection_fault_closes_without_a_response() {
 }
 
 #[tokio::test]
+async fn hold_response_fault_creates_the_job_but_answers_only_when_released() {
+    let s = start(SimOptions::default()).await;
+    let file = s.upload(&jsonl(&[openai_line("a", "m", "x")])).await;
+    s.handle
+        .add_fault(Fault::hold_response("POST /v1/batches", 1));
+    let create = json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"});
+    let request = s
+        .http
+        .post(s.url("/v1/batches"))
+        .bearer_auth(KEY)
+        .json(&create)
+        .send();
+    let held = tokio::spawn(request);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.handle.held_responses() == 0 {
+        assert!(Instant::now() < deadline, "the create was never held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!held.is_finished(), "a held response must not arrive");
+    let jobs = s.handle.jobs();
+    assert_eq!(jobs.len(), 1, "the held call was handled");
+    let logged = s.handle.calls();
+    let create_call = logged.iter().find(|c| c.route == "/v1/batches").unwrap();
+    assert_eq!(create_call.status, 200);
+    assert_eq!(create_call.job_id.as_deref(), Some(jobs[0].id.as_str()));
+
+    s.handle.release_held();
+    let response = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let batch: Value = response.json().await.unwrap();
+    assert_eq!(batch["id"], jobs[0].id.as_str());
+    assert_eq!(s.handle.held_responses(), 0);
+    let (status, _) = s.post("/v1/batches", &create).await;
+    assert_eq!(status, StatusCode::OK, "a used-up hold lets calls through");
+}
+
+#[tokio::test]
+async fn hold_body_after_lines_sends_that_many_lines_then_pauses_until_released() {
+    let s = start(SimOptions::default()).await;
+    let lines: Vec<String> = (0..5)
+        .map(|i| openai_line(&format!("r{i}"), "m", &format!("line {i}")))
+        .collect();
+    let data = jsonl(&lines);
+    let file = s.upload(&data).await;
+    s.handle.add_fault(Fault::hold_body_after_lines(
+        "GET /v1/files/{file_id}/content",
+        2,
+        1,
+    ));
+    let resp = s
+        .http
+        .get(s.url(&format!("/v1/files/{file_id}/content", file_id = file)))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.iter().filter(|b| **b == b'\n').count() < 2 {
+        assert!(Instant::now() < deadline, "the first lines never came");
+        got.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    while s.handle.held_responses() == 0 {
+        assert!(Instant::now() < deadline, "the body was never held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        String::from_utf8(got.clone()).unwrap(),
+        jsonl(&lines[..2]),
+        "exactly two lines before the hold"
+    );
+    s.handle.release_held();
+    while let Some(chunk) = body.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(String::from_utf8(got).unwrap(), data);
+    assert_eq!(s.handle.held_responses(), 0);
+}
+
+#[tokio::test]
+async fn clearing_faults_lets_held_responses_go() {
+    let s = start(SimOptions::default()).await;
+    s.handle
+        .add_fault(Fault::hold_response("GET /v1/models", 0));
+    let held = tokio::spawn(s.http.get(s.url("/v1/models")).bearer_auth(KEY).send());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.handle.held_responses() == 0 {
+        assert!(Instant::now() < deadline, "the call was never held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.handle.clear_faults();
+    let response = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
 async fn latency_option_and_fault_delay_responses() {
     let s = start(SimOptions {
         latency: Duration::from_millis(60),

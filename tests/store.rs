@@ -59,14 +59,31 @@ impl Harness {
             .await
             .unwrap()
     }
+}
 
-    async fn cleanup(self) {
-        if let Some(schema) = &self.options.pg_schema {
+/// Drops a test's Postgres schema even when the test failed.
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let Some(schema) = self.options.pg_schema.clone() else {
+            return;
+        };
+        let url = self.url.clone();
+        let dropped = std::thread::spawn(move || {
             use sqlx::{Connection, Executor};
-            let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
-            conn.execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
-                .await
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
                 .unwrap();
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+                conn.execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
+                    .await
+                    .unwrap();
+            });
+        })
+        .join();
+        if dropped.is_err() && !std::thread::panicking() {
+            panic!("could not drop the test schema");
         }
     }
 }
@@ -387,7 +404,9 @@ mod cases {
             .is_empty());
     }
 
-    pub async fn submission_moves_queued_requests_and_forgets_the_upstream_key(h: &Harness) {
+    pub async fn submission_moves_queued_requests_and_the_upstream_key_lives_until_the_window_finishes(
+        h: &Harness,
+    ) {
         let store = h.open().await;
         let mut r = new_request(CRED_A, "m", "{}", T0);
         r.upstream_key = Some("sk-secret".into());
@@ -395,6 +414,10 @@ mod cases {
         let w = a.window.unwrap().id;
         let rec = store.window(&w).await.unwrap().unwrap();
         assert_eq!(rec.upstream_key.as_deref(), Some("sk-secret"));
+        assert!(
+            !format!("{rec:?}").contains("sk-secret"),
+            "key in Debug output"
+        );
         // Transitions out of order are refused.
         assert!(!store.record_upload(&w, "f").await.unwrap());
         assert!(!store.mark_creating(&w).await.unwrap());
@@ -410,7 +433,8 @@ mod cases {
         submit(&store, &w, "job-7").await;
         let rec = store.window(&w).await.unwrap().unwrap();
         assert_eq!(rec.state, WindowState::Submitted);
-        assert_eq!(rec.upstream_key, None);
+        // Polling and downloading the job need the owner's key (passthrough).
+        assert_eq!(rec.upstream_key.as_deref(), Some("sk-secret"));
         assert_eq!(rec.job_id.as_deref(), Some("job-7"));
         assert_eq!(rec.flush_reason, Some(FlushReason::Shutdown));
         let req = store.get(&a.record.id, CRED_A).await.unwrap().unwrap();
@@ -422,6 +446,8 @@ mod cases {
             .finish_window(&w, WindowOutcome::Completed, T0 + 30)
             .await
             .unwrap());
+        let rec = store.window(&w).await.unwrap().unwrap();
+        assert_eq!(rec.upstream_key, None, "key kept after the window finished");
         assert!(!store
             .finish_window(&w, WindowOutcome::Failed, T0 + 31)
             .await
@@ -596,6 +622,85 @@ mod cases {
         store.close().await;
     }
 
+    pub async fn concurrent_repeats_make_one_request(h: &Harness) {
+        let store = h.open().await;
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut r = new_request(CRED_A, "m", "{\"same\":1}", T0 + i);
+                if i % 2 == 0 {
+                    r.idempotency_key = Some("one".into());
+                } else {
+                    r.sdk_retry = i > 1;
+                }
+                store.accept(r).await.unwrap()
+            }));
+        }
+        let mut keyed = HashSet::new();
+        let mut retried = HashSet::new();
+        let mut created = 0;
+        for (i, t) in tasks.into_iter().enumerate() {
+            let a = t.await.unwrap();
+            created += usize::from(a.created);
+            if i % 2 == 0 {
+                keyed.insert(a.record.id);
+            } else if i > 1 {
+                retried.insert(a.record.id);
+            }
+        }
+        assert_eq!(keyed.len(), 1, "one request per idempotency key");
+        let stored: HashSet<_> = store
+            .list(CRED_A, None, 1000, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(stored.len(), created);
+        assert!(retried.is_subset(&stored));
+        // The keyed call, the plain call, and at most one retry that ran
+        // before either was committed: 99 retries never make 99 requests.
+        assert!(created <= 3, "{created} requests for three distinct calls");
+    }
+
+    pub async fn one_failing_accept_does_not_fail_its_group(h: &Harness) {
+        let store = h.open().await;
+        let clash = RequestId::generate();
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let (store, clash) = (store.clone(), clash.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut r = new_request(CRED_A, "m", &format!("{{\"i\":{i}}}"), T0 + i);
+                // Two requests under one id: the store must refuse one.
+                if i == 40 || i == 41 {
+                    r.id = clash;
+                }
+                store.accept(r).await
+            }));
+        }
+        let mut ok = HashSet::new();
+        let mut failed = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(a) => assert!(ok.insert(a.record.id)),
+                Err(StoreError::Database(_)) => failed += 1,
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        }
+        assert_eq!((ok.len(), failed), (99, 1));
+        let stored: HashSet<_> = store
+            .list(CRED_A, None, 1000, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(stored, ok);
+        let open = store.open_windows().await.unwrap();
+        assert_eq!(open.iter().map(|w| w.count).sum::<u64>(), 99);
+    }
+
     pub async fn concurrent_accepts_are_all_durable_and_distinct(h: &Harness) {
         let store = h.open().await;
         let mut tasks = Vec::new();
@@ -662,7 +767,6 @@ macro_rules! contract {
                 async fn $case() {
                     let h = super::Harness::sqlite();
                     super::cases::$case(&h).await;
-                    h.cleanup().await;
                 }
             )*
         }
@@ -672,7 +776,6 @@ macro_rules! contract {
                 async fn $case() {
                     let Some(h) = super::Harness::postgres() else { return };
                     super::cases::$case(&h).await;
-                    h.cleanup().await;
                 }
             )*
         }
@@ -692,12 +795,14 @@ contract!(
     a_submitted_request_cancels_and_its_late_result_is_discarded,
     another_credential_never_sees_a_request,
     list_is_newest_first_filtered_and_paged,
-    submission_moves_queued_requests_and_forgets_the_upstream_key,
+    submission_moves_queued_requests_and_the_upstream_key_lives_until_the_window_finishes,
     resolves_each_request_once_and_only_from_its_window,
     fail_unresolved_fails_only_what_is_still_open,
     reports_earliest_deadline_and_due_requests,
     purge_removes_only_results_past_their_ttl,
     everything_survives_a_restart,
+    concurrent_repeats_make_one_request,
+    one_failing_accept_does_not_fail_its_group,
     concurrent_accepts_are_all_durable_and_distinct,
 );
 
@@ -705,4 +810,6 @@ contract!(
 async fn refuses_an_unknown_url_scheme() {
     let err = Store::connect("mysql://x").await.unwrap_err();
     assert!(matches!(err, StoreError::UnsupportedUrl { ref scheme } if scheme == "mysql"));
+    let err = Store::connect("sqlite::memory:").await.unwrap_err();
+    assert!(matches!(err, StoreError::UnsupportedUrl { .. }));
 }

@@ -17,9 +17,9 @@ use super::answer::{
 use super::engine::{now_ms, Deferral};
 use super::optin::{self, Answer};
 use super::sse;
-use crate::config::UpstreamConfig;
+use crate::config::{AuthMode, UpstreamConfig};
 use crate::model::RequestId;
-use crate::server::auth::Caller;
+use crate::server::auth::{bearer, Caller};
 use crate::server::error::ApiError;
 use crate::store::{DeliveryMode, NewRequest, RequestRecord, StoreError, WindowLimits};
 
@@ -99,6 +99,7 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
         Answer::Wait => DeliveryMode::Wait,
         _ => DeliveryMode::Async,
     };
+    let upstream_key = window_key(&call);
     let accepted = deferral
         .store
         .accept(NewRequest {
@@ -114,11 +115,7 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
             mode,
             deadline,
             callback_url: None,
-            upstream_key: call
-                .caller
-                .upstream_key
-                .as_ref()
-                .map(|k| k.expose().to_owned()),
+            upstream_key,
             limits: WindowLimits {
                 max_requests: policy.max_requests,
                 max_bytes: policy.max_bytes,
@@ -179,6 +176,17 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
             };
             Ok(with_preference(response, &call.answer))
         }
+    }
+}
+
+/// The key the window's batch calls need from this caller: under
+/// passthrough auth the caller's own bearer key (kept on the window until it
+/// finishes, never on the request); under managed auth none, since carpool's
+/// key is in the config.
+fn window_key(call: &Deferred<'_>) -> Option<String> {
+    match call.upstream.auth {
+        AuthMode::Passthrough => bearer(call.headers).map(str::to_owned),
+        AuthMode::Managed => None,
     }
 }
 

@@ -8,10 +8,11 @@
 //! | `GET /_sim/faults` | the active faults |
 //! | `POST /_sim/faults` | add one fault (body: a [`Fault`]) |
 //! | `PUT /_sim/faults` | replace all faults (body: a list) |
-//! | `DELETE /_sim/faults` | clear faults and let stuck jobs go on |
+//! | `DELETE /_sim/faults` | clear faults, let stuck jobs go on and held responses go |
 //! | `GET /_sim/calls`, `DELETE /_sim/calls` | the call log, or reset it |
 //! | `GET /_sim/jobs` | every job as a [`JobRecord`](super::JobRecord) |
 //! | `POST /_sim/jobs/finish` | make every pending job step due now |
+//! | `GET /_sim/held`, `POST /_sim/held/release` | responses held by `hold_response`: how many, let them go |
 //! | `POST /_sim/streams/hold`, `POST /_sim/streams/release` | the stream gate |
 //! | `GET /_sim/options`, `PATCH /_sim/options` | timing and caps (see [`OptionsPatch`]) |
 
@@ -110,6 +111,8 @@ pub fn routes() -> Router<Arc<Sim>> {
         .route("/_sim/calls", get(calls).delete(clear_calls))
         .route("/_sim/jobs", get(jobs))
         .route("/_sim/jobs/finish", post(finish_jobs))
+        .route("/_sim/held", get(held))
+        .route("/_sim/held/release", post(release_held))
         .route("/_sim/streams/hold", post(hold))
         .route("/_sim/streams/release", post(release))
         .route("/_sim/options", get(options).patch(patch_options))
@@ -137,9 +140,10 @@ async fn clear_faults(State(sim): State<Arc<Sim>>) -> Json<Vec<Fault>> {
     Json(Vec::new())
 }
 
-/// Clear every fault and let stuck jobs go on.
+/// Clear every fault, let stuck jobs go on and held responses go.
 pub fn clear(sim: &Sim) {
     lock(&sim.faults).clear();
+    sim.release_held();
     let now = Instant::now();
     for job in sim.all_jobs() {
         lock(&job).unstick(now);
@@ -179,6 +183,15 @@ pub fn finish(sim: &Sim) {
 async fn finish_jobs(State(sim): State<Arc<Sim>>) -> Json<Vec<JobRecord>> {
     finish(&sim);
     Json(job_records(&sim))
+}
+
+async fn held(State(sim): State<Arc<Sim>>) -> Json<Value> {
+    Json(json!({"held": sim.held.load(std::sync::atomic::Ordering::SeqCst)}))
+}
+
+async fn release_held(State(sim): State<Arc<Sim>>) -> Json<Value> {
+    sim.release_held();
+    held(State(sim)).await
 }
 
 async fn hold(State(sim): State<Arc<Sim>>) -> Json<Value> {

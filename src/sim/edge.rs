@@ -1,12 +1,16 @@
 //! The edge every `/v1` call passes: faults, latency, bearer auth, and the
 //! call log. Control routes (`/_sim/...`) bypass it.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
+use axum::body::{Body, BodyDataStream};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
 
 use super::error::ApiError;
 use super::state::{lock, CallIds, CallRecord, Sim};
@@ -41,6 +45,7 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
     }
+    let mut handled = false;
     let response = if verdict.drop_connection {
         let mut r = StatusCode::BAD_GATEWAY.into_response();
         r.extensions_mut().insert(DropConnection);
@@ -51,6 +56,7 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
     } else if credential.is_none() {
         ApiError::unauthorized().into_response()
     } else {
+        handled = true;
         next.run(req).await
     };
     if record {
@@ -78,7 +84,81 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
             status,
         });
     }
+    if handled && verdict.hold_response {
+        match verdict.hold_after_lines {
+            Some(lines) => {
+                return response.map(|body| hold_after_lines(body, lines, Arc::clone(&sim)));
+            }
+            None => hold(&sim).await,
+        }
+    }
     response
+}
+
+/// The body up to and including its `lines`-th newline, then a hold, then
+/// the rest.
+fn hold_after_lines(body: Body, lines: u64, sim: Arc<Sim>) -> Body {
+    struct Cut {
+        inner: BodyDataStream,
+        left: u64,
+        held: bool,
+        rest: Option<Bytes>,
+        sim: Arc<Sim>,
+    }
+    let start = Cut {
+        inner: body.into_data_stream(),
+        left: lines,
+        held: false,
+        rest: None,
+        sim,
+    };
+    Body::from_stream(futures_util::stream::unfold(start, |mut s| async move {
+        if !s.held && s.left == 0 {
+            hold(&s.sim).await;
+            s.held = true;
+        }
+        if let Some(rest) = s.rest.take().filter(|r| !r.is_empty()) {
+            return Some((Ok(rest), s));
+        }
+        let chunk = match s.inner.next().await? {
+            Ok(chunk) => chunk,
+            Err(err) => return Some((Err(err), s)),
+        };
+        if s.held {
+            return Some((Ok(chunk), s));
+        }
+        let mut cut = None;
+        for (i, _) in chunk.iter().enumerate().filter(|(_, b)| **b == b'\n') {
+            s.left -= 1;
+            if s.left == 0 {
+                cut = Some(i + 1);
+                break;
+            }
+        }
+        match cut {
+            Some(at) => {
+                s.rest = Some(chunk.slice(at..));
+                Some((Ok(chunk.slice(..at)), s))
+            }
+            None => Some((Ok(chunk), s)),
+        }
+    }))
+}
+
+/// Waits until held responses are released. The call is counted in
+/// `sim.held` meanwhile, also when its connection goes away first.
+async fn hold(sim: &Sim) {
+    struct Held<'a>(&'a Sim);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.0.held.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let mut release = sim.release.subscribe();
+    sim.held.fetch_add(1, Ordering::SeqCst);
+    let _held = Held(sim);
+    // The sender lives as long as the simulator.
+    let _ = release.changed().await;
 }
 
 /// The path segment standing where the template has one of `names`.

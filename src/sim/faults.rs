@@ -46,6 +46,18 @@ pub enum Fault {
         #[serde(default = "one")]
         count: u32,
     },
+    /// Handle the call, then hold its response (logged as handled) until
+    /// the faults are cleared or held responses are released: the caller
+    /// is left waiting on something that already happened. With
+    /// `after_lines`, the head and that many body lines go out first, then
+    /// the body pauses (a download stalled mid-file).
+    HoldResponse {
+        route: String,
+        #[serde(default = "one")]
+        count: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after_lines: Option<u64>,
+    },
     /// The next job(s) created end this way.
     NextJob {
         outcome: JobOutcome,
@@ -105,6 +117,25 @@ impl Fault {
         }
     }
 
+    /// `count` calls on `route` handled, their responses held until released.
+    pub fn hold_response(route: &str, count: u32) -> Self {
+        Self::HoldResponse {
+            route: route.to_owned(),
+            count,
+            after_lines: None,
+        }
+    }
+
+    /// `count` calls on `route` send their head and `lines` body lines, then
+    /// pause until released.
+    pub fn hold_body_after_lines(route: &str, lines: u64, count: u32) -> Self {
+        Self::HoldResponse {
+            route: route.to_owned(),
+            count,
+            after_lines: Some(lines),
+        }
+    }
+
     pub fn latency(extra: Duration) -> Self {
         Self::Latency {
             route: None,
@@ -143,6 +174,10 @@ pub struct RouteVerdict {
     pub extra_latency: Duration,
     pub error: Option<(u16, Option<u64>)>,
     pub drop_connection: bool,
+    /// Handle the call, then hold the response until released.
+    pub hold_response: bool,
+    /// With `hold_response`: send this many body lines before holding.
+    pub hold_after_lines: Option<u64>,
 }
 
 /// Which lines of a new job fail, captured when the job is created.
@@ -229,6 +264,19 @@ impl FaultBook {
                         && route_matches(route, method, template, path)
                     {
                         verdict.drop_connection = true;
+                        if take(count) {
+                            spent.push(i);
+                        }
+                    }
+                }
+                Fault::HoldResponse {
+                    route,
+                    count,
+                    after_lines,
+                } => {
+                    if !verdict.hold_response && route_matches(route, method, template, path) {
+                        verdict.hold_response = true;
+                        verdict.hold_after_lines = *after_lines;
                         if take(count) {
                             spent.push(i);
                         }
@@ -409,6 +457,22 @@ mod tests {
         book.add(Fault::next_job(JobOutcome::Stuck));
         assert_eq!(book.take_job_outcome(), Some(JobOutcome::Stuck));
         assert_eq!(book.take_job_outcome(), None);
+    }
+
+    #[test]
+    fn hold_response_marks_matching_calls_until_used_up() {
+        let mut book = FaultBook::default();
+        book.add(Fault::hold_response("POST /v1/batches", 1));
+        assert!(!book.on_call("POST", "/v1/files", "/v1/files").hold_response);
+        assert!(
+            book.on_call("POST", "/v1/batches", "/v1/batches")
+                .hold_response
+        );
+        assert!(
+            !book
+                .on_call("POST", "/v1/batches", "/v1/batches")
+                .hold_response
+        );
     }
 
     #[test]

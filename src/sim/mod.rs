@@ -128,7 +128,7 @@ impl SimHandle {
         lock(&self.sim.faults).add(fault);
     }
 
-    /// Clear every fault and let stuck jobs go on.
+    /// Clear every fault, let stuck jobs go on and held responses go.
     pub fn clear_faults(&self) {
         control::clear(&self.sim);
     }
@@ -154,6 +154,17 @@ impl SimHandle {
     /// Make every pending job step due now (stuck jobs stay stuck).
     pub fn finish_jobs(&self) {
         control::finish(&self.sim);
+    }
+
+    /// How many responses [`Fault::HoldResponse`] is holding right now
+    /// (their calls were handled and are in the call log).
+    pub fn held_responses(&self) -> usize {
+        self.sim.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Let every held response go (the fault stays for later calls).
+    pub fn release_held(&self) {
+        self.sim.release_held();
     }
 
     /// Streamed completions pause after their first event until released.

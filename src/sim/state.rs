@@ -1,7 +1,7 @@
 //! The simulator's memory: options, faults, the call log, files, jobs and the
 //! stream gate, shared by every handler behind one `Arc`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -69,6 +69,10 @@ pub struct Sim {
     pub job_index: DashMap<String, Arc<Mutex<Job>>>,
     /// `true` while streamed completions must pause after their first event.
     pub gate: watch::Sender<bool>,
+    /// Responses held by [`Fault::HoldResponse`](super::Fault) right now.
+    pub held: AtomicUsize,
+    /// Bumped to let every held response go.
+    pub release: watch::Sender<u64>,
     seq: AtomicU64,
 }
 
@@ -77,6 +81,7 @@ impl Sim {
         let mut book = FaultBook::default();
         book.set(std::mem::take(&mut options.faults));
         let (gate, _) = watch::channel(false);
+        let (release, _) = watch::channel(0);
         Arc::new(Self {
             options: RwLock::new(options),
             faults: Mutex::new(book),
@@ -85,6 +90,8 @@ impl Sim {
             jobs: Mutex::new(Vec::new()),
             job_index: DashMap::new(),
             gate,
+            held: AtomicUsize::new(0),
+            release,
             seq: AtomicU64::new(0),
         })
     }
@@ -104,6 +111,11 @@ impl Sim {
     /// A strictly increasing number, for listing order.
     pub fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Let every held response go.
+    pub fn release_held(&self) {
+        self.release.send_modify(|g| *g = g.wrapping_add(1));
     }
 
     pub fn find_job(&self, id: &str) -> Option<Arc<Mutex<Job>>> {

@@ -10,8 +10,9 @@
 //! Backends: SQLite (embedded default; one writer task group-commits every
 //! write, reads use a separate pool) and Postgres (several replicas share it;
 //! every transition is a conditional UPDATE, retried on conflicts). Both run
-//! the same SQL from `ops.rs`, and `tests/store.rs` runs one contract suite
-//! against each.
+//! the same SQL from `ops.rs` (the SQLite writer batches a group's accepts
+//! in `sqlite_intake.rs` with the same rules), and `tests/store.rs` runs one
+//! contract suite against each.
 //!
 //! Times in this API are Unix **milliseconds**; [`secs`] converts for the
 //! SPEC's handle fields.
@@ -20,7 +21,12 @@ mod error;
 pub mod model;
 mod ops;
 mod postgres;
+mod reads;
 mod sqlite;
+mod sqlite_intake;
+mod writes;
+
+use std::fmt;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -81,7 +87,7 @@ pub struct WindowKey {
 }
 
 /// A deferred request as intake hands it over, validated.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NewRequest {
     pub id: RequestId,
     /// SHA-256 hex of the caller's key: binds the handle.
@@ -179,7 +185,7 @@ pub struct WindowSummary {
 }
 
 /// A window in any state, with what submission and recovery need.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct WindowRecord {
     pub id: WindowId,
     pub key: WindowKey,
@@ -190,7 +196,8 @@ pub struct WindowRecord {
     pub opened_at: i64,
     pub sealed_at: Option<i64>,
     pub flush_reason: Option<FlushReason>,
-    /// Passthrough auth only; cleared once the job exists.
+    /// Passthrough auth only: submits, polls and downloads the window's
+    /// job; cleared once the window finishes.
     pub upstream_key: Option<String>,
     pub file_id: Option<String>,
     pub job_id: Option<String>,
@@ -211,6 +218,55 @@ pub struct Resolution {
     pub error_message: Option<String>,
     /// Unix ms.
     pub completed_at: i64,
+}
+
+/// Upstream keys never reach a log line, even through `{:?}`.
+fn redacted(key: &Option<String>) -> &'static str {
+    match key {
+        Some(_) => "Some(<redacted>)",
+        None => "None",
+    }
+}
+
+impl fmt::Debug for NewRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewRequest")
+            .field("id", &self.id)
+            .field("upstream", &self.upstream)
+            .field("endpoint", &self.endpoint)
+            .field("model", &self.model)
+            .field("body_len", &self.body.len())
+            .field("idempotency_key", &self.idempotency_key)
+            .field("sdk_retry", &self.sdk_retry)
+            .field("mode", &self.mode)
+            .field("deadline", &self.deadline)
+            .field("upstream_key", &redacted(&self.upstream_key))
+            .field("limits", &self.limits)
+            .field("now", &self.now)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for WindowRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WindowRecord")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("state", &self.state)
+            .field("count", &self.count)
+            .field("bytes", &self.bytes)
+            .field("limits", &self.limits)
+            .field("opened_at", &self.opened_at)
+            .field("sealed_at", &self.sealed_at)
+            .field("flush_reason", &self.flush_reason)
+            .field("upstream_key", &redacted(&self.upstream_key))
+            .field("file_id", &self.file_id)
+            .field("job_id", &self.job_id)
+            .field("provider_status", &self.provider_status)
+            .field("submitted_at", &self.submitted_at)
+            .field("finished_at", &self.finished_at)
+            .finish()
+    }
 }
 
 /// The store: cheap to clone, one interface over every backend.

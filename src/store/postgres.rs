@@ -14,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _};
 
 use super::error::is_retryable_db;
-use super::ops::{pg_migrate, pg_ops as ops, Op, Reply};
+use super::ops::{pg_migrate, pg_ops as ops, retry_tag, Op, Reply};
 use super::{RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary};
 use crate::model::{RequestId, RequestStatus, WindowId};
 
@@ -100,6 +100,15 @@ impl PgStore {
 
     async fn write_once(&self, op: &Op) -> Result<Reply, StoreError> {
         let mut tx = self.inner.pool.begin().await?;
+        if let Op::Accept(r) = op {
+            // Identical calls of one credential take turns, so an SDK retry
+            // racing its original finds it (idempotency keys have a unique
+            // index; retries have none to lean on).
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(retry_tag(r))
+                .execute(&mut *tx)
+                .await?;
+        }
         let reply = ops::apply(&mut tx, op, self.inner.horizon).await?;
         tx.commit().await?;
         Ok(reply)

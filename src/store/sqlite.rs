@@ -22,7 +22,10 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply};
-use super::{RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary};
+use super::sqlite_intake;
+use super::{
+    NewRequest, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary,
+};
 use crate::model::{RequestId, RequestStatus, WindowId};
 
 const MIGRATIONS: &[&str] = &[include_str!("schema/sqlite_v1.sql")];
@@ -53,12 +56,24 @@ impl fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     pub(crate) async fn connect(url: &str, options: StoreOptions) -> Result<Self, StoreError> {
+        // The writer and the read pool would each get a database of their own.
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(StoreError::UnsupportedUrl {
+                scheme: "sqlite in-memory".to_owned(),
+            });
+        }
         let connect = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10));
-        let mut conn = connect.connect().await?;
+        // The writer keeps the hot index pages cached (a ceiling, not an
+        // allocation); readers keep SQLite's default.
+        let mut conn = connect
+            .clone()
+            .pragma("cache_size", "-32768")
+            .connect()
+            .await?;
         sqlite_migrate::migrate(&mut conn, "", MIGRATIONS).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(options.pool_size.max(1))
@@ -221,11 +236,30 @@ async fn try_group(
 ) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
     let mut tx = conn.begin().await?;
     let mut results = Vec::with_capacity(group.len());
-    for pending in group {
-        match ops::apply(&mut tx, &pending.op, horizon).await {
-            Ok(reply) => results.push(Ok(reply)),
-            Err(e) if e.wrote_nothing() => results.push(Err(e)),
-            Err(e) => return Err(e),
+    let mut rest = group;
+    while let Some(pending) = rest.first() {
+        let run: Vec<&NewRequest> = rest
+            .iter()
+            .map_while(|p| match &p.op {
+                Op::Accept(r) => Some(&**r),
+                _ => None,
+            })
+            .collect();
+        if run.is_empty() {
+            match ops::apply(&mut tx, &pending.op, horizon).await {
+                Ok(reply) => results.push(Ok(reply)),
+                Err(e) if e.wrote_nothing() => results.push(Err(e)),
+                Err(e) => return Err(e),
+            }
+            rest = &rest[1..];
+        } else {
+            let accepted = sqlite_intake::accept_run(&mut tx, &run, horizon).await?;
+            results.extend(
+                accepted
+                    .into_iter()
+                    .map(|a| a.map(|a| Reply::Accepted(Box::new(a)))),
+            );
+            rest = &rest[run.len()..];
         }
     }
     tx.commit().await?;

@@ -48,13 +48,18 @@ CREATE TABLE requests (
     response_status BIGINT,
     response_body   BYTEA,
     error_code      TEXT,
-    error_message   TEXT
+    error_message   TEXT,
+    -- See ops::retry_tag: what an SDK retry is found by.
+    retry_tag       BIGINT NOT NULL
 );
 CREATE UNIQUE INDEX requests_idempotency
     ON requests (credential_hash, idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX requests_retry ON requests (credential_hash, body_hash);
+CREATE INDEX requests_retry ON requests (retry_tag);
 CREATE INDEX requests_by_window ON requests (window_id, seq);
 CREATE INDEX requests_by_credential ON requests (credential_hash, seq);
 CREATE INDEX requests_open_deadline ON requests (deadline)
     WHERE deadline IS NOT NULL AND status IN ('queued', 'submitted');
+-- The flusher's "earliest deadline of each open window", without a scan.
+CREATE INDEX requests_window_deadline ON requests (window_id, deadline)
+    WHERE deadline IS NOT NULL AND status = 'queued';
 CREATE INDEX requests_finished ON requests (completed_at) WHERE completed_at IS NOT NULL;

@@ -1,0 +1,322 @@
+//! The demo's callers: which calls are sent (a pure plan), and how each opt-in
+//! style sends one and waits for its answer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, LOCATION, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+/// The endpoint every demo call goes to.
+pub const CHAT: &str = "/v1/chat/completions";
+
+/// The two models, one per upstream dialect (routed by the config's globs).
+pub const MODELS: [(&str, &str); 2] = [
+    ("mistral-small-latest", "mistral"),
+    ("gpt-4o-mini", "openai"),
+];
+
+/// Bounds on the pause between two polls of a handle, whatever `Retry-After` says.
+const MIN_POLL_PAUSE: Duration = Duration::from_millis(100);
+const MAX_POLL_PAUSE: Duration = Duration::from_secs(1);
+
+/// How a call opts into deferral.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Style {
+    /// `Carpool-Mode: wait`: the connection is held until the answer.
+    Wait,
+    /// `Prefer: respond-async`: 202 and a handle, then polling its `/result`.
+    PreferAsync,
+    /// The `/defer/v1/...` base URL: held, like `wait`.
+    DeferPrefix,
+}
+
+impl Style {
+    pub const ALL: [Style; 3] = [Style::Wait, Style::PreferAsync, Style::DeferPrefix];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Style::Wait => "Carpool-Mode: wait (held)",
+            Style::PreferAsync => "Prefer: respond-async, then polled",
+            Style::DeferPrefix => "/defer/v1 base URL (held)",
+        }
+    }
+}
+
+/// One call of the plan.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub model: &'static str,
+    pub style: Style,
+    pub body: Value,
+}
+
+/// `requests` calls, alternating the models, each model cycling the styles,
+/// so every (model, style) pair gets its share. Bodies are all different.
+pub fn plan(requests: usize) -> Vec<Call> {
+    (0..requests)
+        .map(|i| {
+            let (model, _) = MODELS[i % MODELS.len()];
+            let style = Style::ALL[(i / MODELS.len()) % Style::ALL.len()];
+            Call {
+                model,
+                style,
+                body: chat_body(model, i),
+            }
+        })
+        .collect()
+}
+
+const TOPICS: [&str; 6] = [
+    "a delayed parcel that the tracking page says was delivered",
+    "being charged twice for the same monthly subscription",
+    "a password reset email that never arrives",
+    "an app that crashes when exporting a report to PDF",
+    "a request to move a booking to the following week",
+    "a discount code that is rejected at checkout",
+];
+
+fn chat_body(model: &str, i: usize) -> Value {
+    let topic = TOPICS[i % TOPICS.len()];
+    json!({
+        "model": model,
+        "max_tokens": 120,
+        "messages": [
+            {"role": "system", "content": "You triage customer support tickets. Reply with a category, an urgency from 1 to 5 and a one-sentence summary."},
+            {"role": "user", "content": format!("Ticket #{:05}: the customer writes about {topic}. They have contacted us before and would like an answer today.", 10_000 + i)},
+        ],
+    })
+}
+
+/// A final answer as the caller saw it.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub served_by: Option<String>,
+    /// From acceptance (held styles: sending) to the answer.
+    pub turnaround: Duration,
+}
+
+/// Why a call got no final answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("HTTP error: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("expected 202 and a handle, got {status}")]
+    NotAccepted { status: u16 },
+    #[error("the 202 carried no Location")]
+    NoLocation,
+    #[error("no answer before the demo's deadline")]
+    Deadline,
+}
+
+/// What happened to one call.
+#[derive(Debug)]
+pub struct Outcome {
+    pub call: Call,
+    /// carpool's request id (`Carpool-Request-Id`), the batch `custom_id`.
+    pub request_id: Option<String>,
+    pub answer: Result<Answer, CallError>,
+}
+
+/// What every call shares: where carpool is, the connection budgets, the
+/// deadline, and a counter of answers for the progress line.
+pub struct Caller {
+    pub client: reqwest::Client,
+    pub base_url: String,
+    pub credential: String,
+    /// Calls sent and not yet answered (a held call keeps its slot).
+    pub in_flight: Semaphore,
+    /// Handle polls in flight: a budget of their own, so pollers are not
+    /// starved while every call slot is held.
+    pub polls: Semaphore,
+    pub deadline: Instant,
+    pub answered: AtomicUsize,
+}
+
+impl Caller {
+    /// Sends `call` its way and waits for its final answer.
+    pub async fn run(&self, call: Call) -> Outcome {
+        let (request_id, answer) = match call.style {
+            Style::Wait => self.held(&call, CHAT, Some(("carpool-mode", "wait"))).await,
+            Style::DeferPrefix => self.held(&call, &format!("/defer{CHAT}"), None).await,
+            Style::PreferAsync => self.asynchronous(&call).await,
+        };
+        if answer.is_ok() {
+            self.answered.fetch_add(1, Ordering::Relaxed);
+        }
+        Outcome {
+            call,
+            request_id,
+            answer,
+        }
+    }
+
+    /// One slot of `budget`, or `None` once the deadline passed.
+    async fn slot<'a>(&self, budget: &'a Semaphore) -> Option<tokio::sync::SemaphorePermit<'a>> {
+        tokio::time::timeout_at(self.deadline, budget.acquire())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// A held call: one request, answered when the batch result is back.
+    async fn held(
+        &self,
+        call: &Call,
+        path: &str,
+        header: Option<(&str, &str)>,
+    ) -> (Option<String>, Result<Answer, CallError>) {
+        let Some(_slot) = self.slot(&self.in_flight).await else {
+            return (None, Err(CallError::Deadline));
+        };
+        let started = Instant::now();
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.base_url))
+            .bearer_auth(&self.credential)
+            .json(&call.body);
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
+        match self.send(request).await {
+            Ok(response) => {
+                let id = header_str(response.headers(), "carpool-request-id");
+                (id, answer_of(response, started).await)
+            }
+            Err(err) => (None, Err(err)),
+        }
+    }
+
+    /// `Prefer: respond-async`: 202 and a handle at once (the connection is
+    /// given back), then `GET …/result` every `Retry-After` until it is final.
+    async fn asynchronous(&self, call: &Call) -> (Option<String>, Result<Answer, CallError>) {
+        let accepted = {
+            let Some(_slot) = self.slot(&self.in_flight).await else {
+                return (None, Err(CallError::Deadline));
+            };
+            let request = self
+                .client
+                .post(format!("{}{CHAT}", self.base_url))
+                .bearer_auth(&self.credential)
+                .header("prefer", "respond-async")
+                .json(&call.body);
+            self.send(request).await
+        };
+        let response = match accepted {
+            Ok(r) => r,
+            Err(err) => return (None, Err(err)),
+        };
+        let accepted_at = Instant::now();
+        let id = header_str(response.headers(), "carpool-request-id");
+        if response.status() != StatusCode::ACCEPTED {
+            let status = response.status().as_u16();
+            return (id, Err(CallError::NotAccepted { status }));
+        }
+        let Some(location) = header_str(response.headers(), LOCATION.as_str()) else {
+            return (id, Err(CallError::NoLocation));
+        };
+        let mut pause = poll_pause(response.headers());
+        let url = format!("{}{location}/result", self.base_url);
+        loop {
+            if Instant::now() + pause > self.deadline {
+                return (id, Err(CallError::Deadline));
+            }
+            tokio::time::sleep(pause).await;
+            let Some(_slot) = self.slot(&self.polls).await else {
+                return (id, Err(CallError::Deadline));
+            };
+            let polled = self
+                .send(self.client.get(&url).bearer_auth(&self.credential))
+                .await;
+            match polled {
+                Ok(r) if r.status() == StatusCode::ACCEPTED => pause = poll_pause(r.headers()),
+                Ok(r) => return (id, answer_of(r, accepted_at).await),
+                Err(err) => return (id, Err(err)),
+            }
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, CallError> {
+        match tokio::time::timeout_at(self.deadline, request.send()).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(CallError::Deadline),
+        }
+    }
+}
+
+/// Reads a final response: status, `Carpool-Served-By`, and the JSON body
+/// (a body that is not JSON is kept as a string, and will not check out).
+async fn answer_of(response: reqwest::Response, since: Instant) -> Result<Answer, CallError> {
+    let status = response.status().as_u16();
+    let served_by = header_str(response.headers(), "carpool-served-by");
+    let bytes = response.bytes().await?;
+    let turnaround = since.elapsed();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok(Answer {
+        status,
+        body,
+        served_by,
+        turnaround,
+    })
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// The pause a polite poller takes: `Retry-After` seconds, kept within bounds.
+fn poll_pause(headers: &HeaderMap) -> Duration {
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(MAX_POLL_PAUSE, Duration::from_secs)
+        .clamp(MIN_POLL_PAUSE, MAX_POLL_PAUSE)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+
+    use reqwest::header::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn plan_spreads_calls_evenly_over_models_and_styles() {
+        let calls = plan(300);
+        let mut per_pair = BTreeMap::<(&str, Style), usize>::new();
+        for call in &calls {
+            *per_pair.entry((call.model, call.style)).or_default() += 1;
+            assert_eq!(call.body["model"], call.model);
+        }
+        assert_eq!(per_pair.len(), 6);
+        assert!(per_pair.values().all(|n| *n == 50), "{per_pair:?}");
+    }
+
+    #[test]
+    fn plan_gives_every_call_a_different_body() {
+        let calls = plan(120);
+        let bodies: HashSet<String> = calls.iter().map(|c| c.body.to_string()).collect();
+        assert_eq!(bodies.len(), 120);
+    }
+
+    #[test]
+    fn poll_pause_follows_retry_after_within_bounds() {
+        let mut h = HeaderMap::new();
+        assert_eq!(poll_pause(&h), MAX_POLL_PAUSE);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("0"));
+        assert_eq!(poll_pause(&h), MIN_POLL_PAUSE);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("30"));
+        assert_eq!(poll_pause(&h), MAX_POLL_PAUSE);
+    }
+}

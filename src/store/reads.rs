@@ -1,0 +1,277 @@
+//! The reads and row decoding of every backend, written once as the
+//! `read_ops!` macro and compiled per backend in `ops.rs`. Reads need no
+//! transaction.
+
+macro_rules! read_ops {
+    ($db:ty) => {
+        use sqlx::Row as _;
+
+        use super::*;
+
+        pub(crate) type Conn = <$db as sqlx::Database>::Connection;
+        type DbRow = <$db as sqlx::Database>::Row;
+
+        fn q(sql: &str) -> sqlx::query::Query<'_, $db, <$db as sqlx::Database>::Arguments<'_>> {
+            sqlx::query::<$db>(sql)
+        }
+
+        pub(crate) fn record(row: &DbRow) -> Result<RequestRecord, StoreError> {
+            let response_status = row
+                .try_get::<Option<i64>, _>("response_status")?
+                .map(|v| {
+                    u16::try_from(v).map_err(|_| StoreError::Corrupt {
+                        column: "response_status",
+                        value: v.to_string(),
+                    })
+                })
+                .transpose()?;
+            Ok(RequestRecord {
+                id: RequestId::from_stored(row.try_get("id")?),
+                status: parsed("status", row.try_get("status")?, RequestStatus::parse)?,
+                upstream: row.try_get("upstream")?,
+                endpoint: row.try_get("endpoint")?,
+                model: row.try_get("model")?,
+                mode: parsed("mode", row.try_get("mode")?, DeliveryMode::parse)?,
+                created_at: row.try_get("created_at")?,
+                submitted_at: row.try_get("submitted_at")?,
+                completed_at: row.try_get("completed_at")?,
+                batch_id: row.try_get("batch_id")?,
+                served_by: parsed_opt("served_by", row.try_get("served_by")?, ServedBy::parse)?,
+                response_status,
+                response_body: row
+                    .try_get::<Option<Vec<u8>>, _>("response_body")?
+                    .map(Bytes::from),
+                error_code: row.try_get("error_code")?,
+                error_message: row.try_get("error_message")?,
+                deadline: row.try_get("deadline")?,
+                callback_url: row.try_get("callback_url")?,
+                window_id: row
+                    .try_get::<Option<String>, _>("window_id")?
+                    .map(WindowId::from_stored),
+            })
+        }
+
+        fn window_key(row: &DbRow) -> Result<WindowKey, StoreError> {
+            Ok(WindowKey {
+                upstream: row.try_get("upstream")?,
+                credential_hash: row.try_get("credential_hash")?,
+                endpoint: row.try_get("endpoint")?,
+                model: row.try_get("model")?,
+            })
+        }
+
+        fn window_record(row: &DbRow) -> Result<WindowRecord, StoreError> {
+            Ok(WindowRecord {
+                id: WindowId::from_stored(row.try_get("id")?),
+                key: window_key(row)?,
+                state: parsed("state", row.try_get("state")?, WindowState::parse)?,
+                count: uint(row.try_get("count")?),
+                bytes: uint(row.try_get("bytes")?),
+                limits: WindowLimits {
+                    max_requests: uint(row.try_get("max_requests")?),
+                    max_bytes: uint(row.try_get("max_bytes")?),
+                },
+                opened_at: row.try_get("opened_at")?,
+                sealed_at: row.try_get("sealed_at")?,
+                flush_reason: parsed_opt(
+                    "flush_reason",
+                    row.try_get("flush_reason")?,
+                    FlushReason::parse,
+                )?,
+                upstream_key: row.try_get("upstream_key")?,
+                file_id: row.try_get("file_id")?,
+                job_id: row.try_get("job_id")?,
+                provider_status: row.try_get("provider_status")?,
+                submitted_at: row.try_get("submitted_at")?,
+                finished_at: row.try_get("finished_at")?,
+            })
+        }
+
+        /// Runs one write in the caller's transaction.
+
+        // ---- reads (any connection; no transaction needed) ----------------
+
+        pub(crate) async fn get(conn: &mut Conn, id: &RequestId, credential_hash: &str) -> Result<Option<RequestRecord>, StoreError> {
+            let sql = concat!("SELECT ", req_cols!(), " FROM requests WHERE id = $1 AND credential_hash = $2");
+            q(sql)
+                .bind(id.as_str())
+                .bind(credential_hash)
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|row| record(&row))
+                .transpose()
+        }
+
+        pub(crate) async fn list(
+            conn: &mut Conn,
+            credential_hash: &str,
+            status: Option<RequestStatus>,
+            limit: u32,
+            after: Option<&RequestId>,
+        ) -> Result<Vec<RequestRecord>, StoreError> {
+            let sql = concat!(
+                "SELECT ", req_cols!(), " FROM requests WHERE credential_hash = $1 \
+                 AND ($2 IS NULL OR status = $2) \
+                 AND ($3 IS NULL OR seq < (SELECT seq FROM requests WHERE id = $3 AND credential_hash = $1)) \
+                 ORDER BY seq DESC LIMIT $4"
+            );
+            q(sql)
+                .bind(credential_hash)
+                .bind(status.map(|s| s.as_str()))
+                .bind(after.map(|a| a.as_str()))
+                .bind(i64::from(limit))
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(record)
+                .collect()
+        }
+
+        pub(crate) async fn request_body(conn: &mut Conn, id: &RequestId) -> Result<Option<Bytes>, StoreError> {
+            Ok(q("SELECT body FROM requests WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|row| row.try_get::<Vec<u8>, _>("body"))
+                .transpose()?
+                .map(Bytes::from))
+        }
+
+        pub(crate) async fn due_requests(conn: &mut Conn, before: i64, limit: u32) -> Result<Vec<RequestRecord>, StoreError> {
+            let sql = concat!(
+                "SELECT ", req_cols!(), " FROM requests WHERE deadline IS NOT NULL AND deadline <= $1 \
+                 AND status IN ('queued', 'submitted') ORDER BY deadline LIMIT $2"
+            );
+            q(sql)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(record)
+                .collect()
+        }
+
+        pub(crate) async fn open_request_ids(conn: &mut Conn, window: &WindowId) -> Result<Vec<RequestId>, StoreError> {
+            let rows = q("SELECT id FROM requests WHERE window_id = $1 \
+                          AND status IN ('queued', 'submitted') ORDER BY seq")
+                .bind(window.as_str())
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|row| Ok(RequestId::from_stored(row.try_get("id")?)))
+                .collect()
+        }
+
+        pub(crate) async fn open_windows(conn: &mut Conn) -> Result<Vec<WindowSummary>, StoreError> {
+            let rows = q("SELECT w.id, w.upstream, w.credential_hash, w.endpoint, w.model, w.count, \
+                          w.bytes, w.opened_at, (SELECT MIN(r.deadline) FROM requests r \
+                          WHERE r.window_id = w.id AND r.status = 'queued' AND r.deadline IS NOT NULL) AS earliest_deadline \
+                          FROM windows w WHERE w.state = 'open' ORDER BY w.opened_at")
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(WindowSummary {
+                        id: WindowId::from_stored(row.try_get("id")?),
+                        key: window_key(row)?,
+                        count: uint(row.try_get("count")?),
+                        bytes: uint(row.try_get("bytes")?),
+                        opened_at: row.try_get("opened_at")?,
+                        earliest_deadline: row.try_get("earliest_deadline")?,
+                    })
+                })
+                .collect()
+        }
+
+        pub(crate) async fn window(conn: &mut Conn, id: &WindowId) -> Result<Option<WindowRecord>, StoreError> {
+            q(concat!("SELECT ", window_cols!(), " FROM windows WHERE id = $1"))
+                .bind(id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|row| window_record(&row))
+                .transpose()
+        }
+
+        pub(crate) async fn windows_in(conn: &mut Conn, states: &[WindowState]) -> Result<Vec<WindowRecord>, StoreError> {
+            if states.is_empty() {
+                return Ok(Vec::new());
+            }
+            let list = super::super::model::sql_list(states.iter().map(|s| s.as_str()));
+            q(&format!(
+                concat!("SELECT ", window_cols!(), " FROM windows WHERE state IN ({}) ORDER BY opened_at, id"),
+                list
+            ))
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(window_record)
+            .collect()
+        }
+
+        async fn lines_page(conn: &mut Conn, window: &WindowId, after: i64) -> Result<Vec<(i64, RequestId, Bytes)>, StoreError> {
+            let rows = q("SELECT seq, id, body FROM requests WHERE window_id = $1 \
+                          AND status IN ('queued', 'submitted') AND seq > $2 ORDER BY seq LIMIT $3")
+                .bind(window.as_str())
+                .bind(after)
+                .bind(LINES_PAGE)
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get("seq")?,
+                        RequestId::from_stored(row.try_get("id")?),
+                        Bytes::from(row.try_get::<Vec<u8>, _>("body")?),
+                    ))
+                })
+                .collect()
+        }
+
+        /// Streams a window's lines page by page (keyset on `seq`), so at
+        /// most one page is in memory and no read transaction stays open.
+        pub(crate) fn window_lines(
+            pool: sqlx::Pool<$db>,
+            window: WindowId,
+        ) -> BoxStream<'static, Result<(RequestId, Bytes), StoreError>> {
+            struct Cursor {
+                pool: sqlx::Pool<$db>,
+                window: WindowId,
+                after: i64,
+                page: VecDeque<(RequestId, Bytes)>,
+                done: bool,
+            }
+            let start = Cursor { pool, window, after: 0, page: VecDeque::new(), done: false };
+            stream::unfold(start, |mut c| async move {
+                loop {
+                    if let Some(line) = c.page.pop_front() {
+                        return Some((Ok(line), c));
+                    }
+                    if c.done {
+                        return None;
+                    }
+                    let page = match c.pool.acquire().await {
+                        Ok(mut conn) => lines_page(&mut conn, &c.window, c.after).await,
+                        Err(e) => Err(e.into()),
+                    };
+                    match page {
+                        Ok(rows) => {
+                            c.done = (rows.len() as i64) < LINES_PAGE;
+                            if let Some((seq, _, _)) = rows.last() {
+                                c.after = *seq;
+                            }
+                            c.page.extend(rows.into_iter().map(|(_, id, body)| (id, body)));
+                        }
+                        Err(e) => {
+                            c.done = true;
+                            return Some((Err(e), c));
+                        }
+                    }
+                }
+            })
+            .boxed()
+        }
+    };
+}
+
+pub(crate) use read_ops;

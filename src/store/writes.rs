@@ -1,0 +1,459 @@
+//! The state transitions of every backend, written once as the
+//! `write_ops!` macro and compiled per backend in `ops.rs`: each runs in the
+//! transaction its caller opened and checks its allowed-from states in its
+//! `WHERE`.
+
+macro_rules! write_ops {
+    ($db:ty) => {
+        pub(crate) async fn apply(conn: &mut Conn, op: &Op, horizon: i64) -> Result<Reply, StoreError> {
+            Ok(match op {
+                Op::Accept(req) => Reply::Accepted(Box::new(accept(conn, req, horizon).await?)),
+                Op::Cancel { id, credential_hash, now } => {
+                    Reply::Cancel(Box::new(cancel(conn, id, credential_hash, *now).await?))
+                }
+                Op::Seal { id, reason, now } => Reply::Applied(seal(conn, id, *reason, *now).await?),
+                Op::RecordUpload { id, file_id } => Reply::Applied(
+                    q(&format!(
+                        "UPDATE windows SET state = 'uploaded', file_id = $2 \
+                         WHERE id = $1 AND state IN ({})",
+                        window_from_sql(WindowState::Uploaded)
+                    ))
+                    .bind(id.as_str())
+                    .bind(file_id)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()
+                        == 1,
+                ),
+                Op::MarkCreating { id } => Reply::Applied(
+                    q(&format!(
+                        "UPDATE windows SET state = 'creating' WHERE id = $1 AND state IN ({})",
+                        window_from_sql(WindowState::Creating)
+                    ))
+                    .bind(id.as_str())
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()
+                        == 1,
+                ),
+                Op::RecordJob { id, job_id, now } => {
+                    Reply::Applied(record_job(conn, id, job_id, *now).await?)
+                }
+                Op::RecordJobStatus { id, status } => Reply::Applied(
+                    q("UPDATE windows SET provider_status = $2 WHERE id = $1 AND state = 'submitted'")
+                        .bind(id.as_str())
+                        .bind(status)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected()
+                        == 1,
+                ),
+                Op::Finish { id, outcome, now } => {
+                    let to = outcome.state();
+                    Reply::Applied(
+                        q(&format!(
+                            "UPDATE windows SET state = $2, finished_at = $3, upstream_key = NULL \
+                             WHERE id = $1 AND state IN ({})",
+                            window_from_sql(to)
+                        ))
+                        .bind(id.as_str())
+                        .bind(to.as_str())
+                        .bind(*now)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected()
+                            == 1,
+                    )
+                }
+                Op::Resolve { window, resolutions } => {
+                    let mut changed = Vec::new();
+                    for r in resolutions {
+                        if resolve_one(conn, r, Some(window)).await? {
+                            changed.push(r.id.clone());
+                        }
+                    }
+                    Reply::Ids(changed)
+                }
+                Op::ResolveOne(r) => Reply::Applied(resolve_one(conn, r, None).await?),
+                Op::FailUnresolved { window, code, message, now } => {
+                    let rows = q(&format!(
+                        "UPDATE requests SET status = 'failed', error_code = $2, error_message = $3, \
+                         completed_at = $4 WHERE window_id = $1 AND status IN ({}) RETURNING id",
+                        request_from_sql(RequestStatus::Failed)
+                    ))
+                    .bind(window.as_str())
+                    .bind(code)
+                    .bind(message)
+                    .bind(*now)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    let mut ids = Vec::with_capacity(rows.len());
+                    for row in &rows {
+                        ids.push(RequestId::from_stored(row.try_get("id")?));
+                    }
+                    Reply::Ids(ids)
+                }
+                Op::Requeue { ids, now } => Reply::Ids(requeue(conn, ids, *now).await?),
+                Op::Purge { older_than } => {
+                    let final_states = super::super::model::sql_list(
+                        RequestStatus::ALL.into_iter().filter(|s| s.is_final()).map(|s| s.as_str()),
+                    );
+                    let n = q(&format!(
+                        "DELETE FROM requests WHERE completed_at < $1 AND status IN ({final_states})"
+                    ))
+                    .bind(*older_than)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    q("DELETE FROM windows WHERE finished_at < $1 AND state IN ('completed', 'failed')")
+                        .bind(*older_than)
+                        .execute(&mut *conn)
+                        .await?;
+                    Reply::Count(n)
+                }
+            })
+        }
+
+
+        /// An earlier request this one repeats: same idempotency key (same
+        /// body, else a conflict), or an SDK retry of a live request.
+        pub(crate) async fn existing(conn: &mut Conn, r: &NewRequest, horizon: i64) -> Result<Option<Accepted>, StoreError> {
+            if let Some(key) = &r.idempotency_key {
+                let sql = concat!(
+                    "SELECT ", req_cols!(), ", body_hash FROM requests \
+                     WHERE credential_hash = $1 AND idempotency_key = $2"
+                );
+                let found = q(sql).bind(&r.credential_hash).bind(key).fetch_optional(&mut *conn).await?;
+                if let Some(row) = found {
+                    let hash: String = row.try_get("body_hash")?;
+                    if hash != r.body_hash {
+                        return Err(StoreError::IdempotencyConflict);
+                    }
+                    return Ok(Some(reattach(record(&row)?)));
+                }
+            }
+            if r.sdk_retry {
+                let sql = concat!(
+                    "SELECT ", req_cols!(), " FROM requests \
+                     WHERE retry_tag = $5 AND credential_hash = $1 AND body_hash = $2 AND endpoint = $3 \
+                     AND status <> 'cancelled' AND created_at >= $4 ORDER BY seq DESC LIMIT 1"
+                );
+                let found = q(sql)
+                    .bind(&r.credential_hash)
+                    .bind(&r.body_hash)
+                    .bind(&r.endpoint)
+                    .bind(r.now.saturating_sub(horizon))
+                    .bind(retry_tag(r))
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if let Some(row) = found {
+                    return Ok(Some(reattach(record(&row)?)));
+                }
+            }
+            Ok(None)
+        }
+
+        async fn accept(conn: &mut Conn, r: &NewRequest, horizon: i64) -> Result<Accepted, StoreError> {
+            if let Some(found) = existing(conn, r, horizon).await? {
+                return Ok(found);
+            }
+            let key = WindowKey {
+                upstream: r.upstream.clone(),
+                credential_hash: r.credential_hash.clone(),
+                endpoint: r.endpoint.clone(),
+                model: r.model.clone(),
+            };
+            let len = int(r.body.len() as u64);
+            let (slot, sealed_previous) =
+                place(conn, &key, len, r.limits, r.upstream_key.as_deref(), r.now).await?;
+            q(INSERT_REQUEST)
+                .bind(r.id.as_str())
+                .bind(&r.credential_hash)
+                .bind(&r.upstream)
+                .bind(&r.endpoint)
+                .bind(&r.model)
+                .bind(r.body.as_ref())
+                .bind(&r.body_hash)
+                .bind(r.idempotency_key.as_deref())
+                .bind(r.mode.as_str())
+                .bind(r.deadline)
+                .bind(r.callback_url.as_deref())
+                .bind(slot.id.as_str())
+                .bind(r.now)
+                .bind(retry_tag(r))
+                .execute(&mut *conn)
+                .await?;
+            let record = queued_record(r, &slot.id);
+            Ok(Accepted { record, created: true, window: Some(slot), sealed_previous })
+        }
+
+        /// Adds `len` bytes to the open window of `key`, sealing it first if
+        /// they would not fit and opening a new one; seals the window the
+        /// request lands in when it is then full.
+        async fn place(
+            conn: &mut Conn,
+            key: &WindowKey,
+            len: i64,
+            limits: WindowLimits,
+            upstream_key: Option<&str>,
+            now: i64,
+        ) -> Result<(WindowSlot, Option<(WindowId, FlushReason)>), StoreError> {
+            let limits = sane(limits);
+            let mut previous = None;
+            // Postgres, read committed: a window another replica opened may
+            // become visible between statements; never seal a window that
+            // can still take the request, go back and join it instead.
+            let mut rounds = 0;
+            let joined = loop {
+                rounds += 1;
+                let row = q("UPDATE windows SET count = count + 1, bytes = bytes + $5, \
+                             upstream_key = COALESCE(upstream_key, $8) \
+                             WHERE upstream = $1 AND credential_hash = $2 AND endpoint = $3 AND model = $4 \
+                             AND state = 'open' AND count + 1 <= $6 AND (count = 0 OR bytes + $5 <= $7) \
+                             RETURNING id, count, bytes, opened_at")
+                    .bind(&key.upstream)
+                    .bind(&key.credential_hash)
+                    .bind(&key.endpoint)
+                    .bind(&key.model)
+                    .bind(len)
+                    .bind(int(limits.max_requests))
+                    .bind(int(limits.max_bytes))
+                    .bind(upstream_key)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if let Some(row) = row {
+                    break Some(row);
+                }
+                let sealed = q("UPDATE windows SET state = 'sealed', sealed_at = $5, \
+                                flush_reason = CASE WHEN count + 1 > $6 THEN 'max_requests' ELSE 'max_bytes' END \
+                                WHERE upstream = $1 AND credential_hash = $2 AND endpoint = $3 AND model = $4 \
+                                AND state = 'open' AND (count + 1 > $6 OR (count > 0 AND bytes + $8 > $7)) \
+                                RETURNING id, flush_reason")
+                    .bind(&key.upstream)
+                    .bind(&key.credential_hash)
+                    .bind(&key.endpoint)
+                    .bind(&key.model)
+                    .bind(now)
+                    .bind(int(limits.max_requests))
+                    .bind(int(limits.max_bytes))
+                    .bind(len)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if let Some(row) = sealed {
+                    previous = Some((
+                        WindowId::from_stored(row.try_get("id")?),
+                        parsed("flush_reason", row.try_get("flush_reason")?, FlushReason::parse)?,
+                    ));
+                    break None;
+                }
+                let open = q("SELECT id FROM windows WHERE upstream = $1 AND credential_hash = $2 \
+                              AND endpoint = $3 AND model = $4 AND state = 'open'")
+                    .bind(&key.upstream)
+                    .bind(&key.credential_hash)
+                    .bind(&key.endpoint)
+                    .bind(&key.model)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if open.is_none() || rounds >= 3 {
+                    break None;
+                }
+            };
+            let (id, count, bytes, opened_at) = match joined {
+                Some(row) => (
+                    WindowId::from_stored(row.try_get("id")?),
+                    row.try_get::<i64, _>("count")?,
+                    row.try_get::<i64, _>("bytes")?,
+                    row.try_get::<i64, _>("opened_at")?,
+                ),
+                None => {
+                    let id = WindowId::generate();
+                    // A racing insert of the key's open window fails on the
+                    // unique index and the whole transaction is retried.
+                    q("INSERT INTO windows (id, upstream, credential_hash, endpoint, model, state, count, \
+                       bytes, max_requests, max_bytes, opened_at, upstream_key) \
+                       VALUES ($1, $2, $3, $4, $5, 'open', 1, $6, $7, $8, $9, $10)")
+                        .bind(id.as_str())
+                        .bind(&key.upstream)
+                        .bind(&key.credential_hash)
+                        .bind(&key.endpoint)
+                        .bind(&key.model)
+                        .bind(len)
+                        .bind(int(limits.max_requests))
+                        .bind(int(limits.max_bytes))
+                        .bind(now)
+                        .bind(upstream_key)
+                        .execute(&mut *conn)
+                        .await?;
+                    (id, 1, len, now)
+                }
+            };
+            let sealed = filled(count, bytes, limits);
+            if let Some(reason) = sealed {
+                seal(conn, &id, reason, now).await?;
+            }
+            let slot = WindowSlot { id, count: uint(count), bytes: uint(bytes), opened_at, sealed };
+            Ok((slot, previous))
+        }
+
+        async fn seal(conn: &mut Conn, id: &WindowId, reason: FlushReason, now: i64) -> Result<bool, StoreError> {
+            Ok(q(&format!(
+                "UPDATE windows SET state = 'sealed', sealed_at = $2, flush_reason = $3 \
+                 WHERE id = $1 AND state IN ({})",
+                window_from_sql(WindowState::Sealed)
+            ))
+            .bind(id.as_str())
+            .bind(now)
+            .bind(reason.as_str())
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+                == 1)
+        }
+
+        async fn cancel(conn: &mut Conn, id: &RequestId, credential_hash: &str, now: i64) -> Result<CancelOutcome, StoreError> {
+            let Some(row) = q("SELECT status, window_id, CAST(length(body) AS BIGINT) AS len FROM requests \
+                               WHERE id = $1 AND credential_hash = $2")
+                .bind(id.as_str())
+                .bind(credential_hash)
+                .fetch_optional(&mut *conn)
+                .await?
+            else {
+                return Ok(CancelOutcome::NotFound);
+            };
+            let status = parsed("status", row.try_get("status")?, RequestStatus::parse)?;
+            let window: Option<String> = row.try_get("window_id")?;
+            let len: i64 = row.try_get("len")?;
+            let changed = !status.is_final()
+                && q(&format!(
+                    "UPDATE requests SET status = 'cancelled', completed_at = $2 \
+                     WHERE id = $1 AND status IN ({})",
+                    request_from_sql(RequestStatus::Cancelled)
+                ))
+                .bind(id.as_str())
+                .bind(now)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected()
+                    == 1;
+            if changed && status == RequestStatus::Queued {
+                if let Some(window) = window {
+                    // Still counted towards a window not yet uploaded: leave
+                    // it, and drop a window left empty so the next request
+                    // opens a fresh one (its age restarts).
+                    q("UPDATE windows SET count = count - 1, bytes = bytes - $2 \
+                       WHERE id = $1 AND state IN ('open', 'sealed')")
+                        .bind(&window)
+                        .bind(len)
+                        .execute(&mut *conn)
+                        .await?;
+                    q("DELETE FROM windows WHERE id = $1 AND state = 'open' AND count <= 0")
+                        .bind(&window)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+            }
+            let record = get(conn, id, credential_hash).await?;
+            Ok(match record {
+                Some(r) if changed => CancelOutcome::Cancelled(r),
+                Some(r) => CancelOutcome::AlreadyFinal(r),
+                None => CancelOutcome::NotFound,
+            })
+        }
+
+        async fn record_job(conn: &mut Conn, id: &WindowId, job_id: &str, now: i64) -> Result<bool, StoreError> {
+            let moved = q(&format!(
+                "UPDATE windows SET state = 'submitted', job_id = $2, submitted_at = $3 \
+                 WHERE id = $1 AND state IN ({})",
+                window_from_sql(WindowState::Submitted)
+            ))
+            .bind(id.as_str())
+            .bind(job_id)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+                == 1;
+            if moved {
+                q(&format!(
+                    "UPDATE requests SET status = 'submitted', batch_id = $2, submitted_at = $3 \
+                     WHERE window_id = $1 AND status IN ({})",
+                    request_from_sql(RequestStatus::Submitted)
+                ))
+                .bind(id.as_str())
+                .bind(job_id)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            }
+            Ok(moved)
+        }
+
+        async fn resolve_one(conn: &mut Conn, r: &Resolution, window: Option<&WindowId>) -> Result<bool, StoreError> {
+            let to = r.status.status();
+            Ok(q(&format!(
+                "UPDATE requests SET status = $3, served_by = $4, response_status = $5, \
+                 response_body = $6, error_code = $7, error_message = $8, completed_at = $9 \
+                 WHERE id = $1 AND ($2 IS NULL OR window_id = $2) AND status IN ({})",
+                request_from_sql(to)
+            ))
+            .bind(r.id.as_str())
+            .bind(window.map(|w| w.as_str()))
+            .bind(to.as_str())
+            .bind(r.served_by.map(|s| s.as_str()))
+            .bind(r.response_status.map(i64::from))
+            .bind(r.response_body.as_deref())
+            .bind(r.error_code.as_deref())
+            .bind(r.error_message.as_deref())
+            .bind(r.completed_at)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+                == 1)
+        }
+
+        async fn requeue(conn: &mut Conn, ids: &[RequestId], now: i64) -> Result<Vec<RequestId>, StoreError> {
+            let mut moved = Vec::new();
+            for id in ids {
+                let row = q(&format!(
+                    "UPDATE requests SET status = 'queued', batch_id = NULL, submitted_at = NULL \
+                     WHERE id = $1 AND status IN ({}) \
+                     RETURNING upstream, credential_hash, endpoint, model, window_id, \
+                     CAST(length(body) AS BIGINT) AS len",
+                    request_from_sql(RequestStatus::Queued)
+                ))
+                .bind(id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?;
+                let Some(row) = row else { continue };
+                let key = window_key(&row)?;
+                let old: Option<String> = row.try_get("window_id")?;
+                let limits = match &old {
+                    Some(old) => q("SELECT max_requests, max_bytes FROM windows WHERE id = $1")
+                        .bind(old)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                        .map(|w| -> Result<WindowLimits, StoreError> {
+                            Ok(WindowLimits {
+                                max_requests: uint(w.try_get("max_requests")?),
+                                max_bytes: uint(w.try_get("max_bytes")?),
+                            })
+                        })
+                        .transpose()?
+                        .unwrap_or(FALLBACK_LIMITS),
+                    None => FALLBACK_LIMITS,
+                };
+                let (slot, _) = place(conn, &key, row.try_get("len")?, limits, None, now).await?;
+                q("UPDATE requests SET window_id = $2 WHERE id = $1")
+                    .bind(id.as_str())
+                    .bind(slot.id.as_str())
+                    .execute(&mut *conn)
+                    .await?;
+                moved.push(id.clone());
+            }
+            Ok(moved)
+        }
+
+    };
+}
+
+pub(crate) use write_ops;
