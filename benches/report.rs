@@ -511,9 +511,12 @@ impl Report {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default();
         let cpus = s.cpu_count;
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let load: Vec<&str> = load.split_whitespace().take(3).collect();
         println!();
         println!(
-            "carpool performance report, {date}, {cpus} CPUs, medians of {} runs, pinning: {}",
+            "carpool performance report, {date}, {cpus} CPUs, load average at the end {} (other tenants), medians of {} runs, pinning: {}",
+            load.join(" "),
             s.runs,
             match s.cpus {
                 Some((p, l)) => format!("carpool on CPU {p}, sim + load generator on CPU {l}"),
@@ -608,6 +611,7 @@ async fn passthrough(
     }
     let field = |v: &[Load], f: fn(&Load) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
     let mut sustained: Option<u32> = None;
+    let mut broken = false;
     for (rate, (d, c)) in &points {
         let added_p50 = median(
             &d.iter()
@@ -625,8 +629,13 @@ async fn passthrough(
         let c_rps = field(c, |l| l.rps);
         let d_rps = field(d, |l| l.rps);
         let kept_up = c_rps >= 0.95 * f64::from(*rate) && !errors;
-        if kept_up && added_p99 < 1.0 && sustained.is_none_or(|s| s < *rate) {
-            sustained = Some(*rate);
+        // The highest rate up to which every rate tried held the bound.
+        if kept_up && added_p99 < 1.0 {
+            if !broken {
+                sustained = Some(*rate);
+            }
+        } else {
+            broken = true;
         }
         report.row(
             "pass-through",
@@ -1157,8 +1166,8 @@ async fn flush(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Rep
         "peak RSS growth for flushing, 100,000 vs 50,000 lines",
         format!("{g100:.1} MiB"),
         format!("{g50:.1} MiB"),
-        format!("independent of size (differs by < ¼ of the {extra_file_mib:.1} MiB extra file)"),
-        Some(g100 - g50 < extra_file_mib / 4.0),
+        format!("bounded: < ½ of the {extra_file_mib:.1} MiB the bigger file adds (buffering it would add all)"),
+        Some(g100 - g50 < extra_file_mib / 2.0),
     );
     http.delete(format!("{}/_sim/faults", sim.url))
         .send()
