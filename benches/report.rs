@@ -107,7 +107,7 @@ impl Settings {
     fn wants(&self, section: &str) -> bool {
         self.only
             .as_ref()
-            .is_none_or(|o| o.iter().any(|s| s == section))
+            .map_or(true, |o| o.iter().any(|s| s == section))
     }
 
     fn proxy_cpu(&self) -> Option<usize> {
@@ -405,6 +405,7 @@ struct Load {
 
 /// One oha run; `rate` None is full speed, `n` a count instead of the
 /// configured duration.
+#[allow(clippy::too_many_arguments)]
 fn oha(
     s: &Settings,
     url: &str,
