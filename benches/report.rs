@@ -128,7 +128,8 @@ fn which(name: &str) -> Option<PathBuf> {
 
 fn find_oha() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("OHA") {
-        return Some(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
     }
     which("oha").or_else(|| {
         let home = std::env::var_os("CARGO_HOME")
