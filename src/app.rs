@@ -106,7 +106,8 @@ pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> 
     state.spawn(janitor::run(state.deferral.clone(), token.clone()));
     state.spawn(webhooks::worker::run(state.webhooks.clone(), token.clone()));
     let app = crate::server::router(state.clone());
-    let server = axum::serve(listener, app)
+    // Routes are resolved once here, not again for every connection.
+    let server = axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(token.clone().cancelled_owned())
         .into_future();
     let deadline = async {

@@ -178,12 +178,10 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
     let client = &upstream.client;
 
     if window.state == WindowState::Sealed {
-        if deferral
-            .store
-            .open_request_ids(&window.id)
-            .await?
-            .is_empty()
-        {
+        // One page of the window tells whether any member is still open;
+        // listing every id would cost memory in proportion to the window.
+        let first = deferral.store.window_lines(&window.id).next().await;
+        if first.transpose()?.is_none() {
             // Every member was cancelled: nothing to submit.
             deferral
                 .store
