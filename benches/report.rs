@@ -10,7 +10,7 @@
 //! cargo builds for this bench) run as separate processes, each with
 //! `TOKIO_WORKER_THREADS=1`. With two or more CPUs and `taskset` present,
 //! carpool is pinned to one CPU and the simulator plus the load generator
-//! ([oha](https://crates.io/crates/oha), `--worker-threads 1`) and this
+//! (oha, `--worker-threads 1`) and this
 //! driver to the other, so the proxy never competes with the load it is
 //! measured under, and the direct baseline runs with the very same pinning
 //! (its load generator and simulator on the same single CPU).
