@@ -758,7 +758,7 @@ mod cases {
         assert_eq!(streamed, ids);
     }
 
-    // ---- failures (issue 6) -----------------------------------------------
+    // ---- failure policies: resubmission, openness, pending counts ----
 
     pub async fn resubmit_moves_only_open_requests_under_the_limit_with_the_window_key(
         h: &Harness,

@@ -560,7 +560,7 @@ impl Store {
         self.write(Op::Requeue { ids, now }).await?.ids()
     }
 
-    // ---- failures (issue 6) -------------------------------------------------
+    // ---- failure policies: resubmission, openness, pending counts ----
 
     /// After a window's job failed, expired or was cancelled: requeues each of
     /// its still open requests resubmitted fewer than `limit` times (counting

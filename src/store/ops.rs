@@ -80,7 +80,7 @@ pub(crate) enum Op {
     Purge {
         older_than: i64,
     },
-    // ---- failures (issue 6)
+    // ---- failure policies: resubmission, openness, pending counts ----
     Resubmit {
         window: WindowId,
         limit: u32,

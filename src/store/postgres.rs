@@ -175,7 +175,7 @@ impl PgStore {
         ops::windows_in(&mut *self.inner.pool.acquire().await?, states).await
     }
 
-    // ---- failures (issue 6)
+    // ---- failure policies: resubmission, openness, pending counts ----
     pub(crate) async fn is_open(&self, id: &RequestId) -> Result<bool, StoreError> {
         ops::is_open(&mut *self.inner.pool.acquire().await?, id).await
     }

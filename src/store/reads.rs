@@ -209,7 +209,7 @@ macro_rules! read_ops {
             .collect()
         }
 
-        // ---- failures (issue 6) -------------------------------------------
+        // ---- failure policies: resubmission, openness, pending counts ----
 
         /// Requests counted in unfinished windows, by credential: what
         /// intake backpressure weighs. Windows are few, so this is cheap.

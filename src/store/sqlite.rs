@@ -166,7 +166,7 @@ impl SqliteStore {
         ops::windows_in(&mut *self.inner.read.acquire().await?, states).await
     }
 
-    // ---- failures (issue 6)
+    // ---- failure policies: resubmission, openness, pending counts ----
     pub(crate) async fn is_open(&self, id: &RequestId) -> Result<bool, StoreError> {
         ops::is_open(&mut *self.inner.read.acquire().await?, id).await
     }

@@ -482,7 +482,7 @@ macro_rules! write_ops {
             Ok(moved)
         }
 
-        // ---- failures (issue 6) -------------------------------------------
+        // ---- failure policies: resubmission, openness, pending counts ----
 
         /// Requeues the still open requests of a window that were resubmitted
         /// fewer than `limit` times; the others stay where they are for the

@@ -64,7 +64,7 @@ CREATE INDEX requests_window_deadline ON requests (window_id, deadline)
     WHERE deadline IS NOT NULL AND status = 'queued';
 CREATE INDEX requests_finished ON requests (completed_at) WHERE completed_at IS NOT NULL;
 
--- ---- failures (issue 6) ----
+-- ---- failure policies ----
 -- Times a request was put back in a window after its batch failed, expired
 -- or was cancelled; `on_batch_failure = "resubmit"` stops at resubmit_limit.
 ALTER TABLE requests ADD COLUMN resubmits BIGINT NOT NULL DEFAULT 0;
