@@ -61,11 +61,13 @@ impl AppState {
             &config.upstreams,
         ));
         let config = Arc::new(config);
+        let tasks = TaskTracker::new();
         let deferral = Deferral::new(
             config.clone(),
             store.clone(),
             forwarder.clone(),
             metrics.clone(),
+            tasks.clone(),
         );
         let webhooks = Webhooks::new(
             config.clone(),
@@ -81,7 +83,7 @@ impl AppState {
             webhooks,
             readiness,
             shutdown,
-            tasks: TaskTracker::new(),
+            tasks,
         })
     }
 

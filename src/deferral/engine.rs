@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::{DashMap, DashSet};
 use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
 use super::backpressure::IntakeGate;
 use crate::config::{AuthMode, Config, UpstreamConfig};
@@ -58,6 +59,8 @@ pub struct Inner {
     pub fallbacks: DashSet<RequestId>,
     /// Intake ceilings (`max_pending`, `max_pending_per_client`).
     pub gate: IntakeGate,
+    /// The app's task tracker (shared with `AppState::tasks`).
+    pub tasks: TaskTracker,
 }
 
 #[derive(Clone)]
@@ -78,6 +81,7 @@ impl Deferral {
         store: Store,
         forwarder: Forwarder,
         metrics: Arc<Metrics>,
+        tasks: TaskTracker,
     ) -> Self {
         let http = forwarder.client().clone();
         let retry = RetryPolicy {
@@ -118,8 +122,18 @@ impl Deferral {
                 deadline_wake: Notify::new(),
                 fallbacks: DashSet::new(),
                 gate,
+                tasks,
             }),
         }
+    }
+
+    /// Spawns a unit of work (a window's submission or reconciliation, a
+    /// held stream) on the app's tracker, so shutdown waits for it.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
     }
 
     pub fn upstream(&self, name: &str) -> Option<&BatchUpstream> {

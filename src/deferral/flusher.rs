@@ -106,7 +106,7 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
             continue;
         };
         let deferral = deferral.clone();
-        tokio::spawn(async move {
+        deferral.clone().spawn(async move {
             let _guard = guard;
             let id = window.id.clone();
             match submit(&deferral, window).await {

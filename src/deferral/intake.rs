@@ -303,7 +303,7 @@ fn with_preference(mut response: Response, answer: &Answer) -> Response {
 fn held_stream(deferral: Deferral, record: RequestRecord, credential: String) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let id = record.id.clone();
-    tokio::spawn(async move {
+    deferral.clone().spawn(async move {
         if tx.send(Bytes::from_static(sse::KEEP_ALIVE)).await.is_err() {
             return;
         }

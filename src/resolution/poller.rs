@@ -33,7 +33,7 @@ async fn tick(deferral: &Deferral, shutdown: &CancellationToken) -> Result<(), S
             continue;
         };
         let deferral = deferral.clone();
-        tokio::spawn(async move {
+        deferral.clone().spawn(async move {
             let _guard = guard;
             let id = window.id.clone();
             if let Err(err) = poll_one(&deferral, window).await {
