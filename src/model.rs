@@ -192,19 +192,6 @@ impl Dialect {
     }
 }
 
-/// Endpoints some dialect can batch; the deferral decision checks the
-/// routed upstream's dialect with [`Dialect::batchable`].
-pub const BATCHABLE_ENDPOINTS: &[&str] = &[
-    "/v1/chat/completions",
-    "/v1/embeddings",
-    "/v1/fim/completions",
-    "/v1/moderations",
-    "/v1/chat/moderations",
-    "/v1/ocr",
-    "/v1/classifications",
-    "/v1/completions",
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;

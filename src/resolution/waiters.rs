@@ -52,11 +52,7 @@ impl Waiters {
         &self.stored
     }
 
-    /// Held registrations, for tests and metrics.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
+    /// Whether nobody is registered (every waiter dropped its entry).
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
