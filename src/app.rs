@@ -2,7 +2,6 @@
 //! lifecycle: signal → stop accepting → bounded drain (`server.shutdown_grace`)
 //! → tracked tasks joined. Does not own what any request does.
 
-use std::future::IntoFuture;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -108,21 +107,17 @@ pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> 
     state.spawn(janitor::run(state.deferral.clone(), token.clone()));
     state.spawn(webhooks::worker::run(state.webhooks.clone(), token.clone()));
     let app = crate::server::router(state.clone());
-    // Routes are resolved once here, not again for every connection.
-    let server = axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(token.clone().cancelled_owned())
-        .into_future();
+    let server = crate::server::listen::serve(listener, app, token.clone());
     let deadline = async {
         token.cancelled().await;
         tokio::time::sleep(grace).await;
     };
-    let result = tokio::select! {
-        result = server => result,
+    tokio::select! {
+        () = server => {}
         () = deadline => {
             tracing::warn!(grace = %humantime::format_duration(grace), "shutdown grace elapsed; dropping calls still in flight");
-            Ok(())
         }
-    };
+    }
     // Open windows are sealed so nothing waits on a max_wait that no
     // process is counting; sealed windows are submitted on the way out if
     // the grace allows, else on the next start.
@@ -146,7 +141,7 @@ pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> 
     {
         tracing::warn!("background tasks did not finish within the grace period");
     }
-    result
+    Ok(())
 }
 
 /// Sets up the global tracing subscriber: `text` or `json` lines, filtered

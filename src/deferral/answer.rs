@@ -161,7 +161,9 @@ pub async fn wait_final(
         let notified = waiter.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let Some(record) = deferral.store.get(id, credential_hash).await? else {
+        // Boxed: a held caller spends its whole wait in this loop, and the
+        // store read's future would otherwise be most of its frame.
+        let Some(record) = Box::pin(deferral.store.get(id, credential_hash)).await? else {
             return Ok(None);
         };
         if record.status.is_final() {

@@ -67,7 +67,7 @@ pub fn body_hash(endpoint: &str, body: &[u8]) -> String {
 }
 
 /// Stores the call, then answers it.
-pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, ApiError> {
+pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Intake, ApiError> {
     if !call.upstream.dialect.batchable(call.endpoint) {
         return Err(ApiError::Unprocessable {
             message: format!(
@@ -178,35 +178,78 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Response, 
         ])
         .inc();
     let record = accepted.record;
-    let credential = call.caller.credential_hash.as_str();
+    let credential = call.caller.credential_hash.clone();
 
-    match call.answer {
+    Ok(match call.answer {
         Answer::Wait if call.stream => {
-            Ok(held_stream(deferral.clone(), record, credential.to_owned()))
+            Intake::Answered(held_stream(deferral.clone(), record, credential))
         }
-        Answer::Wait => {
-            let done = wait_final(deferral, &record.id, credential, None)
-                .await?
-                .unwrap_or(record);
-            observe_answer(deferral, "wait", &done);
-            Ok(final_response(&done))
-        }
-        Answer::Async { .. } => Ok(with_preference(
+        Answer::Wait | Answer::AsyncAfter(_) => Intake::Held(Held {
+            record,
+            credential,
+            answer: call.answer,
+        }),
+        Answer::Async { .. } => Intake::Answered(with_preference(
             accepted_response(&record, retry_after(deferral)),
             &call.answer,
         )),
-        Answer::AsyncAfter(limit) => {
-            let now = wait_final(deferral, &record.id, credential, Some(limit))
-                .await?
-                .unwrap_or(record);
-            let response = if now.status.is_final() {
+    })
+}
+
+/// What intake leaves for the connection once the call is stored.
+pub enum Intake {
+    /// The answer, ready now: a 202 with a handle, or a held stream that
+    /// replays its result when it comes.
+    Answered(Response),
+    /// A caller to hold until its request is final (or its `wait=N` is up).
+    Held(Held),
+}
+
+/// A held caller: only what its answer needs. The connection waits on this
+/// after the original request (headers, body, and the parser buffers they
+/// point into) has been dropped, so each of many thousands of held callers
+/// costs as little memory as the connection itself.
+pub struct Held {
+    record: RequestRecord,
+    credential: String,
+    answer: Answer,
+}
+
+impl Held {
+    /// The upstream the request was routed to (the response's metric label).
+    pub fn upstream(&self) -> &str {
+        &self.record.upstream
+    }
+
+    /// Waits for the request, then answers like the synchronous call would
+    /// (`Wait`), or with the result or a 202 when `wait=N` is up (`AsyncAfter`).
+    pub async fn answer(self, deferral: &Deferral) -> Result<Response, ApiError> {
+        let Held {
+            record,
+            credential,
+            answer,
+        } = self;
+        let limit = match answer {
+            Answer::AsyncAfter(limit) => Some(limit),
+            _ => None,
+        };
+        let now = wait_final(deferral, &record.id, &credential, limit)
+            .await?
+            .unwrap_or(record);
+        let response = match answer {
+            Answer::AsyncAfter(_) if !now.status.is_final() => {
+                accepted_response(&now, retry_after(deferral))
+            }
+            Answer::AsyncAfter(_) => {
                 observe_answer(deferral, "prefer_wait", &now);
                 final_response(&now)
-            } else {
-                accepted_response(&now, retry_after(deferral))
-            };
-            Ok(with_preference(response, &call.answer))
-        }
+            }
+            _ => {
+                observe_answer(deferral, "wait", &now);
+                final_response(&now)
+            }
+        };
+        Ok(with_preference(response, &answer))
     }
 }
 

@@ -25,6 +25,7 @@ pub use forward::{Forwarder, Outbound, OutboundBody, Relayed};
 use inspect::Inspected;
 
 use crate::app::AppState;
+use crate::deferral::intake::{Held, Intake};
 use crate::server::observe::{ModeLabel, RequestStart, RouteLabel, UpstreamLabel};
 use crate::server::{ApiError, Caller};
 
@@ -42,8 +43,25 @@ pub fn strip_defer_prefix<'p>(path: &'p str, prefix: &str) -> (&'p str, bool) {
 }
 
 /// The fallback handler: everything not served by carpool itself.
+///
+/// Routing, intake and forwarding run in a boxed future that ends, taking
+/// the request with it, before a held caller starts to wait: a connection
+/// holding a wait-mode call keeps only [`Held`] and this small frame.
 pub async fn handle(state: AppState, request: Request<Body>) -> Response {
-    match pass_through(&state, request).await {
+    let routed = Box::pin(pass_through(&state, request)).await;
+    let answered = match routed {
+        Ok(Routed::Now(response)) => Ok(response),
+        Ok(Routed::Held(held)) => {
+            let upstream = UpstreamLabel(held.upstream().to_owned());
+            held.answer(&state.deferral).await.map(|mut response| {
+                response.extensions_mut().insert(ModeLabel("deferred"));
+                response.extensions_mut().insert(upstream);
+                response
+            })
+        }
+        Err(err) => Err(err),
+    };
+    match answered {
         Ok(response) => response,
         Err(err) => {
             let mut response = err.into_response();
@@ -53,7 +71,13 @@ pub async fn handle(state: AppState, request: Request<Body>) -> Response {
     }
 }
 
-async fn pass_through(state: &AppState, request: Request<Body>) -> Result<Response, ApiError> {
+/// A call routed: answered, or stored and now waiting for its result.
+enum Routed {
+    Now(Response),
+    Held(Held),
+}
+
+async fn pass_through(state: &AppState, request: Request<Body>) -> Result<Routed, ApiError> {
     let config = &state.config;
     let (parts, body) = request.into_parts();
     let start = parts
@@ -105,7 +129,7 @@ async fn pass_through(state: &AppState, request: Request<Body>) -> Result<Respon
                     reason: "deferral without a JSON body".to_owned(),
                 });
             };
-            let mut response = crate::deferral::intake::defer(
+            let intake = crate::deferral::intake::defer(
                 &state.deferral,
                 crate::deferral::intake::Deferred {
                     caller: &caller,
@@ -119,11 +143,15 @@ async fn pass_through(state: &AppState, request: Request<Body>) -> Result<Respon
                 },
             )
             .await?;
+            let mut response = match intake {
+                Intake::Answered(response) => response,
+                Intake::Held(held) => return Ok(Routed::Held(held)),
+            };
             response.extensions_mut().insert(ModeLabel("deferred"));
             response
                 .extensions_mut()
                 .insert(UpstreamLabel(upstream.name.clone()));
-            return Ok(response);
+            return Ok(Routed::Now(response));
         }
     }
 
@@ -168,7 +196,7 @@ async fn pass_through(state: &AppState, request: Request<Body>) -> Result<Respon
     response
         .extensions_mut()
         .insert(UpstreamLabel(upstream.name.clone()));
-    Ok(response)
+    Ok(Routed::Now(response))
 }
 
 #[cfg(test)]

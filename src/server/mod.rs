@@ -11,6 +11,7 @@
 mod admin;
 pub mod auth;
 pub mod error;
+pub mod listen;
 pub mod observe;
 mod ops;
 mod requests;

@@ -66,22 +66,29 @@ const ROUTES: &[&str] = &[
 /// The template `path` matches (`{id}` matches one segment), `/admin` for
 /// the admin API, else `other`.
 pub fn route_template(path: &str) -> &'static str {
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    if segs.get(1) == Some(&"admin") {
+    let path = path.trim_end_matches('/');
+    if path.split('/').nth(1) == Some("admin") {
         return "/admin";
     }
     ROUTES
         .iter()
-        .find(|t| {
-            let tsegs: Vec<&str> = t.split('/').collect();
-            tsegs.len() == segs.len()
-                && tsegs
-                    .iter()
-                    .zip(&segs)
-                    .all(|(t, s)| *t == "{id}" && !s.is_empty() || t == s)
-        })
+        .find(|t| matches_template(t, path))
         .copied()
         .unwrap_or("other")
+}
+
+/// Segment by segment, without allocating: this runs on every call.
+fn matches_template(template: &str, path: &str) -> bool {
+    let mut want = template.split('/');
+    let mut have = path.split('/');
+    loop {
+        match (want.next(), have.next()) {
+            (None, None) => return true,
+            (Some("{id}"), Some(s)) if !s.is_empty() => {}
+            (Some(t), Some(s)) if t == s => {}
+            _ => return false,
+        }
+    }
 }
 
 fn outcome(response: &Response) -> &'static str {

@@ -1,0 +1,61 @@
+//! The accept loop: one HTTP/1.1 connection task per accepted socket,
+//! drained gracefully when the shutdown token fires.
+//!
+//! Why not `axum::serve`: it sniffs every connection for an HTTP/2 preface
+//! first, and the 24 bytes it reads for that are handed back to HTTP/1 as a
+//! separate first read, which makes hyper grow the connection's read buffer
+//! from 8 to 16 KiB. A wait-mode caller holds its connection for as long as
+//! a batch job takes, so that buffer is most of what tens of thousands of
+//! held callers cost (`cargo bench --bench report`, section held). The SDKs
+//! carpool serves speak HTTP/1.1 to it; h2c was never part of the contract.
+
+use std::time::Duration;
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Pause after an accept error (out of descriptors, say) before the next
+/// accept, so a full process does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Serves `app` on `listener` until `shutdown` fires, then stops accepting
+/// and resolves once every open connection has finished its call in flight
+/// and closed. The caller bounds that wait (`server.shutdown_grace`).
+pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let builder = http1::Builder::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::select! {
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        };
+        // Streamed answers go out event by event, not when Nagle allows.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::trace!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
