@@ -53,11 +53,15 @@ pub async fn handle(state: AppState, request: Request<Body>) -> Response {
         Ok(Routed::Now(response)) => Ok(response),
         Ok(Routed::Held(held)) => {
             let upstream = UpstreamLabel(held.upstream().to_owned());
-            held.answer(&state.deferral).await.map(|mut response| {
-                response.extensions_mut().insert(ModeLabel("deferred"));
-                response.extensions_mut().insert(upstream);
-                response
-            })
+            // Boxed too: this frame, which every connection carries, then
+            // holds a pointer rather than room for the largest future.
+            Box::pin(held.answer(&state.deferral))
+                .await
+                .map(|mut response| {
+                    response.extensions_mut().insert(ModeLabel("deferred"));
+                    response.extensions_mut().insert(upstream);
+                    response
+                })
         }
         Err(err) => Err(err),
     };
