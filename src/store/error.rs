@@ -25,6 +25,9 @@ pub enum StoreError {
     /// The SQLite writer task has stopped (the store is shutting down).
     #[error("the store writer has stopped")]
     WriterGone,
+    /// The SQLite writer's thread could not be started.
+    #[error("cannot start the store writer thread: {0}")]
+    WriterThread(std::io::Error),
 }
 
 impl StoreError {
@@ -46,7 +49,8 @@ impl StoreError {
             | Self::UnsupportedUrl { .. }
             | Self::BadSchemaName { .. }
             | Self::Corrupt { .. }
-            | Self::ReplyMismatch { .. } => false,
+            | Self::ReplyMismatch { .. }
+            | Self::WriterThread(_) => false,
         }
     }
 

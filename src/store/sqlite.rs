@@ -81,7 +81,25 @@ impl SqliteStore {
             .await?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let cap = options.group_commit_max.max(1);
-        tokio::spawn(run_writer(conn, rx, cap, options.retry_horizon_ms));
+        let horizon = options.retry_horizon_ms;
+        // Its own thread and runtime: each group commit is several
+        // statements, each a round trip to sqlx's connection thread, and on
+        // the shared runtime every round trip would wait its turn behind
+        // all the HTTP tasks that are ready. Here it resumes at once.
+        std::thread::Builder::new()
+            .name("carpool-sqlite-writer".to_owned())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(run_writer(conn, rx, cap, horizon)),
+                    Err(error) => {
+                        tracing::error!(%error, "cannot start the SQLite writer's runtime");
+                    }
+                }
+            })
+            .map_err(StoreError::WriterThread)?;
         Ok(Self {
             inner: Arc::new(Inner { writer: tx, read }),
         })
