@@ -184,11 +184,11 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Intake, Ap
         Answer::Wait if call.stream => {
             Intake::Answered(held_stream(deferral.clone(), record, credential))
         }
-        Answer::Wait | Answer::AsyncAfter(_) => Intake::Held(Held {
+        Answer::Wait | Answer::AsyncAfter(_) => Intake::Held(Box::new(Held {
             record,
             credential,
             answer: call.answer,
-        }),
+        })),
         Answer::Async { .. } => Intake::Answered(with_preference(
             accepted_response(&record, retry_after(deferral)),
             &call.answer,
@@ -202,7 +202,7 @@ pub enum Intake {
     /// replays its result when it comes.
     Answered(Response),
     /// A caller to hold until its request is final (or its `wait=N` is up).
-    Held(Held),
+    Held(Box<Held>),
 }
 
 /// A held caller: only what its answer needs. The connection waits on this

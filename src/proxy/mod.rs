@@ -55,7 +55,7 @@ pub async fn handle(state: AppState, request: Request<Body>) -> Response {
             let upstream = UpstreamLabel(held.upstream().to_owned());
             // Boxed too: this frame, which every connection carries, then
             // holds a pointer rather than room for the largest future.
-            Box::pin(held.answer(&state.deferral))
+            Box::pin((*held).answer(&state.deferral))
                 .await
                 .map(|mut response| {
                     response.extensions_mut().insert(ModeLabel("deferred"));
@@ -78,7 +78,7 @@ pub async fn handle(state: AppState, request: Request<Body>) -> Response {
 /// A call routed: answered, or stored and now waiting for its result.
 enum Routed {
     Now(Response),
-    Held(Held),
+    Held(Box<Held>),
 }
 
 async fn pass_through(state: &AppState, request: Request<Body>) -> Result<Routed, ApiError> {
