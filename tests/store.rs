@@ -512,6 +512,116 @@ mod cases {
         assert_eq!(rec.response_body.as_deref(), Some(&b"{\"rt\":1}"[..]));
     }
 
+    /// More results than one statement takes, in an order unlike the
+    /// store's, with mixed outcomes, a repeated line, a foreign window's
+    /// request and callbacks: each open request of the window is answered
+    /// once, from its first line, and every callback gets one delivery.
+    pub async fn a_large_mixed_resolve_answers_each_open_member_once(h: &Harness) {
+        const N: usize = 1_203;
+        let store = h.open().await;
+        let mut ids = Vec::new();
+        for i in 0..N {
+            let mut r = new_request(CRED_A, "m", &format!("{{\"i\":{i}}}"), T0);
+            r.limits = limits(10_000, 100_000_000);
+            if i % 100 == 0 {
+                r.callback_url = Some(format!("https://hooks.example/{i}"));
+            }
+            ids.push(accept(&store, r).await.record.id);
+        }
+        let other = accept(&store, new_request(CRED_B, "m", "{}", T0)).await;
+        let w = store
+            .get(&ids[0], CRED_A)
+            .await
+            .unwrap()
+            .unwrap()
+            .window_id
+            .unwrap();
+        store
+            .seal_window(&w, FlushReason::MaxWait, T0)
+            .await
+            .unwrap();
+        submit(&store, &w, "job").await;
+        // Paged in the store's order, every member once.
+        let mut paged = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store.open_members(&w, after, 500).await.unwrap();
+            let Some(&(last, _)) = page.last() else { break };
+            assert!(page.windows(2).all(|p| p[0].0 < p[1].0));
+            after = last;
+            paged.extend(page.into_iter().map(|(_, id)| id));
+        }
+        assert_eq!(paged, ids);
+
+        let mut results: Vec<Resolution> = ids
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, id)| {
+                let mut r = success(id, &format!("{{\"answer\":{i}}}"));
+                if i % 3 == 0 {
+                    r.status = ResolvedStatus::Failed;
+                    r.response_status = Some(400);
+                    r.error_code = Some("upstream_400".to_owned());
+                }
+                r
+            })
+            .collect();
+        results.push(success(&ids[7], "{\"answer\":\"repeated\"}"));
+        results.push(success(&other.record.id, "{}"));
+        // Already answered before the file arrives: left as it was.
+        let early = store
+            .resolve(&w, vec![success(&ids[5], "{\"early\":1}")])
+            .await
+            .unwrap();
+        assert_eq!(early, vec![ids[5].clone()]);
+
+        let changed: HashSet<RequestId> = store
+            .resolve(&w, results)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(changed.len(), N - 1);
+        assert!(!changed.contains(&ids[5]) && !changed.contains(&other.record.id));
+        for (i, id) in ids.iter().enumerate() {
+            let rec = store.get(id, CRED_A).await.unwrap().unwrap();
+            let body = String::from_utf8(rec.response_body.unwrap().to_vec()).unwrap();
+            if i == 5 {
+                assert_eq!(body, "{\"early\":1}");
+                continue;
+            }
+            assert_eq!(body, format!("{{\"answer\":{i}}}"), "request {i}");
+            let (status, code) = if i % 3 == 0 {
+                (RequestStatus::Failed, Some(400))
+            } else {
+                (RequestStatus::Succeeded, Some(200))
+            };
+            assert_eq!(
+                (rec.status, rec.response_status),
+                (status, code),
+                "request {i}"
+            );
+            assert_eq!(rec.completed_at, Some(T0 + 20));
+        }
+        let theirs = store.get(&other.record.id, CRED_B).await.unwrap().unwrap();
+        assert_eq!(theirs.status, RequestStatus::Queued);
+        for i in (0..N).step_by(100) {
+            let delivery = store
+                .delivery(&DeliveryId::for_request(&ids[i]))
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("request {i} has no delivery"));
+            assert_eq!(delivery.url, format!("https://hooks.example/{i}"));
+        }
+        assert_eq!(
+            store.outbox_pending().await.unwrap().0,
+            (N as u64).div_ceil(100)
+        );
+        assert!(store.open_members(&w, 0, 10).await.unwrap().is_empty());
+        store.close().await;
+    }
+
     pub async fn fail_unresolved_fails_only_what_is_still_open(h: &Harness) {
         let store = h.open().await;
         let mut ids = Vec::new();
@@ -1121,6 +1231,7 @@ contract!(
     list_is_newest_first_filtered_and_paged,
     submission_moves_queued_requests_and_the_upstream_key_lives_until_the_window_finishes,
     resolves_each_request_once_and_only_from_its_window,
+    a_large_mixed_resolve_answers_each_open_member_once,
     fail_unresolved_fails_only_what_is_still_open,
     reports_earliest_deadline_and_due_requests,
     purge_removes_only_results_past_their_ttl,

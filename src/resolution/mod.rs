@@ -9,4 +9,5 @@ pub mod fallback;
 pub mod janitor;
 pub mod poller;
 pub mod reconcile;
+pub mod spool;
 pub mod waiters;

@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use bytes::Bytes;
 
 use super::fallback::{self, ChainTally};
+use super::spool::{Spool, SpoolError};
 use crate::deferral::engine::{now_ms, BatchUpstream, Deferral};
 use crate::model::{RequestId, ServedBy};
 use crate::pricing::TokenUsage;
@@ -18,7 +19,10 @@ use crate::providers::{parse_result_line, JobPhase, JobView, LineReader, Provide
 use crate::store::{Resolution, ResolvedStatus, StoreError, WindowRecord};
 
 /// Results written to the store per transaction.
-const CHUNK: usize = 500;
+const CHUNK: usize = 2_000;
+
+/// Open requests read per page when taking a spooled file in store order.
+const MEMBERS_PAGE: u32 = 2_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -26,6 +30,8 @@ pub enum ReconcileError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
 /// What one reconciliation did.
@@ -34,6 +40,8 @@ pub struct Tally {
     pub succeeded: u64,
     pub failed: u64,
     pub unmatched_lines: u64,
+    /// Lines for requests of ours that were no longer open in the window.
+    pub not_open: u64,
     /// Lines of a job that ended badly which the provider never ran.
     pub unfinished: u64,
     pub missing: u64,
@@ -105,7 +113,9 @@ pub(crate) fn upstream_message(body: &Bytes) -> String {
         .unwrap_or_else(|| "the upstream refused this request".to_owned())
 }
 
-/// Streams one file into the store, waking waiters chunk by chunk.
+/// Applies one result file: spooled to disk first ([`Spool`]), then taken
+/// in the store's order, a page of the window's open requests at a time,
+/// and stored a chunk per transaction, waking waiters chunk by chunk.
 /// Lines without an answer are skipped when the job did not complete: the
 /// failure chain decides what becomes of those requests.
 async fn apply_file(
@@ -119,32 +129,54 @@ async fn apply_file(
 ) -> Result<(), ReconcileError> {
     let stream = upstream.client.download(key, file_id).await?;
     let mut reader = LineReader::new(Box::pin(stream));
+    let mut spool = Spool::fill(&mut reader, |skipped| {
+        tally.unmatched_lines += 1;
+        tracing::warn!(window = %window.id, file = file_id, reason = %skipped.reason, "result line skipped");
+    })
+    .await?;
+    if spool.repeated > 0 {
+        tracing::warn!(window = %window.id, file = file_id, lines = spool.repeated, "repeated result lines skipped; the first of each was kept");
+    }
+    let mut after = 0;
     let mut chunk = Vec::with_capacity(CHUNK);
-    while let Some(line) = reader.next_line().await? {
-        match result_line(&line, now_ms()) {
-            Ok(ResultLine {
-                answered: false, ..
-            }) if job.phase != JobPhase::Completed => tally.unfinished += 1,
-            Ok(ResultLine { resolution, .. }) => {
-                if resolution.status == ResolvedStatus::Succeeded {
-                    tally.succeeded += 1;
-                } else {
-                    tally.failed += 1;
+    while spool.left() > 0 {
+        let page = deferral
+            .store
+            .open_members(&window.id, after, MEMBERS_PAGE)
+            .await?;
+        let Some(&(last, _)) = page.last() else { break };
+        after = last;
+        let ids: Vec<RequestId> = page.into_iter().map(|(_, id)| id).collect();
+        for line in spool.take(&ids).await? {
+            match result_line(&line, now_ms()) {
+                Ok(ResultLine {
+                    answered: false, ..
+                }) if job.phase != JobPhase::Completed => tally.unfinished += 1,
+                Ok(ResultLine { resolution, .. }) => {
+                    if resolution.status == ResolvedStatus::Succeeded {
+                        tally.succeeded += 1;
+                    } else {
+                        tally.failed += 1;
+                    }
+                    chunk.push(resolution);
                 }
-                chunk.push(resolution);
+                Err(reason) => {
+                    tally.unmatched_lines += 1;
+                    tracing::warn!(window = %window.id, file = file_id, reason = reason.as_deref().unwrap_or("foreign custom_id"), "result line skipped");
+                }
             }
-            Err(reason) => {
-                tally.unmatched_lines += 1;
-                tracing::warn!(window = %window.id, file = file_id, reason = reason.as_deref().unwrap_or("foreign custom_id"), "result line skipped");
+            if chunk.len() >= CHUNK {
+                store_chunk(deferral, window, std::mem::take(&mut chunk)).await?;
             }
-        }
-        if chunk.len() >= CHUNK {
-            store_chunk(deferral, window, std::mem::take(&mut chunk)).await?;
         }
     }
     if !chunk.is_empty() {
         store_chunk(deferral, window, chunk).await?;
     }
+    // Lines for requests of ours that are not open in this window: already
+    // answered (a re-run after a crash, or the output file before the error
+    // file), cancelled, or moved elsewhere.
+    tally.not_open += spool.left() as u64;
     Ok(())
 }
 

@@ -27,6 +27,31 @@ const FALLBACK_LIMITS: WindowLimits = WindowLimits {
     max_bytes: 200_000_000,
 };
 
+/// Results per multi-row resolve statement: 8 binds each, well inside both
+/// backends' bind limits.
+pub(crate) const RESOLVE_ROWS: usize = 500;
+
+/// How a backend spells its bind placeholders in SQL built at run time.
+pub(crate) trait Dialect {
+    /// Appends the placeholder of the `n`th bind (from 1), binds in order.
+    fn param(sql: &mut String, n: usize);
+}
+
+impl Dialect for sqlx::Sqlite {
+    // Anonymous: SQLite finds a named `$N` by a linear walk of the
+    // statement's names, quadratic over a statement of thousands of binds.
+    fn param(sql: &mut String, _n: usize) {
+        sql.push('?');
+    }
+}
+
+impl Dialect for sqlx::Postgres {
+    fn param(sql: &mut String, n: usize) {
+        use std::fmt::Write as _;
+        let _ = write!(sql, "${n}");
+    }
+}
+
 /// A write: one state transition.
 #[derive(Debug)]
 pub(crate) enum Op {

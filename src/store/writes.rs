@@ -65,15 +65,7 @@ macro_rules! write_ops {
                             == 1,
                     )
                 }
-                Op::Resolve { window, resolutions } => {
-                    let mut changed = Vec::new();
-                    for r in resolutions {
-                        if resolve_one(conn, r, Some(window)).await? {
-                            changed.push(r.id.clone());
-                        }
-                    }
-                    Reply::Ids(changed)
-                }
+                Op::Resolve { window, resolutions } => Reply::Ids(resolve_many(conn, window, resolutions).await?),
                 Op::ResolveOne(r) => Reply::Applied(resolve_one(conn, r, None).await?),
                 Op::FailUnresolved { window, code, message, now } => {
                     let rows = q(&format!(
@@ -431,6 +423,91 @@ macro_rules! write_ops {
                 enqueue_delivery(conn, &r.id, &url, to, r.completed_at).await?;
             }
             Ok(true)
+        }
+
+        /// Applies a window's results with one multi-row `UPDATE … FROM
+        /// (VALUES …)` per status and per [`RESOLVE_ROWS`] results, rather
+        /// than a statement (and a round trip to the database) per result.
+        /// When one request appears twice, its first result wins.
+        async fn resolve_many(
+            conn: &mut Conn,
+            window: &WindowId,
+            resolutions: &[Resolution],
+        ) -> Result<Vec<RequestId>, StoreError> {
+            let mut seen = std::collections::HashSet::with_capacity(resolutions.len());
+            let mut by_status: Vec<(RequestStatus, Vec<&Resolution>)> = Vec::new();
+            for r in resolutions {
+                if !seen.insert(r.id.as_str()) {
+                    continue;
+                }
+                let to = r.status.status();
+                match by_status.iter_mut().find(|(s, _)| *s == to) {
+                    Some((_, group)) => group.push(r),
+                    None => by_status.push((to, vec![r])),
+                }
+            }
+            let mut changed = Vec::with_capacity(seen.len());
+            for (to, group) in &by_status {
+                for rows in group.chunks(RESOLVE_ROWS) {
+                    resolve_rows(conn, window, *to, rows, &mut changed).await?;
+                }
+            }
+            Ok(changed)
+        }
+
+        async fn resolve_rows(
+            conn: &mut Conn,
+            window: &WindowId,
+            to: RequestStatus,
+            rows: &[&Resolution],
+            changed: &mut Vec<RequestId>,
+        ) -> Result<(), StoreError> {
+            // VALUES columns are named column1… in both dialects.
+            let mut sql = String::with_capacity(320 + rows.len() * 40);
+            sql.push_str(
+                "UPDATE requests SET status = v.column2, served_by = v.column3, \
+                 response_status = v.column4, response_body = v.column5, error_code = v.column6, \
+                 error_message = v.column7, completed_at = v.column8 FROM (VALUES ",
+            );
+            let mut n = 0;
+            for i in 0..rows.len() {
+                sql.push_str(if i == 0 { "(" } else { ",(" });
+                for c in 0..8 {
+                    if c > 0 {
+                        sql.push(',');
+                    }
+                    n += 1;
+                    <$db as Dialect>::param(&mut sql, n);
+                }
+                sql.push(')');
+            }
+            sql.push_str(") AS v WHERE requests.id = v.column1 AND requests.window_id = ");
+            <$db as Dialect>::param(&mut sql, n + 1);
+            sql.push_str(&format!(
+                " AND requests.status IN ({}) RETURNING requests.id, requests.callback_url, requests.completed_at",
+                request_from_sql(to)
+            ));
+            let mut query = q(&sql);
+            for r in rows {
+                query = query
+                    .bind(r.id.as_str())
+                    .bind(to.as_str())
+                    .bind(r.served_by.map(|s| s.as_str()))
+                    .bind(r.response_status.map(i64::from))
+                    .bind(r.response_body.as_deref())
+                    .bind(r.error_code.as_deref())
+                    .bind(r.error_message.as_deref())
+                    .bind(r.completed_at);
+            }
+            let returned = query.bind(window.as_str()).fetch_all(&mut *conn).await?;
+            for row in &returned {
+                let id = RequestId::from_stored(row.try_get("id")?);
+                if let Some(url) = row.try_get::<Option<String>, _>("callback_url")? {
+                    enqueue_delivery(conn, &id, &url, to, row.try_get("completed_at")?).await?;
+                }
+                changed.push(id);
+            }
+            Ok(())
         }
 
         async fn requeue(conn: &mut Conn, ids: &[RequestId], now: i64) -> Result<Vec<RequestId>, StoreError> {
