@@ -18,11 +18,9 @@ use crate::pricing::TokenUsage;
 use crate::providers::{parse_result_line, JobPhase, JobView, LineReader, ProviderError};
 use crate::store::{Resolution, ResolvedStatus, StoreError, WindowRecord};
 
-/// Results written to the store per transaction.
+/// Open requests read per page, and at most as many results written per
+/// transaction, when a spooled file is taken in the store's order.
 const CHUNK: usize = 2_000;
-
-/// Open requests read per page when taking a spooled file in store order.
-const MEMBERS_PAGE: u32 = 2_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -137,16 +135,52 @@ async fn apply_file(
     if spool.repeated > 0 {
         tracing::warn!(window = %window.id, file = file_id, lines = spool.repeated, "repeated result lines skipped; the first of each was kept");
     }
+    // Each chunk is stored while the next one is read and parsed: the
+    // commit's fsync leaves the CPU free for it.
     let mut after = 0;
-    let mut chunk = Vec::with_capacity(CHUNK);
-    while spool.left() > 0 {
+    let mut ready = next_chunk(
+        deferral, window, job, file_id, &mut spool, &mut after, tally,
+    )
+    .await?;
+    while let Some(chunk) = ready {
+        let (_, next) = tokio::try_join!(
+            store_chunk(deferral, window, chunk),
+            next_chunk(deferral, window, job, file_id, &mut spool, &mut after, tally),
+        )?;
+        ready = next;
+    }
+    // Lines for requests of ours that are not open in this window: already
+    // answered (a re-run after a crash, or the output file before the error
+    // file), cancelled, or moved elsewhere.
+    tally.not_open += spool.left() as u64;
+    Ok(())
+}
+
+/// The results of the next page of the window's open requests that have a
+/// line in the spool; `None` once the window or the spool is exhausted.
+async fn next_chunk(
+    deferral: &Deferral,
+    window: &WindowRecord,
+    job: &JobView,
+    file_id: &str,
+    spool: &mut Spool,
+    after: &mut i64,
+    tally: &mut Tally,
+) -> Result<Option<Vec<Resolution>>, ReconcileError> {
+    loop {
+        if spool.left() == 0 {
+            return Ok(None);
+        }
         let page = deferral
             .store
-            .open_members(&window.id, after, MEMBERS_PAGE)
+            .open_members(&window.id, *after, CHUNK as u32)
             .await?;
-        let Some(&(last, _)) = page.last() else { break };
-        after = last;
+        let Some(&(last, _)) = page.last() else {
+            return Ok(None);
+        };
+        *after = last;
         let ids: Vec<RequestId> = page.into_iter().map(|(_, id)| id).collect();
+        let mut chunk = Vec::with_capacity(ids.len());
         for line in spool.take(&ids).await? {
             match result_line(&line, now_ms()) {
                 Ok(ResultLine {
@@ -165,26 +199,18 @@ async fn apply_file(
                     tracing::warn!(window = %window.id, file = file_id, reason = reason.as_deref().unwrap_or("foreign custom_id"), "result line skipped");
                 }
             }
-            if chunk.len() >= CHUNK {
-                store_chunk(deferral, window, std::mem::take(&mut chunk)).await?;
-            }
+        }
+        if !chunk.is_empty() {
+            return Ok(Some(chunk));
         }
     }
-    if !chunk.is_empty() {
-        store_chunk(deferral, window, chunk).await?;
-    }
-    // Lines for requests of ours that are not open in this window: already
-    // answered (a re-run after a crash, or the output file before the error
-    // file), cancelled, or moved elsewhere.
-    tally.not_open += spool.left() as u64;
-    Ok(())
 }
 
 async fn store_chunk(
     deferral: &Deferral,
     window: &WindowRecord,
     chunk: Vec<Resolution>,
-) -> Result<(), StoreError> {
+) -> Result<(), ReconcileError> {
     // Counted once stored, and only what the store applied: a re-run after
     // a crash must not count the same answers twice.
     let facts: Vec<_> = chunk
