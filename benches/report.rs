@@ -36,7 +36,8 @@
 //! `CARPOOL_BENCH_SECS` (3, per pass-through point), `CARPOOL_BENCH_RATES`
 //! (`500,1000,2000,4000,8000,12000,16000,20000`), `CARPOOL_BENCH_INTAKE_CONNS`
 //! (`64,256`: the intake's connection counts), `CARPOOL_BENCH_CPUS` (`0,1`: the
-//! proxy's CPU, then the load's), `OHA` (path of the load generator).
+//! proxy's CPU, then the load's), `OHA` (path of the load generator),
+//! `CARPOOL_BENCH_LOG` (carpool's `RUST_LOG`, default `warn`).
 //! The table is printed on stdout; progress goes to stderr.
 
 use std::collections::BTreeMap;
@@ -337,9 +338,12 @@ async fn start_carpool_on(
         .arg("--config")
         .arg(&config)
         .env("TOKIO_WORKER_THREADS", "1")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("CARPOOL_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .env("CARPOOL_BENCH_SIM_KEY", KEY)
-        .stdout(Stdio::null())
+        .stdout(log.try_clone()?)
         .stderr(log);
     let proc = Proc {
         child: cmd.spawn()?,

@@ -90,6 +90,7 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
         window = %window.id, job = %job.id, status = %job.raw_status,
         succeeded = tally.succeeded, failed = tally.failed, missing = tally.missing,
         unfinished = tally.unfinished, resubmitted = tally.chain.resubmitted, realtime = tally.chain.realtime,
+        spooling_ms = tally.spooling.as_millis() as u64, storing_ms = tally.storing.as_millis() as u64,
         "batch job reconciled"
     );
     if deferral.config.batching.delete_files {

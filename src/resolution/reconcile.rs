@@ -7,6 +7,7 @@
 //! a crash changes only requests that are still open.
 
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -18,8 +19,7 @@ use crate::pricing::TokenUsage;
 use crate::providers::{parse_result_line, JobPhase, JobView, LineReader, ProviderError};
 use crate::store::{Resolution, ResolvedStatus, StoreError, WindowRecord};
 
-/// Open requests read per page, and at most as many results written per
-/// transaction, when a spooled file is taken in the store's order.
+/// Results written to the store per transaction.
 const CHUNK: usize = 2_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,10 @@ pub struct Tally {
     pub missing: u64,
     /// What the failure chain did with the unfinished requests.
     pub chain: ChainTally,
+    /// Time spent downloading and spooling the result files.
+    pub spooling: Duration,
+    /// Time spent storing their results.
+    pub storing: Duration,
 }
 
 /// One result line read: the result, and whether the provider answered it
@@ -112,8 +116,8 @@ pub(crate) fn upstream_message(body: &Bytes) -> String {
 }
 
 /// Applies one result file: spooled to disk first ([`Spool`]), then taken
-/// in the store's order, a page of the window's open requests at a time,
-/// and stored a chunk per transaction, waking waiters chunk by chunk.
+/// in the store's order and stored a chunk per transaction, each chunk
+/// while the next is read and parsed, waking waiters chunk by chunk.
 /// Lines without an answer are skipped when the job did not complete: the
 /// failure chain decides what becomes of those requests.
 async fn apply_file(
@@ -125,6 +129,7 @@ async fn apply_file(
     file_id: &str,
     tally: &mut Tally,
 ) -> Result<(), ReconcileError> {
+    let started = Instant::now();
     let stream = upstream.client.download(key, file_id).await?;
     let mut reader = LineReader::new(Box::pin(stream));
     let mut spool = Spool::fill(&mut reader, |skipped| {
@@ -135,65 +140,41 @@ async fn apply_file(
     if spool.repeated > 0 {
         tracing::warn!(window = %window.id, file = file_id, lines = spool.repeated, "repeated result lines skipped; the first of each was kept");
     }
-    // Each chunk is stored while the next one is read and parsed: the
-    // commit's fsync leaves the CPU free for it.
-    let mut after = 0;
-    let mut ready = next_chunk(
-        deferral, window, job, file_id, &mut spool, &mut after, tally,
-    )
-    .await?;
+    let spooled = Instant::now();
+    tally.spooling += spooled - started;
+    tracing::debug!(window = %window.id, file = file_id, lines = spool.left(), ms = (spooled - started).as_millis() as u64, "result file spooled");
+    // The commit's fsync leaves the CPU free for the next chunk's parsing.
+    let mut ready = next_chunk(window, job, file_id, &mut spool, tally).await?;
     while let Some(chunk) = ready {
-        let (_, next) = tokio::try_join!(
+        let (stored, next) = tokio::try_join!(
             store_chunk(deferral, window, chunk),
-            next_chunk(deferral, window, job, file_id, &mut spool, &mut after, tally),
+            next_chunk(window, job, file_id, &mut spool, tally),
         )?;
+        tally.succeeded += stored.succeeded;
+        tally.failed += stored.failed;
+        tally.not_open += stored.not_open;
         ready = next;
     }
-    // Lines for requests of ours that are not open in this window: already
-    // answered (a re-run after a crash, or the output file before the error
-    // file), cancelled, or moved elsewhere.
-    tally.not_open += spool.left() as u64;
+    tally.storing += spooled.elapsed();
     Ok(())
 }
 
-/// The results of the next page of the window's open requests that have a
-/// line in the spool; `None` once the window or the spool is exhausted.
+/// The results of the next lines of the spool; `None` once it is empty.
 async fn next_chunk(
-    deferral: &Deferral,
     window: &WindowRecord,
     job: &JobView,
     file_id: &str,
     spool: &mut Spool,
-    after: &mut i64,
     tally: &mut Tally,
 ) -> Result<Option<Vec<Resolution>>, ReconcileError> {
-    loop {
-        if spool.left() == 0 {
-            return Ok(None);
-        }
-        let page = deferral
-            .store
-            .open_members(&window.id, *after, CHUNK as u32)
-            .await?;
-        let Some(&(last, _)) = page.last() else {
-            return Ok(None);
-        };
-        *after = last;
-        let ids: Vec<RequestId> = page.into_iter().map(|(_, id)| id).collect();
-        let mut chunk = Vec::with_capacity(ids.len());
-        for line in spool.take(&ids).await? {
+    while spool.left() > 0 {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        for line in spool.take(CHUNK).await? {
             match result_line(&line, now_ms()) {
                 Ok(ResultLine {
                     answered: false, ..
                 }) if job.phase != JobPhase::Completed => tally.unfinished += 1,
-                Ok(ResultLine { resolution, .. }) => {
-                    if resolution.status == ResolvedStatus::Succeeded {
-                        tally.succeeded += 1;
-                    } else {
-                        tally.failed += 1;
-                    }
-                    chunk.push(resolution);
-                }
+                Ok(ResultLine { resolution, .. }) => chunk.push(resolution),
                 Err(reason) => {
                     tally.unmatched_lines += 1;
                     tracing::warn!(window = %window.id, file = file_id, reason = reason.as_deref().unwrap_or("foreign custom_id"), "result line skipped");
@@ -204,13 +185,25 @@ async fn next_chunk(
             return Ok(Some(chunk));
         }
     }
+    Ok(None)
 }
 
+/// What storing one chunk did.
+struct Stored {
+    succeeded: u64,
+    failed: u64,
+    /// Results whose request was no longer open in this window: answered
+    /// before a crash, by the output file before the error file, cancelled
+    /// or moved to another window.
+    not_open: u64,
+}
+
+/// Stores one chunk, then counts and wakes what it changed.
 async fn store_chunk(
     deferral: &Deferral,
     window: &WindowRecord,
     chunk: Vec<Resolution>,
-) -> Result<(), ReconcileError> {
+) -> Result<Stored, ReconcileError> {
     // Counted once stored, and only what the store applied: a re-run after
     // a crash must not count the same answers twice.
     let facts: Vec<_> = chunk
@@ -228,15 +221,27 @@ async fn store_chunk(
     let changed = deferral.store.resolve(&window.id, chunk).await?;
     let applied: HashSet<&RequestId> = changed.iter().collect();
     let price = deferral.config.prices.for_model(&window.key.model);
+    let mut stored = Stored {
+        succeeded: 0,
+        failed: 0,
+        not_open: 0,
+    };
     for (id, status, served_by, usage) in &facts {
-        if applied.contains(id) {
-            deferral
-                .metrics
-                .record_result(&window.key.model, *status, *served_by, *usage, price);
+        if !applied.contains(id) {
+            stored.not_open += 1;
+            continue;
         }
+        if *status == ResolvedStatus::Succeeded {
+            stored.succeeded += 1;
+        } else {
+            stored.failed += 1;
+        }
+        deferral
+            .metrics
+            .record_result(&window.key.model, *status, *served_by, *usage, price);
     }
     deferral.waiters.wake(&changed);
-    Ok(())
+    Ok(stored)
 }
 
 /// Reconciles a job that reached a terminal phase.

@@ -5,11 +5,12 @@
 //! store's order consecutive results share their pages.
 //!
 //! The file itself stays on disk; memory holds 32 bytes of index per line.
+//! The store's order is the order of request ids, which lead with their
+//! creation time, so no read of the window is needed to find it.
 //! The temporary file has no name and disappears with the spool, even when
 //! the process dies.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
@@ -48,8 +49,11 @@ pub struct Skipped {
 
 pub struct Spool {
     file: Arc<File>,
-    index: HashMap<u128, Span>,
-    /// Lines whose request was already indexed: the first one wins.
+    /// One entry per request, in id order: ids lead with their creation
+    /// time, so this is (within a millisecond) the order of the store.
+    lines: Vec<(u128, Span)>,
+    next: usize,
+    /// Lines whose request had an earlier line: the first one wins.
     pub repeated: u64,
 }
 
@@ -84,8 +88,7 @@ impl Spool {
             .await
             .map_err(io::Error::other)??;
         let mut out = BufWriter::with_capacity(WRITE_BUFFER, tokio::fs::File::from_std(file));
-        let mut index = HashMap::new();
-        let mut repeated = 0;
+        let mut lines = Vec::new();
         let mut offset = 0u64;
         while let Some(line) = reader.next_line().await? {
             let named = match serde_json::from_slice::<Named<'_>>(&line) {
@@ -107,35 +110,34 @@ impl Spool {
                 continue;
             };
             let len = u32::try_from(line.len()).map_err(io::Error::other)?;
-            if index.contains_key(&k) {
-                repeated += 1;
-                continue;
-            }
-            index.insert(k, Span { offset, len });
+            lines.push((k, Span { offset, len }));
             out.write_all(&line).await?;
             offset += u64::from(len);
         }
         out.flush().await?;
         let file = out.into_inner().into_std().await;
+        // Stable: of a request's lines, the one that came first stays first.
+        lines.sort_by_key(|&(k, _)| k);
+        let before = lines.len();
+        lines.dedup_by_key(|&mut (k, _)| k);
         Ok(Self {
             file: Arc::new(file),
-            index,
-            repeated,
+            repeated: (before - lines.len()) as u64,
+            lines,
+            next: 0,
         })
     }
 
-    /// Takes the lines of these requests out of the spool, in the order
-    /// given; a request without a line is left out.
-    pub async fn take(&mut self, ids: &[RequestId]) -> Result<Vec<Vec<u8>>, SpoolError> {
-        let spans: Vec<Span> = ids
-            .iter()
-            .filter_map(|id| key(id.as_str()).and_then(|k| self.index.remove(&k)))
-            .collect();
+    /// The next `n` lines, in id order.
+    pub async fn take(&mut self, n: usize) -> Result<Vec<Vec<u8>>, SpoolError> {
+        let end = self.lines.len().min(self.next + n);
+        let spans: Vec<Span> = self.lines[self.next..end].iter().map(|&(_, s)| s).collect();
+        self.next = end;
         if spans.is_empty() {
             return Ok(Vec::new());
         }
         let file = Arc::clone(&self.file);
-        // One blocking hop per page: the reads come from the page cache.
+        // One blocking hop per chunk: the reads come from the page cache.
         let lines = tokio::task::spawn_blocking(move || {
             spans
                 .iter()
@@ -151,9 +153,9 @@ impl Spool {
         Ok(lines)
     }
 
-    /// Lines indexed and not yet taken.
+    /// Lines not yet taken.
     pub fn left(&self) -> usize {
-        self.index.len()
+        self.lines.len() - self.next
     }
 }
 
@@ -174,9 +176,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn lines_come_back_in_the_order_asked_and_only_once() {
-        let a = RequestId::generate();
-        let b = RequestId::generate();
+    async fn lines_come_back_in_id_order_the_first_of_each_request_once() {
+        let a = RequestId::parse("cpr_0000019ad1e1a0b0aaaaaaaaaaaaaaaa").unwrap();
+        let b = RequestId::parse("cpr_0000019ad1e1a0b10000000000000000").unwrap();
         let text = format!(
             "{{\"custom_id\":\"{b}\",\"n\":1}}\n{{\"custom_id\":\"x\"}}\nnot json\n\
              {{\"custom_id\":\"{a}\",\"n\":2}}\n{{\"custom_id\":\"{b}\",\"n\":3}}\n{{}}\n"
@@ -189,21 +191,18 @@ mod tests {
         assert_eq!(reasons.len(), 3, "{reasons:?}");
         assert_eq!(spool.repeated, 1);
         assert_eq!(spool.left(), 2);
-        let other = RequestId::generate();
-        let lines = spool.take(&[a.clone(), other, b.clone()]).await.unwrap();
-        let lines: Vec<String> = lines
-            .into_iter()
-            .map(|l| String::from_utf8(l).unwrap())
-            .collect();
+        let first = spool.take(1).await.unwrap();
         assert_eq!(
-            lines,
-            [
-                format!("{{\"custom_id\":\"{a}\",\"n\":2}}"),
-                format!("{{\"custom_id\":\"{b}\",\"n\":1}}"),
-            ]
+            first,
+            [format!("{{\"custom_id\":\"{a}\",\"n\":2}}").into_bytes()]
+        );
+        let rest = spool.take(10).await.unwrap();
+        assert_eq!(
+            rest,
+            [format!("{{\"custom_id\":\"{b}\",\"n\":1}}").into_bytes()]
         );
         assert_eq!(spool.left(), 0);
-        assert!(spool.take(&[a, b]).await.unwrap().is_empty());
+        assert!(spool.take(10).await.unwrap().is_empty());
     }
 
     #[test]

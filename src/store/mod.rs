@@ -371,17 +371,6 @@ impl Store {
         dispatch!(self.open_request_ids(window))
     }
 
-    /// A page of a window's still open requests, in the store's order
-    /// (`seq`, ascending), after the `seq` given (0 for the first page).
-    pub async fn open_members(
-        &self,
-        window: &WindowId,
-        after: i64,
-        limit: u32,
-    ) -> Result<Vec<(i64, RequestId)>, StoreError> {
-        dispatch!(self.open_members(window, after, limit))
-    }
-
     // ---- cancel -----------------------------------------------------------
 
     /// Cancels a queued or submitted request of this credential. A queued one

@@ -163,26 +163,6 @@ macro_rules! read_ops {
                 .collect()
         }
 
-        /// One page of a window's still open requests in the store's order:
-        /// those after `after` (a `seq`), with their `seq`.
-        pub(crate) async fn open_members(
-            conn: &mut Conn,
-            window: &WindowId,
-            after: i64,
-            limit: u32,
-        ) -> Result<Vec<(i64, RequestId)>, StoreError> {
-            let rows = q("SELECT seq, id FROM requests WHERE window_id = $1 AND seq > $2 \
-                          AND status IN ('queued', 'submitted') ORDER BY seq LIMIT $3")
-                .bind(window.as_str())
-                .bind(after)
-                .bind(i64::from(limit))
-                .fetch_all(&mut *conn)
-                .await?;
-            rows.iter()
-                .map(|row| Ok((row.try_get("seq")?, RequestId::from_stored(row.try_get("id")?))))
-                .collect()
-        }
-
         pub(crate) async fn open_windows(conn: &mut Conn) -> Result<Vec<WindowSummary>, StoreError> {
             let rows = q("SELECT w.id, w.upstream, w.credential_hash, w.endpoint, w.model, w.count, \
                           w.bytes, w.opened_at, (SELECT MIN(r.deadline) FROM requests r \

@@ -161,15 +161,6 @@ impl SqliteStore {
         ops::open_request_ids(&mut *self.inner.read.acquire().await?, window).await
     }
 
-    pub(crate) async fn open_members(
-        &self,
-        window: &WindowId,
-        after: i64,
-        limit: u32,
-    ) -> Result<Vec<(i64, RequestId)>, StoreError> {
-        ops::open_members(&mut *self.inner.read.acquire().await?, window, after, limit).await
-    }
-
     /// One round trip on a pooled connection: the store answers.
     pub(crate) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
