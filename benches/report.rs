@@ -67,6 +67,9 @@ struct Settings {
     only: Option<Vec<String>>,
     /// (proxy CPU, load CPU) when pinning is possible.
     cpus: Option<(usize, usize)>,
+    /// Set while a section runs carpool and the load unpinned, carpool
+    /// with a worker thread per CPU: every core shared by all.
+    shared: std::cell::Cell<bool>,
     /// CPUs this process could use at start.
     cpu_count: usize,
     /// Open descriptors this process (and so each child) may have.
@@ -106,6 +109,7 @@ impl Settings {
             intake_conns,
             only,
             cpus,
+            shared: std::cell::Cell::new(false),
             cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
             fd_limit: raise_fd_limit(120_000),
             oha: find_oha(),
@@ -121,11 +125,19 @@ impl Settings {
     }
 
     fn proxy_cpu(&self) -> Option<usize> {
-        self.cpus.map(|c| c.0)
+        self.cpus.filter(|_| !self.shared.get()).map(|c| c.0)
     }
 
     fn load_cpu(&self) -> Option<usize> {
-        self.cpus.map(|c| c.1)
+        self.cpus.filter(|_| !self.shared.get()).map(|c| c.1)
+    }
+
+    /// carpool's worker threads: one on its pinned CPU, else one per CPU.
+    fn proxy_threads(&self) -> String {
+        match self.proxy_cpu() {
+            Some(_) => "1".to_owned(),
+            None => self.cpu_count.to_string(),
+        }
     }
 }
 
@@ -337,7 +349,7 @@ async fn start_carpool_on(
     cmd.arg("serve")
         .arg("--config")
         .arg(&config)
-        .env("TOKIO_WORKER_THREADS", "1")
+        .env("TOKIO_WORKER_THREADS", s.proxy_threads())
         .env(
             "RUST_LOG",
             std::env::var("CARPOOL_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned()),
@@ -975,7 +987,23 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
     let half = 50_000;
     let mut rss = Vec::new();
     let mut idle = Vec::new();
-    for &conns in &s.intake_conns {
+    // Pinned (carpool on one core, oha on the other: the cost per core),
+    // then shared (carpool free on both cores, competing with oha for them).
+    let modes: &[bool] = if s.cpus.is_some() {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for (&shared, &conns) in modes
+        .iter()
+        .flat_map(|m| s.intake_conns.iter().map(move |c| (m, c)))
+    {
+        s.shared.set(shared);
+        let how = match (shared, s.cpus) {
+            (true, _) => "carpool and oha sharing both cores".to_owned(),
+            (false, Some((p, _))) => format!("carpool pinned to CPU {p}"),
+            (false, None) => "unpinned".to_owned(),
+        };
         let mut rate = Vec::new();
         let mut direct = Vec::new();
         for run in 0..s.runs {
@@ -1026,7 +1054,7 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
                 200,
             )?;
             eprintln!(
-                " {conns} connections, run {}/{}: {:.0} acceptances/s, {pending} pending, RSS {r:.1} MiB; direct {:.0}/s",
+                " {conns} connections, {how}, run {}/{}: {:.0} acceptances/s, {pending} pending, RSS {r:.1} MiB; direct {:.0}/s",
                 run + 1,
                 s.runs,
                 2.0 * half as f64 / secs,
@@ -1040,13 +1068,14 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
         let r = median(&rate);
         report.row(
             "intake",
-            format!("durable async acceptances/s ({conns} connections)"),
+            format!("durable async acceptances/s ({conns} connections, {how})"),
             format!("{r:.0}/s"),
             format!("{:.0}/s plain sim calls", median(&direct)),
             "≥ 20,000/s",
             Some(r >= 20_000.0),
         );
     }
+    s.shared.set(false);
     let m = median(&rss);
     report.row(
         "intake",
