@@ -27,6 +27,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// and resolves once every open connection has finished its call in flight
 /// and closed. The caller bounds that wait (`server.shutdown_grace`).
 pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) {
+    // Every route turned into its final service once, here: a router
+    // called as it is would redo that for every request (axum's
+    // `into_make_service` does the same).
+    let app: Router = app.with_state(());
     let graceful = GracefulShutdown::new();
     let builder = http1::Builder::new();
     loop {
