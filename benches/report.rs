@@ -25,12 +25,15 @@
 //! 3. held: RSS of carpool holding 10,000 and 50,000 wait-mode callers
 //!    (raw loopback sockets from 127.0.0.2-9, windows that never fill).
 //! 4. intake: oha sends async calls (100,000 in two windows), acceptances/s
-//!    (each one committed to SQLite before its 202) and RSS at 100,000 pending.
+//!    (each one committed to SQLite before its 202) with 64 and 256
+//!    connections, pinned and then with carpool and oha sharing both cores,
+//!    and RSS at 100,000 pending.
 //! 5. flush: time from the call that fills a window to its job existing,
 //!    and the peak RSS growth meanwhile (VmHWM reset through clear_refs),
 //!    for a 10,000- and a 50,000-line window.
 //! 6. fanout: one 100,000-line job; results resolved per second from the
-//!    moment the sim reports it done until carpool has stored every result.
+//!    moment the sim reports it done until carpool has stored every result,
+//!    beside the same file downloaded and parsed with nothing stored.
 //!
 //! Tunables: `CARPOOL_BENCH_RUNS` (3; medians are reported),
 //! `CARPOOL_BENCH_SECS` (3, per pass-through point), `CARPOOL_BENCH_RATES`
