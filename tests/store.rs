@@ -135,6 +135,24 @@ async fn submit(store: &Store, window: &WindowId, job: &str) {
     assert!(store.record_job(window, job, T0 + 10).await.unwrap());
 }
 
+/// Seals the window of credential A's request `member` and takes it to
+/// submitted as `job`; returns the window.
+async fn seal_and_submit(store: &Store, member: &RequestId, job: &str) -> WindowId {
+    let w = store
+        .get(member, CRED_A)
+        .await
+        .unwrap()
+        .unwrap()
+        .window_id
+        .unwrap();
+    assert!(store
+        .seal_window(&w, FlushReason::MaxWait, T0)
+        .await
+        .unwrap());
+    submit(store, &w, job).await;
+    w
+}
+
 fn success(id: &RequestId, body: &str) -> Resolution {
     Resolution {
         id: id.clone(),
@@ -529,18 +547,7 @@ mod cases {
             ids.push(accept(&store, r).await.record.id);
         }
         let other = accept(&store, new_request(CRED_B, "m", "{}", T0)).await;
-        let w = store
-            .get(&ids[0], CRED_A)
-            .await
-            .unwrap()
-            .unwrap()
-            .window_id
-            .unwrap();
-        store
-            .seal_window(&w, FlushReason::MaxWait, T0)
-            .await
-            .unwrap();
-        submit(&store, &w, "job").await;
+        let w = seal_and_submit(&store, &ids[0], "job").await;
         let mut results: Vec<Resolution> = ids
             .iter()
             .enumerate()
@@ -868,18 +875,7 @@ mod cases {
             r.upstream_key = Some("sk-owner".into());
             ids.push(accept(&store, r).await.record.id);
         }
-        let w = store
-            .get(&ids[0], CRED_A)
-            .await
-            .unwrap()
-            .unwrap()
-            .window_id
-            .unwrap();
-        store
-            .seal_window(&w, FlushReason::MaxWait, T0)
-            .await
-            .unwrap();
-        submit(&store, &w, "job-1").await;
+        let w = seal_and_submit(&store, &ids[0], "job-1").await;
         // The job finished one line before it failed.
         store
             .resolve(&w, vec![success(&ids[0], "{}")])

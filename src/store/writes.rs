@@ -66,7 +66,11 @@ macro_rules! write_ops {
                     )
                 }
                 Op::Resolve { window, resolutions } => Reply::Ids(resolve_many(conn, window, resolutions).await?),
-                Op::ResolveOne(r) => Reply::Applied(resolve_one(conn, r, None).await?),
+                Op::ResolveOne(r) => {
+                    let mut changed = Vec::with_capacity(1);
+                    resolve_rows(conn, None, r.status.status(), &[&**r], &mut changed).await?;
+                    Reply::Applied(!changed.is_empty())
+                }
                 Op::FailUnresolved { window, code, message, now } => {
                     let rows = q(&format!(
                         "UPDATE requests SET status = 'failed', error_code = $2, error_message = $3, \
@@ -398,33 +402,6 @@ macro_rules! write_ops {
             Ok(moved)
         }
 
-        async fn resolve_one(conn: &mut Conn, r: &Resolution, window: Option<&WindowId>) -> Result<bool, StoreError> {
-            let to = r.status.status();
-            let row = q(&format!(
-                "UPDATE requests SET status = $3, served_by = $4, response_status = $5, \
-                 response_body = $6, error_code = $7, error_message = $8, completed_at = $9 \
-                 WHERE id = $1 AND ($2 IS NULL OR window_id = $2) AND status IN ({}) \
-                 RETURNING callback_url",
-                request_from_sql(to)
-            ))
-            .bind(r.id.as_str())
-            .bind(window.map(|w| w.as_str()))
-            .bind(to.as_str())
-            .bind(r.served_by.map(|s| s.as_str()))
-            .bind(r.response_status.map(i64::from))
-            .bind(r.response_body.as_deref())
-            .bind(r.error_code.as_deref())
-            .bind(r.error_message.as_deref())
-            .bind(r.completed_at)
-            .fetch_optional(&mut *conn)
-            .await?;
-            let Some(row) = row else { return Ok(false) };
-            if let Some(url) = row.try_get::<Option<String>, _>("callback_url")? {
-                enqueue_delivery(conn, &r.id, &url, to, r.completed_at).await?;
-            }
-            Ok(true)
-        }
-
         /// Applies a window's results with one multi-row `UPDATE … FROM
         /// (VALUES …)` per status and per [`RESOLVE_ROWS`] results, rather
         /// than a statement (and a round trip to the database) per result.
@@ -449,15 +426,18 @@ macro_rules! write_ops {
             let mut changed = Vec::with_capacity(seen.len());
             for (to, group) in &by_status {
                 for rows in group.chunks(RESOLVE_ROWS) {
-                    resolve_rows(conn, window, *to, rows, &mut changed).await?;
+                    resolve_rows(conn, Some(window), *to, rows, &mut changed).await?;
                 }
             }
             Ok(changed)
         }
 
+        /// Applies results that all move their request to `to`, each only
+        /// while its request is still open (and, given a window, still in
+        /// it); pushes the ids that changed.
         async fn resolve_rows(
             conn: &mut Conn,
-            window: &WindowId,
+            window: Option<&WindowId>,
             to: RequestStatus,
             rows: &[&Resolution],
             changed: &mut Vec<RequestId>,
@@ -481,8 +461,11 @@ macro_rules! write_ops {
                 }
                 sql.push(')');
             }
-            sql.push_str(") AS v WHERE requests.id = v.column1 AND requests.window_id = ");
+            sql.push_str(") AS v WHERE requests.id = v.column1 AND (");
             <$db as Dialect>::param(&mut sql, n + 1);
+            sql.push_str(" IS NULL OR requests.window_id = ");
+            <$db as Dialect>::param(&mut sql, n + 2);
+            sql.push(')');
             sql.push_str(&format!(
                 " AND requests.status IN ({}) RETURNING requests.id, requests.callback_url, requests.completed_at",
                 request_from_sql(to)
@@ -499,7 +482,8 @@ macro_rules! write_ops {
                     .bind(r.error_message.as_deref())
                     .bind(r.completed_at);
             }
-            let returned = query.bind(window.as_str()).fetch_all(&mut *conn).await?;
+            let window = window.map(WindowId::as_str);
+            let returned = query.bind(window).bind(window).fetch_all(&mut *conn).await?;
             for row in &returned {
                 let id = RequestId::from_stored(row.try_get("id")?);
                 if let Some(url) = row.try_get::<Option<String>, _>("callback_url")? {
