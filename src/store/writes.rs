@@ -461,11 +461,11 @@ macro_rules! write_ops {
                 }
                 sql.push(')');
             }
-            sql.push_str(") AS v WHERE requests.id = v.column1 AND (");
-            <$db as Dialect>::param(&mut sql, n + 1);
-            sql.push_str(" IS NULL OR requests.window_id = ");
-            <$db as Dialect>::param(&mut sql, n + 2);
-            sql.push(')');
+            sql.push_str(") AS v WHERE requests.id = v.column1");
+            if window.is_some() {
+                sql.push_str(" AND requests.window_id = ");
+                <$db as Dialect>::param(&mut sql, n + 1);
+            }
             sql.push_str(&format!(
                 " AND requests.status IN ({}) RETURNING requests.id, requests.callback_url, requests.completed_at",
                 request_from_sql(to)
@@ -482,8 +482,10 @@ macro_rules! write_ops {
                     .bind(r.error_message.as_deref())
                     .bind(r.completed_at);
             }
-            let window = window.map(WindowId::as_str);
-            let returned = query.bind(window).bind(window).fetch_all(&mut *conn).await?;
+            if let Some(window) = window {
+                query = query.bind(window.as_str());
+            }
+            let returned = query.fetch_all(&mut *conn).await?;
             for row in &returned {
                 let id = RequestId::from_stored(row.try_get("id")?);
                 if let Some(url) = row.try_get::<Option<String>, _>("callback_url")? {
