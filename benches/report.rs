@@ -432,6 +432,32 @@ struct Load {
     n: usize,
 }
 
+/// `n` deferred calls (`Carpool-Mode: async`) over `conns` connections;
+/// an error unless every one was accepted with a 202.
+fn send_async(
+    s: &Settings,
+    section: &str,
+    url: &str,
+    body: &str,
+    n: usize,
+    conns: usize,
+) -> Res<Load> {
+    let l = oha(
+        s,
+        url,
+        None,
+        Some(n),
+        conns,
+        body,
+        &["Carpool-Mode: async"],
+        202,
+    )?;
+    if l.ok != n {
+        return Err(format!("{section}: only {} of {n} calls got 202", l.ok).into());
+    }
+    Ok(l)
+}
+
 /// One oha run; `rate` None is full speed, `n` a count instead of the
 /// configured duration.
 #[allow(clippy::too_many_arguments)]
@@ -1023,19 +1049,7 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
             let mut secs = 0.0;
             for model in ["sim-a", "sim-b"] {
                 let body = CHAT_BODY.replace("sim-small", model);
-                let l = oha(
-                    s,
-                    &url,
-                    None,
-                    Some(half),
-                    conns,
-                    &body,
-                    &["Carpool-Mode: async"],
-                    202,
-                )?;
-                if l.ok != half {
-                    return Err(format!("intake: only {} of {half} calls got 202", l.ok).into());
-                }
+                let l = send_async(s, "intake", &url, &body, half, conns)?;
                 secs += l.total_s;
             }
             let pending = metric(
@@ -1124,19 +1138,7 @@ async fn flush(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Rep
                 .error_for_status()?;
             let carpool = start_carpool(s, http, sim, &name, batching).await?;
             let url = format!("{}/v1/chat/completions", carpool.url);
-            let l = oha(
-                s,
-                &url,
-                None,
-                Some(w),
-                64,
-                CHAT_BODY,
-                &["Carpool-Mode: async"],
-                202,
-            )?;
-            if l.ok != w {
-                return Err(format!("flush: only {} of {w} calls got 202", l.ok).into());
-            }
+            send_async(s, "flush", &url, CHAT_BODY, w, 64)?;
             carpool.proc.stop(Duration::from_secs(10));
             http.put(format!("{}/_sim/faults", sim.url))
                 .json(&json!([stuck]))
@@ -1252,19 +1254,7 @@ async fn fanout(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
         .await?;
         let url = format!("{}/v1/chat/completions", carpool.url);
         let body = CHAT_BODY.replace("sim-small", &model);
-        let l = oha(
-            s,
-            &url,
-            None,
-            Some(lines),
-            64,
-            &body,
-            &["Carpool-Mode: async"],
-            202,
-        )?;
-        if l.ok != lines {
-            return Err(format!("fan-out: only {} of {lines} calls got 202", l.ok).into());
-        }
+        send_async(s, "fan-out", &url, &body, lines, 64)?;
         wait_metric(
             http,
             &carpool.url,

@@ -143,7 +143,7 @@ async fn apply_file(
     let spooled = Instant::now();
     tally.spooling += spooled - started;
     tracing::debug!(window = %window.id, file = file_id, lines = spool.left(), ms = (spooled - started).as_millis() as u64, "result file spooled");
-    // The commit's fsync leaves the CPU free for the next chunk's parsing.
+    // Each chunk's commit overlaps the next chunk's read and parse.
     let mut ready = next_chunk(window, job, file_id, &mut spool, tally).await?;
     while let Some(chunk) = ready {
         let (stored, next) = tokio::try_join!(

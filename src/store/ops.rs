@@ -27,7 +27,7 @@ const FALLBACK_LIMITS: WindowLimits = WindowLimits {
     max_bytes: 200_000_000,
 };
 
-/// Results per multi-row resolve statement: 8 binds each, well inside both
+/// Results per multi-row resolve statement: 7 binds each, well inside both
 /// backends' bind limits.
 pub(crate) const RESOLVE_ROWS: usize = 500;
 

@@ -442,17 +442,19 @@ macro_rules! write_ops {
             rows: &[&Resolution],
             changed: &mut Vec<RequestId>,
         ) -> Result<(), StoreError> {
-            // VALUES columns are named column1… in both dialects.
+            // VALUES columns are named column1… in both dialects. Every
+            // row moves to the same status, so it is written once.
             let mut sql = String::with_capacity(320 + rows.len() * 40);
-            sql.push_str(
-                "UPDATE requests SET status = v.column2, served_by = v.column3, \
-                 response_status = v.column4, response_body = v.column5, error_code = v.column6, \
-                 error_message = v.column7, completed_at = v.column8 FROM (VALUES ",
-            );
+            sql.push_str(&format!(
+                "UPDATE requests SET status = '{}', served_by = v.column2, \
+                 response_status = v.column3, response_body = v.column4, error_code = v.column5, \
+                 error_message = v.column6, completed_at = v.column7 FROM (VALUES ",
+                to.as_str()
+            ));
             let mut n = 0;
             for i in 0..rows.len() {
                 sql.push_str(if i == 0 { "(" } else { ",(" });
-                for c in 0..8 {
+                for c in 0..7 {
                     if c > 0 {
                         sql.push(',');
                     }
@@ -474,7 +476,6 @@ macro_rules! write_ops {
             for r in rows {
                 query = query
                     .bind(r.id.as_str())
-                    .bind(to.as_str())
                     .bind(r.served_by.map(|s| s.as_str()))
                     .bind(r.response_status.map(i64::from))
                     .bind(r.response_body.as_deref())
