@@ -23,7 +23,7 @@ use crate::model::RequestId;
 use crate::proxy::classify::CALLBACK_HEADER;
 use crate::server::auth::{bearer, Caller};
 use crate::server::error::ApiError;
-use crate::store::{DeliveryMode, NewRequest, RequestRecord, StoreError, WindowLimits};
+use crate::store::{Accepted, DeliveryMode, NewRequest, RequestRecord, StoreError, WindowLimits};
 use crate::webhooks::target;
 
 /// SSE comment cadence while a streamed wait-mode call is held.
@@ -160,7 +160,9 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Intake, Ap
             .inc();
     }
     if accepted.created {
-        deferral.flush_wake.notify_one();
+        if flusher_must_look(&accepted, deadline.is_some()) {
+            deferral.flush_wake.notify_one();
+        }
         if deadline.is_some() {
             deferral.deadline_wake.notify_one();
         }
@@ -321,6 +323,20 @@ fn refused(deferral: &Deferral, err: GateError) -> ApiError {
     }
 }
 
+/// Whether a stored request changed anything the flusher schedules by: a
+/// window opened (its `max_wait` starts), a window sealed (it is to be
+/// submitted), or a deadline that may now be the window's earliest. A
+/// request that only joins an open window changes none of them, and waking
+/// the flusher for it would cost two store reads per accepted call.
+fn flusher_must_look(accepted: &Accepted, has_deadline: bool) -> bool {
+    has_deadline
+        || accepted.sealed_previous.is_some()
+        || accepted
+            .window
+            .as_ref()
+            .map_or(true, |w| w.count <= 1 || w.sealed.is_some())
+}
+
 fn retry_after(deferral: &Deferral) -> Duration {
     deferral
         .config
@@ -395,6 +411,8 @@ fn held_stream(deferral: Deferral, record: RequestRecord, credential: String) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::WindowId;
+    use crate::store::{FlushReason, WindowSlot};
 
     #[test]
     fn body_hash_depends_on_endpoint_and_exact_bytes() {
@@ -402,5 +420,52 @@ mod tests {
         assert_eq!(a, body_hash("/v1/chat/completions", b"{\"model\":\"m\"}"));
         assert_ne!(a, body_hash("/v1/embeddings", b"{\"model\":\"m\"}"));
         assert_ne!(a, body_hash("/v1/chat/completions", b"{\"model\": \"m\"}"));
+    }
+
+    fn accepted(count: u64, sealed: bool, sealed_previous: bool) -> Accepted {
+        let window = WindowId::generate();
+        let record = RequestRecord {
+            id: RequestId::generate(),
+            status: crate::model::RequestStatus::Queued,
+            upstream: "u".into(),
+            endpoint: "/v1/chat/completions".into(),
+            model: "m".into(),
+            mode: DeliveryMode::Async,
+            created_at: 0,
+            submitted_at: None,
+            completed_at: None,
+            batch_id: None,
+            served_by: None,
+            response_status: None,
+            response_body: None,
+            error_code: None,
+            error_message: None,
+            deadline: None,
+            callback_url: None,
+            window_id: Some(window.clone()),
+        };
+        Accepted {
+            record,
+            created: true,
+            window: Some(WindowSlot {
+                id: window.clone(),
+                count,
+                bytes: 10,
+                opened_at: 0,
+                sealed: sealed.then_some(FlushReason::MaxRequests),
+            }),
+            sealed_previous: sealed_previous.then(|| (window, FlushReason::MaxBytes)),
+        }
+    }
+
+    #[test]
+    fn the_flusher_is_woken_only_when_its_schedule_may_change() {
+        // Joining an open window: nothing for the flusher to do.
+        assert!(!flusher_must_look(&accepted(5, false, false), false));
+        // A new window, a full one, the previous one sealed, a deadline.
+        assert!(flusher_must_look(&accepted(1, false, false), false));
+        assert!(flusher_must_look(&accepted(5, true, false), false));
+        assert!(flusher_must_look(&accepted(1, false, true), false));
+        assert!(flusher_must_look(&accepted(5, false, false), true));
     }
 }
