@@ -13,6 +13,20 @@ fn unix_millis() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// `prefix` then `bytes` in lowercase hex. `hex::encode` goes through a
+/// char iterator, a few thousand instructions for 32 bytes; this runs
+/// several times on every deferred call.
+pub fn prefixed_hex(prefix: &str, bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(prefix.len() + 2 * bytes.len());
+    out.push_str(prefix);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
@@ -35,7 +49,7 @@ macro_rules! id_type {
                 let mut bytes = [0u8; 16];
                 bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
                 rand::thread_rng().fill_bytes(&mut bytes[6..]);
-                Self(format!("{}{}", $prefix, hex::encode(bytes)))
+                Self(prefixed_hex($prefix, &bytes))
             }
 
             /// Accepts only ids of this kind's shape, so a caller-supplied
@@ -210,6 +224,16 @@ impl Dialect {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixed_hex_is_lowercase_hex_after_the_prefix() {
+        let bytes = [0x00, 0x0f, 0xa5, 0xff];
+        assert_eq!(
+            prefixed_hex("p_", &bytes),
+            format!("p_{}", hex::encode(bytes))
+        );
+        assert_eq!(prefixed_hex("", &[]), "");
+    }
 
     #[test]
     fn generated_ids_round_trip_and_reject_foreign_shapes() {

@@ -19,7 +19,7 @@ use super::engine::{now_ms, Deferral};
 use super::optin::{self, Answer};
 use super::sse;
 use crate::config::{AuthMode, UpstreamConfig};
-use crate::model::RequestId;
+use crate::model::{prefixed_hex, RequestId};
 use crate::proxy::classify::CALLBACK_HEADER;
 use crate::server::auth::{bearer, Caller};
 use crate::server::error::ApiError;
@@ -63,7 +63,7 @@ pub fn body_hash(endpoint: &str, body: &[u8]) -> String {
     h.update(endpoint.as_bytes());
     h.update([0]);
     h.update(body);
-    hex::encode(h.finalize())
+    prefixed_hex("", &h.finalize())
 }
 
 /// Stores the call, then answers it.

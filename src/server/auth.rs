@@ -8,6 +8,7 @@ use subtle::ConstantTimeEq;
 
 use super::ApiError;
 use crate::config::{AuthMode, ClientConfig, Secret, UpstreamConfig};
+use crate::model::prefixed_hex;
 
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -36,7 +37,7 @@ impl Caller {
     ) -> Result<Self, ApiError> {
         let presented = bearer(headers);
         let credential_hash = presented
-            .map(|key| hex::encode(Sha256::digest(key.as_bytes())))
+            .map(|key| prefixed_hex("", &Sha256::digest(key.as_bytes())))
             .unwrap_or_else(|| ANONYMOUS.to_owned());
         let client_name = presented.and_then(|_| find_client(&credential_hash, clients));
         match upstream.auth {
