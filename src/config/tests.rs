@@ -216,3 +216,28 @@ fn only_the_error_policy_forbids_realtime_calls() {
     assert!(FailurePolicy::Realtime.allows_realtime());
     assert!(!FailurePolicy::Error.allows_realtime());
 }
+
+#[test]
+fn upstream_urls_are_the_base_path_then_the_callers_path_and_query() {
+    let cases = [
+        ("https://api.mistral.ai", "/v1/chat/completions"),
+        ("https://api.mistral.ai/", "/v1/models?limit=2&after=x"),
+        ("https://gateway.example/openai", "/v1/files/file-1/content"),
+        ("https://gateway.example/openai/", "/v1/batches?after=b%201"),
+        ("http://127.0.0.1:9090", "/v1/a/../b/./c"),
+        ("http://127.0.0.1:9090", "//not-a-host/v1/x"),
+        ("http://127.0.0.1:9090/p", "/v1/x?"),
+        ("http://127.0.0.1:9090", "/v1/sp ace/%7E?q=a b"),
+    ];
+    for (base, path) in cases {
+        let text = format!(
+            "[[upstreams]]\nname = \"u\"\ndialect = \"openai\"\nbase_url = \"{base}\"\nauth = \"passthrough\"\n"
+        );
+        let c = from_toml_str(&text, &env(&[])).unwrap();
+        let built = c.upstreams[0].url_for(path);
+        // What parsing the whole concatenated string gives, host included.
+        let parsed = url::Url::parse(&format!("{}{path}", base.trim_end_matches('/'))).unwrap();
+        assert_eq!(built, parsed, "{base} + {path}");
+        assert_eq!(built.host(), parsed.host());
+    }
+}

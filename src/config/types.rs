@@ -84,10 +84,19 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
-    /// The upstream URL for a caller's path (and query), e.g. `/v1/models`.
-    pub fn url_for(&self, path_and_query: &str) -> String {
-        let base = self.base_url.as_str().trim_end_matches('/');
-        format!("{base}{path_and_query}")
+    /// The upstream URL for a caller's path (and query), e.g. `/v1/models`:
+    /// the base URL's path, then the caller's. Built from the parsed base
+    /// so only the path and query are parsed on each call, not the host.
+    pub fn url_for(&self, path_and_query: &str) -> Url {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (path_and_query, None),
+        };
+        let mut url = self.base_url.clone();
+        let joined = format!("{}{path}", url.path().trim_end_matches('/'));
+        url.set_path(&joined);
+        url.set_query(query);
+        url
     }
 }
 
