@@ -454,7 +454,7 @@ mod tests {
                 opened_at: 0,
                 sealed: sealed.then_some(FlushReason::MaxRequests),
             }),
-            sealed_previous: sealed_previous.then(|| (window, FlushReason::MaxBytes)),
+            sealed_previous: sealed_previous.then_some((window, FlushReason::MaxBytes)),
         }
     }
 
