@@ -42,7 +42,9 @@ pub(crate) async fn accept_run(
     let mut by_idempotency: HashMap<(&str, &str), usize> = HashMap::new();
     let mut by_retry: HashMap<(&str, &str, &str), usize> = HashMap::new();
     let mut fills: Vec<Fill> = Vec::new();
-    let mut current: HashMap<WindowKey, Option<usize>> = HashMap::new();
+    // Each key's open window in `fills`, by the run's own strings: a key
+    // is copied into a `WindowKey` only when it is first seen in the run.
+    let mut current: HashMap<(&str, &str, &str, &str), Option<usize>> = HashMap::new();
     let mut inserts: Vec<(usize, usize)> = Vec::new(); // (request, fill)
 
     for (i, r) in run.iter().enumerate() {
@@ -63,21 +65,21 @@ pub(crate) async fn accept_run(
             Err(e) => return Err(e),
         }
 
-        let key = WindowKey {
-            upstream: r.upstream.clone(),
-            credential_hash: r.credential_hash.clone(),
-            endpoint: r.endpoint.clone(),
-            model: r.model.clone(),
-        };
+        let key = (
+            r.upstream.as_str(),
+            r.credential_hash.as_str(),
+            r.endpoint.as_str(),
+            r.model.as_str(),
+        );
         let slot_index = match current.get(&key) {
             Some(slot) => *slot,
             None => {
-                let stored = load_open(conn, &key).await?;
+                let stored = load_open(conn, &window_key(r)).await?;
                 let index = stored.map(|f| {
                     fills.push(f);
                     fills.len() - 1
                 });
-                current.insert(key.clone(), index);
+                current.insert(key, index);
                 index
             }
         };
@@ -97,7 +99,7 @@ pub(crate) async fn accept_run(
             None => {
                 fills.push(Fill {
                     id: WindowId::generate(),
-                    key: key.clone(),
+                    key: window_key(r),
                     stored: false,
                     count: 0,
                     bytes: 0,
@@ -150,6 +152,15 @@ pub(crate) async fn accept_run(
         insert_requests(conn, run, &fills, chunk).await?;
     }
     Ok(out)
+}
+
+fn window_key(r: &NewRequest) -> WindowKey {
+    WindowKey {
+        upstream: r.upstream.clone(),
+        credential_hash: r.credential_hash.clone(),
+        endpoint: r.endpoint.clone(),
+        model: r.model.clone(),
+    }
 }
 
 /// A repeat of an earlier request of this run, answered like the store
