@@ -8,7 +8,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
-
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -234,14 +233,15 @@ pub async fn wait_final(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use serde_json::{json, Value};
 
     use super::*;
     use crate::model::{ServedBy, WindowId};
     use crate::store::DeliveryMode;
 
-    fn record() -> RequestRecord {
+    /// A queued request in a window of its own, for tests to adjust.
+    pub(crate) fn record() -> RequestRecord {
         RequestRecord {
             id: RequestId::generate(),
             status: RequestStatus::Queued,

@@ -423,27 +423,8 @@ mod tests {
     }
 
     fn accepted(count: u64, sealed: bool, sealed_previous: bool) -> Accepted {
-        let window = WindowId::generate();
-        let record = RequestRecord {
-            id: RequestId::generate(),
-            status: crate::model::RequestStatus::Queued,
-            upstream: "u".into(),
-            endpoint: "/v1/chat/completions".into(),
-            model: "m".into(),
-            mode: DeliveryMode::Async,
-            created_at: 0,
-            submitted_at: None,
-            completed_at: None,
-            batch_id: None,
-            served_by: None,
-            response_status: None,
-            response_body: None,
-            error_code: None,
-            error_message: None,
-            deadline: None,
-            callback_url: None,
-            window_id: Some(window.clone()),
-        };
+        let record = crate::deferral::answer::tests::record();
+        let window = record.window_id.clone().unwrap_or_else(WindowId::generate);
         Accepted {
             record,
             created: true,

@@ -116,6 +116,18 @@ pub struct NewRequest {
     pub now: i64,
 }
 
+impl NewRequest {
+    /// The window this request belongs in.
+    pub(crate) fn window_key(&self) -> WindowKey {
+        WindowKey {
+            upstream: self.upstream.clone(),
+            credential_hash: self.credential_hash.clone(),
+            endpoint: self.endpoint.clone(),
+            model: self.model.clone(),
+        }
+    }
+}
+
 /// Everything SPEC's request handle shows, and what workers need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {

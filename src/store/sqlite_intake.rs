@@ -74,7 +74,7 @@ pub(crate) async fn accept_run(
         let slot_index = match current.get(&key) {
             Some(slot) => *slot,
             None => {
-                let stored = load_open(conn, &window_key(r)).await?;
+                let stored = load_open(conn, &r.window_key()).await?;
                 let index = stored.map(|f| {
                     fills.push(f);
                     fills.len() - 1
@@ -99,7 +99,7 @@ pub(crate) async fn accept_run(
             None => {
                 fills.push(Fill {
                     id: WindowId::generate(),
-                    key: window_key(r),
+                    key: r.window_key(),
                     stored: false,
                     count: 0,
                     bytes: 0,
@@ -152,15 +152,6 @@ pub(crate) async fn accept_run(
         insert_requests(conn, run, &fills, chunk).await?;
     }
     Ok(out)
-}
-
-fn window_key(r: &NewRequest) -> WindowKey {
-    WindowKey {
-        upstream: r.upstream.clone(),
-        credential_hash: r.credential_hash.clone(),
-        endpoint: r.endpoint.clone(),
-        model: r.model.clone(),
-    }
 }
 
 /// A repeat of an earlier request of this run, answered like the store

@@ -166,12 +166,7 @@ macro_rules! write_ops {
             if let Some(found) = existing(conn, r, horizon).await? {
                 return Ok(found);
             }
-            let key = WindowKey {
-                upstream: r.upstream.clone(),
-                credential_hash: r.credential_hash.clone(),
-                endpoint: r.endpoint.clone(),
-                model: r.model.clone(),
-            };
+            let key = r.window_key();
             let len = int(r.body.len() as u64);
             let (slot, sealed_previous) =
                 place(conn, &key, len, r.limits, r.upstream_key.as_deref(), r.now).await?;
