@@ -14,6 +14,7 @@ pub mod headers;
 pub mod health;
 pub mod inspect;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -47,7 +48,7 @@ pub fn strip_defer_prefix<'p>(path: &'p str, prefix: &str) -> (&'p str, bool) {
 /// Routing, intake and forwarding run in a boxed future that ends, taking
 /// the request with it, before a held caller starts to wait: a connection
 /// holding a wait-mode call keeps only [`Held`] and this small frame.
-pub async fn handle(state: AppState, request: Request<Body>) -> Response {
+pub async fn handle(state: Arc<AppState>, request: Request<Body>) -> Response {
     let routed = Box::pin(pass_through(&state, request)).await;
     let answered = match routed {
         Ok(Routed::Now(response)) => Ok(response),

@@ -4,6 +4,8 @@
 //! route refuses a missing or wrong token with 401; without a configured
 //! token the whole API is refused.
 
+use std::sync::Arc;
+
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
@@ -28,7 +30,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// `GET /admin/windows`: open windows with model, count, bytes and age.
 pub async fn windows(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
@@ -55,7 +57,7 @@ pub async fn windows(
 
 /// `POST /admin/windows/{id}/flush`: seals one open window now.
 pub async fn flush_one(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -84,7 +86,7 @@ pub async fn flush_one(
 
 /// `POST /admin/flush`: seals every open window now.
 pub async fn flush_all(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
@@ -96,7 +98,7 @@ pub async fn flush_all(
 /// `GET /admin/jobs`: windows past open and not yet finished: being
 /// uploaded, created, or running at the provider, with its last status.
 pub async fn jobs(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
@@ -155,7 +157,7 @@ fn dead_letter(d: &DeliveryRecord) -> Value {
 /// `GET /admin/dead-letters?limit=N`: deliveries given up on, most recent
 /// first (default 100, at most 1000).
 pub async fn dead_letters(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Query(query): Query<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -169,7 +171,7 @@ pub async fn dead_letters(
 /// `POST /admin/dead-letters/{id}/replay`: delivers a dead letter again,
 /// with a fresh attempt count and the same `webhook-id`.
 pub async fn replay_dead_letter(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -193,7 +195,7 @@ pub async fn replay_dead_letter(
 
 /// `POST /admin/dead-letters/replay`: every dead letter delivered again.
 pub async fn replay_dead_letters(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;

@@ -22,9 +22,14 @@ use axum::{middleware, Router};
 pub use auth::Caller;
 pub use error::{ApiError, Blame};
 
+use std::sync::Arc;
+
 use crate::app::AppState;
 
+/// Handlers share one `AppState` behind an `Arc`: extracting it per call is
+/// one reference count, not one per field.
 pub fn router(state: AppState) -> Router {
+    let state = Arc::new(state);
     Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
@@ -59,7 +64,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn passthrough(
-    axum::extract::State(state): axum::extract::State<AppState>,
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
     request: axum::extract::Request,
 ) -> axum::response::Response {
     crate::proxy::handle(state, request).await

@@ -4,6 +4,8 @@
 //! response extensions; raw paths never become metric labels, only the
 //! route templates below.
 
+use std::sync::Arc;
+
 use std::time::Instant;
 
 use axum::extract::{Request, State};
@@ -104,7 +106,11 @@ fn outcome(response: &Response) -> &'static str {
     }
 }
 
-pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub async fn observe(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let start = Instant::now();
     let id = format!("{:016x}", rand::thread_rng().gen::<u64>());
     let method = request.method().clone();

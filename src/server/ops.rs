@@ -1,6 +1,8 @@
 //! Operations endpoints: liveness, readiness, metrics. Open (no key), so
 //! probes and Prometheus need no credentials; they reveal no secrets.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +16,7 @@ pub async fn healthz() -> Response {
 }
 
 /// 200 when every upstream answers; 503 while draining or when one does not.
-pub async fn readyz(State(state): State<AppState>) -> Response {
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -40,7 +42,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
