@@ -350,7 +350,14 @@ fn limited_body(body: Body, limit: u64, overflow: Arc<AtomicBool>) -> Body {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use axum::extract::Request;
+    use axum::routing::post;
+    use http_body_util::BodyExt as _;
+
     use super::*;
+    use crate::config::{from_toml_str, Config};
 
     #[test]
     fn an_outbound_proxy_in_the_environment_is_noticed() {
@@ -372,5 +379,149 @@ mod tests {
             "ALL_PROXY",
             "socks5://10.0.0.1:1080"
         )])));
+    }
+
+    /// An upstream that answers 201 with the body it read, the key it was
+    /// sent and the query it saw.
+    async fn echo_upstream() -> std::net::SocketAddr {
+        let app = axum::Router::new().route(
+            "/base/v1/echo",
+            post(|request: Request| async move {
+                let (parts, body) = request.into_parts();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let seen = |name: header::HeaderName| {
+                    parts
+                        .headers
+                        .get(name)
+                        .map_or_else(|| "-".to_owned(), |v| v.to_str().unwrap_or("?").to_owned())
+                };
+                Response::builder()
+                    .status(StatusCode::CREATED)
+                    .header("x-seen-auth", seen(header::AUTHORIZATION))
+                    .header("x-seen-host", seen(header::HOST))
+                    .header("x-seen-query", parts.uri.query().unwrap_or("-"))
+                    .header(header::CONNECTION, "keep-alive")
+                    .body(Body::from(body))
+                    .unwrap()
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    fn config(addr: std::net::SocketAddr) -> Config {
+        let text = format!(
+            "[[upstreams]]\nname = \"u\"\ndialect = \"openai\"\nbase_url = \"http://{addr}/base\"\n\
+             api_key_env = \"K\"\nauth = \"managed\"\n"
+        );
+        let vars = BTreeMap::from([("K".to_owned(), "upstream-key".to_owned())]);
+        from_toml_str(&text, &vars).unwrap()
+    }
+
+    /// Both ways out (hyper's client, and reqwest's when a proxy is
+    /// configured) send the same request and relay the same answer.
+    #[tokio::test]
+    async fn both_clients_forward_bodies_keys_and_answers_alike() {
+        let addr = echo_upstream().await;
+        let config = config(addr);
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let direct = Forwarder::new(&config.server, metrics).unwrap();
+        assert!(direct.direct.is_some() || proxy_configured(|n| std::env::var(n).ok()));
+        let via_reqwest = Forwarder {
+            direct: None,
+            ..direct.clone()
+        };
+        let upstream = &config.upstreams[0];
+        let caller = Caller::authenticate(&HeaderMap::new(), upstream, &[]).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer caller-key"),
+        );
+        headers.insert(header::HOST, HeaderValue::from_static("carpool.internal"));
+        headers.insert("carpool-mode", HeaderValue::from_static("sync"));
+        for forwarder in [&direct, &via_reqwest] {
+            for streamed in [false, true] {
+                let body = if streamed {
+                    OutboundBody::Streaming {
+                        body: Body::from("a streamed body"),
+                        limit: 1024,
+                    }
+                } else {
+                    OutboundBody::Buffered(Bytes::from_static(b"a streamed body"))
+                };
+                let relayed = forwarder
+                    .forward(Outbound {
+                        upstream,
+                        caller: &caller,
+                        method: Method::POST,
+                        path_and_query: "/v1/echo?x=1",
+                        headers: &headers,
+                        body,
+                        operation: "passthrough",
+                    })
+                    .await
+                    .unwrap();
+                let response = relayed.response;
+                assert_eq!(response.status(), StatusCode::CREATED);
+                let h = response.headers();
+                assert_eq!(h["x-seen-auth"], "Bearer upstream-key");
+                assert_eq!(h["x-seen-host"], addr.to_string().as_str());
+                assert_eq!(h["x-seen-query"], "x=1");
+                assert!(h.get(header::CONNECTION).is_none(), "hop-by-hop relayed");
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], b"a streamed body");
+            }
+            let over = forwarder
+                .forward(Outbound {
+                    upstream,
+                    caller: &caller,
+                    method: Method::POST,
+                    path_and_query: "/v1/echo",
+                    headers: &headers,
+                    body: OutboundBody::Streaming {
+                        body: Body::from("more than eight bytes"),
+                        limit: 8,
+                    },
+                    operation: "passthrough",
+                })
+                .await;
+            assert!(matches!(over, Err(ApiError::PayloadTooLarge { limit: 8 })));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_refuses_connections_is_a_connect_failure() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let config = config(addr);
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let forwarder = Forwarder::new(&config.server, metrics.clone()).unwrap();
+        let upstream = &config.upstreams[0];
+        let caller = Caller::authenticate(&HeaderMap::new(), upstream, &[]).unwrap();
+        let result = forwarder
+            .forward(Outbound {
+                upstream,
+                caller: &caller,
+                method: Method::POST,
+                path_and_query: "/v1/echo",
+                headers: &HeaderMap::new(),
+                body: OutboundBody::Buffered(Bytes::new()),
+                operation: "passthrough",
+            })
+            .await;
+        assert!(matches!(result, Err(ApiError::UpstreamUnreachable { .. })));
+        let refused = metrics
+            .upstream_errors
+            .with_label_values(&["u", "passthrough", "connect"])
+            .get();
+        assert_eq!(refused, 1);
     }
 }
