@@ -1175,6 +1175,67 @@ mod cases {
         assert_eq!(distinct.len(), 40);
         store.close().await;
     }
+
+    pub async fn window_leases_keep_replicas_off_each_others_submissions(h: &Harness) {
+        let store = h.open().await;
+        let other = h.open().await;
+        let r = accept(&store, new_request(CRED_A, "m", "{}", T0)).await;
+        let w = store
+            .get(&r.record.id, CRED_A)
+            .await
+            .unwrap()
+            .unwrap()
+            .window_id
+            .unwrap();
+        // An open window is not on its way to a job: nobody leases it.
+        assert!(!store.claim_window(&w, "a", T0, T0 + 10_000).await.unwrap());
+        assert!(store
+            .seal_window(&w, FlushReason::MaxWait, T0)
+            .await
+            .unwrap());
+        assert!(store.claim_window(&w, "a", T0, T0 + 10_000).await.unwrap());
+        // Another replica cannot take it while the lease runs.
+        assert!(!other
+            .claim_window(&w, "b", T0 + 5_000, T0 + 15_000)
+            .await
+            .unwrap());
+        // The holder renews it, in any state its work takes it to.
+        assert!(store.record_upload(&w, "file-1").await.unwrap());
+        assert!(store.mark_creating(&w).await.unwrap());
+        assert!(store
+            .claim_window(&w, "a", T0 + 5_000, T0 + 15_000)
+            .await
+            .unwrap());
+        assert!(!other
+            .claim_window(&w, "b", T0 + 14_000, T0 + 24_000)
+            .await
+            .unwrap());
+        // Run out (the holder died): the other replica takes it up.
+        assert!(other
+            .claim_window(&w, "b", T0 + 15_000, T0 + 25_000)
+            .await
+            .unwrap());
+        assert!(!store
+            .claim_window(&w, "a", T0 + 16_000, T0 + 26_000)
+            .await
+            .unwrap());
+        // Only the holder gives it up; then it is free at once.
+        assert!(!store.release_window(&w, "a").await.unwrap());
+        assert!(other.release_window(&w, "b").await.unwrap());
+        assert!(store
+            .claim_window(&w, "a", T0 + 16_000, T0 + 26_000)
+            .await
+            .unwrap());
+        // A window with its job is done with leases once released.
+        assert!(store.record_job(&w, "job-1", T0 + 17_000).await.unwrap());
+        assert!(store.release_window(&w, "a").await.unwrap());
+        assert!(!other
+            .claim_window(&w, "b", T0 + 30_000, T0 + 40_000)
+            .await
+            .unwrap());
+        store.close().await;
+        other.close().await;
+    }
 }
 
 macro_rules! contract {
@@ -1228,6 +1289,7 @@ contract!(
     every_final_state_of_a_callback_request_enqueues_one_delivery,
     deliveries_are_leased_retried_dead_lettered_and_replayed,
     replicas_never_claim_the_same_delivery,
+    window_leases_keep_replicas_off_each_others_submissions,
 );
 
 #[tokio::test]

@@ -47,6 +47,9 @@ pub struct Inner {
     pub poll_wake: Notify,
     /// Windows this process is working on right now (submitting or reconciling).
     pub busy: DashSet<WindowId>,
+    /// This process among the replicas sharing the store: the owner of the
+    /// window leases it takes (random, new at every start).
+    pub instance: String,
     /// Windows whose last submission failed: attempts so far and when to
     /// try again. Pacing only; losing it on restart costs one early retry.
     pub backoff: DashMap<WindowId, (u32, tokio::time::Instant)>,
@@ -117,6 +120,7 @@ impl Deferral {
                 flush_wake: Notify::new(),
                 poll_wake: Notify::new(),
                 busy: DashSet::new(),
+                instance: new_instance_id(),
                 backoff: DashMap::new(),
                 forwarder,
                 deadline_wake: Notify::new(),
@@ -203,6 +207,14 @@ impl Drop for BusyGuard {
     fn drop(&mut self) {
         self.deferral.busy.remove(&self.id);
     }
+}
+
+/// `cpi_` and 64 random bits in hex.
+fn new_instance_id() -> String {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 8];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    crate::model::prefixed_hex("cpi_", &bytes)
 }
 
 pub fn now_ms() -> i64 {

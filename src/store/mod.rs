@@ -471,6 +471,37 @@ impl Store {
             .applied()
     }
 
+    /// Leases a window on its way to a job (sealed, uploaded or creating)
+    /// to `owner` until `until`, if nobody else holds an unexpired lease on
+    /// it; the holder renews its own (in any state). Replicas sharing the store submit a
+    /// window one at a time this way.
+    pub async fn claim_window(
+        &self,
+        id: &WindowId,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::ClaimWindow {
+            id: id.clone(),
+            owner: owner.to_owned(),
+            now,
+            until,
+        })
+        .await?
+        .applied()
+    }
+
+    /// Gives up `owner`'s lease on a window (false if it no longer held it).
+    pub async fn release_window(&self, id: &WindowId, owner: &str) -> Result<bool, StoreError> {
+        self.write(Op::ReleaseWindow {
+            id: id.clone(),
+            owner: owner.to_owned(),
+        })
+        .await?
+        .applied()
+    }
+
     /// creating → submitted; its queued requests become submitted with this
     /// batch id; the upstream key is forgotten.
     pub async fn record_job(

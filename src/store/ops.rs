@@ -73,6 +73,16 @@ pub(crate) enum Op {
     MarkCreating {
         id: WindowId,
     },
+    ClaimWindow {
+        id: WindowId,
+        owner: String,
+        now: i64,
+        until: i64,
+    },
+    ReleaseWindow {
+        id: WindowId,
+        owner: String,
+    },
     RecordJob {
         id: WindowId,
         job_id: String,

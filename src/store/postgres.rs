@@ -18,7 +18,10 @@ use super::ops::{pg_migrate, pg_ops as ops, retry_tag, Op, Reply};
 use super::{RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary};
 use crate::model::{RequestId, RequestStatus, WindowId};
 
-const MIGRATIONS: &[&str] = &[include_str!("schema/postgres_v1.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema/postgres_v1.sql"),
+    include_str!("schema/postgres_v2.sql"),
+];
 
 /// Arbitrary but fixed: replicas starting together migrate one at a time.
 const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(7305976317)";

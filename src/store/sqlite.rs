@@ -28,7 +28,10 @@ use super::{
 };
 use crate::model::{RequestId, RequestStatus, WindowId};
 
-const MIGRATIONS: &[&str] = &[include_str!("schema/sqlite_v1.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema/sqlite_v1.sql"),
+    include_str!("schema/sqlite_v2.sql"),
+];
 
 /// Commands waiting for the writer; intake beyond this waits (backpressure).
 const QUEUE_DEPTH: usize = 16_384;

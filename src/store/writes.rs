@@ -36,6 +36,31 @@ macro_rules! write_ops {
                     .rows_affected()
                         == 1,
                 ),
+                // Only windows on their way to a job are taken; the holder
+                // renews its own lease whatever the window's state by then.
+                Op::ClaimWindow { id, owner, now, until } => Reply::Applied(
+                    q("UPDATE windows SET lease_owner = $2, lease_until = $4 WHERE id = $1 \
+                       AND (lease_owner = $2 OR (state IN ('sealed', 'uploaded', 'creating') \
+                       AND (lease_until IS NULL OR lease_until <= $3)))")
+                        .bind(id.as_str())
+                        .bind(owner)
+                        .bind(*now)
+                        .bind(*until)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected()
+                        == 1,
+                ),
+                Op::ReleaseWindow { id, owner } => Reply::Applied(
+                    q("UPDATE windows SET lease_owner = NULL, lease_until = NULL \
+                       WHERE id = $1 AND lease_owner = $2")
+                        .bind(id.as_str())
+                        .bind(owner)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected()
+                        == 1,
+                ),
                 Op::RecordJob { id, job_id, now } => {
                     Reply::Applied(record_job(conn, id, job_id, *now).await?)
                 }

@@ -1,0 +1,146 @@
+//! Replicas sharing one store: a window on its way to a job is worked on by
+//! one process at a time. Two carpool states share one store here and
+//! neither runs its background tasks, so the test decides who submits; the
+//! uploads and jobs are the simulator's, over HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use carpool::app::AppState;
+use carpool::deferral::engine::now_ms;
+use carpool::deferral::flusher;
+use carpool::model::{RequestId, WindowId};
+use carpool::sim::{self, SimHandle, SimOptions};
+use carpool::store::{DeliveryMode, FlushReason, NewRequest, WindowLimits, WindowState};
+use support::config::SimConfig;
+use tokio_util::sync::CancellationToken;
+
+async fn replica(sim: &SimHandle, db: &str) -> AppState {
+    let toml = SimConfig::new("openai", sim)
+        .batching("max_wait = \"1h\"")
+        .toml();
+    let vars = BTreeMap::from([
+        ("UPSTREAM_KEY".to_owned(), "sk-upstream".to_owned()),
+        ("CARPOOL_STORE__URL".to_owned(), db.to_owned()),
+    ]);
+    let config = carpool::config::from_toml_str(&toml, &vars).unwrap();
+    AppState::new(config, CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+/// One stored request in a window of its own, sealed; returns the window.
+async fn sealed_window(state: &AppState, model: &str) -> WindowId {
+    let store = &state.deferral.store;
+    let accepted = store
+        .accept(NewRequest {
+            id: RequestId::generate(),
+            credential_hash: "anonymous".to_owned(),
+            upstream: "sim".to_owned(),
+            endpoint: "/v1/chat/completions".to_owned(),
+            model: model.to_owned(),
+            body: Bytes::from(format!(r#"{{"model":"{model}","messages":[]}}"#)),
+            body_hash: format!("hash-{model}"),
+            idempotency_key: None,
+            sdk_retry: false,
+            mode: DeliveryMode::Async,
+            deadline: None,
+            callback_url: None,
+            upstream_key: None,
+            limits: WindowLimits {
+                max_requests: 100,
+                max_bytes: 1_000_000,
+            },
+            now: now_ms(),
+        })
+        .await
+        .unwrap();
+    let window = accepted.record.window_id.unwrap();
+    assert!(store
+        .seal_window(&window, FlushReason::Operator, now_ms())
+        .await
+        .unwrap());
+    window
+}
+
+fn uploads(sim: &SimHandle) -> usize {
+    sim.calls()
+        .iter()
+        .filter(|c| c.method == "POST" && c.route == "/v1/files")
+        .count()
+}
+
+#[tokio::test]
+async fn a_window_another_replica_is_submitting_is_left_to_it() {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/carpool.db", dir.path().display());
+    let mine = replica(&sim, &db).await;
+    let theirs = replica(&sim, &db).await;
+    assert_ne!(mine.deferral.instance, theirs.deferral.instance);
+    let store = &mine.deferral.store;
+
+    // Sealed, and leased by the other replica (as while it uploads): this
+    // one uploads nothing and creates nothing.
+    let sealed = sealed_window(&mine, "m-sealed").await;
+    let now = now_ms();
+    assert!(theirs
+        .deferral
+        .store
+        .claim_window(&sealed, &theirs.deferral.instance, now, now + 60_000)
+        .await
+        .unwrap());
+    let record = store.window(&sealed).await.unwrap().unwrap();
+    assert!(!flusher::submit_leased(&mine.deferral, record)
+        .await
+        .unwrap());
+    assert_eq!(uploads(&sim), 0);
+    assert!(sim.jobs().is_empty());
+
+    // In `creating` under the other replica's lease: its create call may be
+    // on its way, so this one must not adopt the window and create a
+    // second job (what it did before leases, finding no job yet).
+    let creating = sealed_window(&mine, "m-creating").await;
+    let theirs_store = &theirs.deferral.store;
+    assert!(theirs_store
+        .claim_window(&creating, &theirs.deferral.instance, now, now + 60_000)
+        .await
+        .unwrap());
+    assert!(theirs_store
+        .record_upload(&creating, "file-of-theirs")
+        .await
+        .unwrap());
+    assert!(theirs_store.mark_creating(&creating).await.unwrap());
+    let record = store.window(&creating).await.unwrap().unwrap();
+    assert_eq!(record.state, WindowState::Creating);
+    assert!(!flusher::submit_leased(&mine.deferral, record)
+        .await
+        .unwrap());
+    assert!(sim.jobs().is_empty());
+    assert!(sim.calls().iter().all(|c| c.method != "POST"));
+
+    // Once the other replica gives the sealed window up, this one submits
+    // it: one upload, one job, and its own lease given up.
+    assert!(theirs_store
+        .release_window(&sealed, &theirs.deferral.instance)
+        .await
+        .unwrap());
+    let record = store.window(&sealed).await.unwrap().unwrap();
+    assert!(flusher::submit_leased(&mine.deferral, record)
+        .await
+        .unwrap());
+    assert_eq!(uploads(&sim), 1);
+    assert_eq!(sim.jobs().len(), 1);
+    let submitted = store.window(&sealed).await.unwrap().unwrap();
+    assert_eq!(submitted.state, WindowState::Submitted);
+    // Submitted and released: nobody leases it again.
+    let now = now_ms();
+    assert!(!theirs_store
+        .claim_window(&sealed, &theirs.deferral.instance, now, now + 60_000)
+        .await
+        .unwrap());
+}
