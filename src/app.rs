@@ -16,7 +16,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::forward::ForwarderError;
 use crate::proxy::health::Readiness;
 use crate::proxy::Forwarder;
-use crate::resolution::{deadline, janitor, poller};
+use crate::resolution::{deadline, janitor, poller, waiters};
 use crate::store::{FlushReason, Store, StoreError};
 use crate::webhooks::{self, Webhooks};
 
@@ -105,6 +105,10 @@ pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> 
     state.spawn(poller::run(state.deferral.clone(), token.clone()));
     state.spawn(deadline::run(state.deferral.clone(), token.clone()));
     state.spawn(janitor::run(state.deferral.clone(), token.clone()));
+    state.spawn(waiters::follow_replicas(
+        state.deferral.clone(),
+        token.clone(),
+    ));
     state.spawn(webhooks::worker::run(state.webhooks.clone(), token.clone()));
     let app = crate::server::router(state.clone());
     let server = crate::server::listen::serve(listener, app, token.clone());

@@ -83,6 +83,9 @@ pub struct Metrics {
     pub batch_turnaround: Histogram,
     /// `carpool_submit_failures_total`: window submissions that will be retried.
     pub submit_failures: IntCounter,
+    /// `carpool_replicas_listening`: 1 while this process hears the results
+    /// other replicas store (Postgres), else 0.
+    pub replicas_listening: IntGauge,
     /// `carpool_results_total{outcome}`: results stored from batch files.
     pub results: IntCounterVec,
     /// `carpool_tokens_total{model, served_by, kind}`.
@@ -211,6 +214,10 @@ impl Metrics {
             "carpool_submit_failures_total",
             "Window submissions that failed and will be retried.",
         )?;
+        let replicas_listening = IntGauge::new(
+            "carpool_replicas_listening",
+            "1 while this process hears results other replicas store (Postgres LISTEN), else 0.",
+        )?;
         let results = IntCounterVec::new(
             Opts::new(
                 "carpool_results_total",
@@ -302,6 +309,7 @@ impl Metrics {
         registry.register(Box::new(batch_jobs.clone()))?;
         registry.register(Box::new(batch_turnaround.clone()))?;
         registry.register(Box::new(submit_failures.clone()))?;
+        registry.register(Box::new(replicas_listening.clone()))?;
         registry.register(Box::new(results.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         let savings = CounterVec::new(
@@ -332,6 +340,7 @@ impl Metrics {
             batch_jobs,
             batch_turnaround,
             submit_failures,
+            replicas_listening,
             results,
             tokens,
             upstream_retries,

@@ -1,24 +1,34 @@
 //! Replicas sharing one store: a window on its way to a job is worked on by
-//! one process at a time. Two carpool states share one store here and
-//! neither runs its background tasks, so the test decides who submits; the
-//! uploads and jobs are the simulator's, over HTTP.
+//! one process at a time, and a caller held on one replica is answered as
+//! soon as another stores its result (Postgres).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use carpool::app::AppState;
 use carpool::deferral::engine::now_ms;
 use carpool::deferral::flusher;
+use carpool::model::ServedBy;
 use carpool::model::{RequestId, WindowId};
 use carpool::sim::{self, SimHandle, SimOptions};
-use carpool::store::{DeliveryMode, FlushReason, NewRequest, WindowLimits, WindowState};
+use carpool::store::{
+    DeliveryMode, FlushReason, NewRequest, Resolution, ResolvedStatus, WindowLimits, WindowState,
+};
+use serde_json::{json, Value};
 use support::config::SimConfig;
+use support::{metric, metrics, post_chat, TestApp, PATIENCE};
 use tokio_util::sync::CancellationToken;
 
+const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A replica that shares nothing with the others but the store, and runs no
+/// background task, so the test decides who submits. The uploads and jobs
+/// are the simulator's, over HTTP.
 async fn replica(sim: &SimHandle, db: &str) -> AppState {
     let toml = SimConfig::new("openai", sim)
         .batching("max_wait = \"1h\"")
@@ -143,4 +153,135 @@ async fn a_window_another_replica_is_submitting_is_left_to_it() {
         .claim_window(&sealed, &theirs.deferral.instance, now, now + 60_000)
         .await
         .unwrap());
+}
+
+/// A Postgres schema of the test's own, dropped when the test ends.
+struct Schema(String);
+
+impl Schema {
+    async fn create() -> Schema {
+        use sqlx::{Connection as _, Executor as _};
+        let name = format!("t_{}", &RequestId::generate().as_str()[4..20]);
+        let mut conn = sqlx::PgConnection::connect(PG_URL).await.unwrap();
+        conn.execute(format!("CREATE SCHEMA \"{name}\"").as_str())
+            .await
+            .unwrap();
+        Schema(name)
+    }
+
+    /// The store URL of a replica that uses this schema.
+    fn url(&self) -> String {
+        format!("{PG_URL}?options=-c%20search_path%3D{}", self.0)
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            use sqlx::{Connection as _, Executor as _};
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(PG_URL).await {
+                    let _ = conn
+                        .execute(format!("DROP SCHEMA \"{name}\" CASCADE").as_str())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn until<T, F>(what: &str, mut probe: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A caller held on replica A; replica B stores its result (as when B
+/// downloads a job's output, or answers by the realtime fallback). A hears
+/// of it through Postgres and answers at once, well before the 15 s at
+/// which a held call re-reads the store on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_held_on_one_replica_is_answered_when_another_stores_its_result() {
+    if std::env::var_os("CARPOOL_SKIP_PG").is_some() {
+        eprintln!("CARPOOL_SKIP_PG set: skipping");
+        return;
+    }
+    let schema = Schema::create().await;
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let toml = SimConfig::new("openai", &sim)
+        .batching("max_wait = \"1h\"")
+        .toml();
+    let url = schema.url();
+    let vars = [
+        ("UPSTREAM_KEY", "sk-upstream"),
+        ("CARPOOL_STORE__URL", url.as_str()),
+    ];
+    let a = TestApp::start(&toml, &vars).await;
+    let b = TestApp::start(&toml, &vars).await;
+    for replica in [&a, &b] {
+        until("the replica to listen", || async {
+            (metric(&metrics(replica).await, "carpool_replicas_listening") == 1.0).then_some(())
+        })
+        .await;
+    }
+
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let answer = json!({"id": "chatcmpl-b", "object": "chat.completion", "choices": []});
+    let held = async {
+        let resp = post_chat(&a, "sk-caller", &[("carpool-mode", "wait")], &body).await;
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap(), Instant::now())
+    };
+    let store = &b.state.deferral.store;
+    let elsewhere = async {
+        let id = until("the held call to be stored", || async {
+            let window = store.open_windows().await.unwrap().into_iter().next()?;
+            store
+                .open_request_ids(&window.id)
+                .await
+                .unwrap()
+                .into_iter()
+                .next()
+        })
+        .await;
+        let stored_at = Instant::now();
+        assert!(store
+            .resolve_one(Resolution {
+                id,
+                status: ResolvedStatus::Succeeded,
+                served_by: Some(ServedBy::Realtime),
+                response_status: Some(200),
+                response_body: Some(Bytes::from(answer.to_string())),
+                error_code: None,
+                error_message: None,
+                completed_at: now_ms(),
+            })
+            .await
+            .unwrap());
+        stored_at
+    };
+    let ((status, got, answered_at), stored_at) = tokio::join!(held, elsewhere);
+    assert_eq!(status, 200);
+    assert_eq!(got, answer);
+    let waited = answered_at - stored_at;
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered {waited:?} after another replica stored the result: by re-reading, not by hearing of it"
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
 }

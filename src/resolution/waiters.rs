@@ -9,6 +9,9 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::deferral::Deferral;
 use crate::model::RequestId;
 
 #[derive(Clone, Default)]
@@ -56,6 +59,21 @@ impl Waiters {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+}
+
+/// Wakes callers held here when another replica sharing the store finishes
+/// their requests (Postgres), until `shutdown`.
+pub async fn follow_replicas(deferral: Deferral, shutdown: CancellationToken) {
+    let waiters = deferral.waiters.clone();
+    let gauge = deferral.metrics.replicas_listening.clone();
+    deferral
+        .store
+        .follow_finished(
+            &shutdown,
+            &move |on| gauge.set(i64::from(on)),
+            &move |ids: &[RequestId]| waiters.wake(ids),
+        )
+        .await;
 }
 
 impl Waiter {

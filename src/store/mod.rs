@@ -322,6 +322,22 @@ impl Store {
         }
     }
 
+    /// Calls `wake` with the ids of requests that other replicas sharing
+    /// this store finished, as they commit, until `shutdown`; `listening`
+    /// says when it starts and stops hearing them. SQLite has no other
+    /// replicas: it returns at once.
+    pub async fn follow_finished(
+        &self,
+        shutdown: &tokio_util::sync::CancellationToken,
+        listening: &(dyn Fn(bool) + Send + Sync),
+        wake: &(dyn Fn(&[RequestId]) + Send + Sync),
+    ) {
+        match self {
+            Store::Sqlite(_) => {}
+            Store::Postgres(s) => s.follow_finished(shutdown, listening, wake).await,
+        }
+    }
+
     /// Stops the SQLite writer after the commands already sent and closes the
     /// pools. Dropping every clone has the same effect, less promptly.
     pub async fn close(&self) {

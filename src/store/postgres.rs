@@ -3,6 +3,10 @@
 //! replicas cannot both take a request; a conflict (serialization failure,
 //! deadlock, a racing insert of the key's open window or idempotency key) is
 //! retried a few times.
+//!
+//! A write that finishes requests also tells the other replicas, with a
+//! `NOTIFY` sent when it commits, so a caller held on one replica is
+//! answered as soon as another stores its result ([`PgStore::follow_finished`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,12 +14,16 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _};
+use tokio_util::sync::CancellationToken;
 
 use super::error::is_retryable_db;
 use super::ops::{pg_migrate, pg_ops as ops, retry_tag, Op, Reply};
-use super::{RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary};
+use super::{
+    CancelOutcome, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState,
+    WindowSummary,
+};
 use crate::model::{RequestId, RequestStatus, WindowId};
 
 const MIGRATIONS: &[&str] = &[
@@ -28,6 +36,15 @@ const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(7305976317)";
 
 const ATTEMPTS: u32 = 5;
 
+/// Where replicas hear of requests another one finished.
+const FINISHED_CHANNEL: &str = "carpool_finished";
+
+/// Id bytes per notification: Postgres refuses payloads of 8,000 or more.
+const NOTIFY_BYTES: usize = 7_000;
+
+/// How long to wait before listening again after the connection failed.
+const RELISTEN: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct PgStore {
     inner: Arc<Inner>,
@@ -36,6 +53,8 @@ pub struct PgStore {
 struct Inner {
     pool: PgPool,
     horizon: i64,
+    /// Marks this handle's notifications, so it does not hear its own.
+    origin: String,
 }
 
 impl fmt::Debug for PgStore {
@@ -80,6 +99,7 @@ impl PgStore {
             inner: Arc::new(Inner {
                 pool,
                 horizon: options.retry_horizon_ms,
+                origin: RequestId::generate().as_str()[4..].to_owned(),
             }),
         })
     }
@@ -113,8 +133,61 @@ impl PgStore {
                 .await?;
         }
         let reply = ops::apply(&mut tx, op, self.inner.horizon).await?;
+        let finished = finished_ids(op, &reply);
+        if !finished.is_empty() {
+            // Delivered on commit, and only then.
+            sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+                .bind(FINISHED_CHANNEL)
+                .bind(payloads(&self.inner.origin, &finished))
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(reply)
+    }
+
+    /// Calls `wake` with the ids of requests that other store handles (other
+    /// replicas) finished, as each commits, until `shutdown`; `listening`
+    /// says when it starts and stops hearing them. What is sent while the
+    /// connection is down is lost: held callers also re-read the store now
+    /// and then.
+    pub(crate) async fn follow_finished(
+        &self,
+        shutdown: &CancellationToken,
+        listening: &(dyn Fn(bool) + Send + Sync),
+        wake: &(dyn Fn(&[RequestId]) + Send + Sync),
+    ) {
+        loop {
+            let heard_all = async {
+                let mut listener = PgListener::connect_with(&self.inner.pool).await?;
+                listener.listen(FINISHED_CHANNEL).await?;
+                listening(true);
+                // `None`: the connection was lost, and whatever was sent
+                // meanwhile with it; say so, then listen again.
+                while let Some(note) = listener.try_recv().await? {
+                    if let Some(ids) = heard(&self.inner.origin, note.payload()) {
+                        wake(&ids);
+                    }
+                }
+                Ok::<(), sqlx::Error>(())
+            };
+            let ended = tokio::select! {
+                () = shutdown.cancelled() => None,
+                ended = heard_all => Some(ended),
+            };
+            listening(false);
+            match ended {
+                None => return,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "not hearing other replicas' results; listening again");
+                }
+                Some(Ok(())) => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(RELISTEN) => {}
+            }
+        }
     }
 
     pub(crate) async fn get(
@@ -195,6 +268,53 @@ impl PgStore {
     }
 }
 
+/// The requests `op` finished, by its `reply`: what held callers elsewhere
+/// are told of.
+fn finished_ids<'a>(op: &'a Op, reply: &'a Reply) -> Vec<&'a RequestId> {
+    match (op, reply) {
+        (Op::Resolve { .. } | Op::FailUnresolved { .. }, Reply::Ids(ids)) => ids.iter().collect(),
+        (Op::ResolveOne(r), Reply::Applied(true)) => vec![&r.id],
+        (Op::Cancel { id, .. }, Reply::Cancel(outcome))
+            if matches!(**outcome, CancelOutcome::Cancelled(_)) =>
+        {
+            vec![id]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// `origin:id,id,…` payloads, each under the notification size limit.
+fn payloads(origin: &str, ids: &[&RequestId]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for id in ids {
+        if !current.is_empty() && current.len() + id.as_str().len() + 1 > NOTIFY_BYTES {
+            out.push(std::mem::take(&mut current));
+        }
+        if current.is_empty() {
+            current.push_str(origin);
+            current.push(':');
+        } else {
+            current.push(',');
+        }
+        current.push_str(id.as_str());
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// The ids of a payload another handle sent; `None` for our own or one we
+/// cannot read.
+fn heard(origin: &str, payload: &str) -> Option<Vec<RequestId>> {
+    let (from, ids) = payload.split_once(':')?;
+    if from == origin {
+        return None;
+    }
+    Some(ids.split(',').filter_map(RequestId::parse).collect())
+}
+
 // ---- webhook outbox reads (outbox.rs) ----------------------------------------
 impl PgStore {
     pub(crate) async fn dead_letters(
@@ -220,5 +340,31 @@ impl PgStore {
         id: &RequestId,
     ) -> Result<Option<RequestRecord>, StoreError> {
         ops::request_by_id(&mut *self.inner.pool.acquire().await?, id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_stay_under_the_limit_and_carry_every_id_once() {
+        let ids: Vec<RequestId> = (0..1_000).map(|_| RequestId::generate()).collect();
+        let refs: Vec<&RequestId> = ids.iter().collect();
+        let sent = payloads("me", &refs);
+        assert!(sent.len() > 1);
+        assert!(sent.iter().all(|p| p.len() < 8_000));
+        assert!(heard("me", &sent[0]).is_none(), "our own notification");
+        let back: Vec<RequestId> = sent
+            .iter()
+            .flat_map(|p| heard("them", p).unwrap())
+            .collect();
+        assert_eq!(back, ids);
+        assert!(payloads("me", &[]).is_empty());
+        assert_eq!(heard("them", "no separator"), None);
+        assert_eq!(
+            heard("them", "x:not-an-id").unwrap(),
+            Vec::<RequestId>::new()
+        );
     }
 }
