@@ -50,6 +50,37 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 #[error("cannot register metric: {0}")]
 pub struct MetricsError(#[from] prometheus::Error);
 
+/// Distinct model names that get a metric label of their own; later ones
+/// share [`OTHER_MODELS`]. Model names come from callers' bodies, so without
+/// a bound a caller could grow the metrics (and carpool's memory) with
+/// made-up names.
+pub const MAX_MODEL_LABELS: usize = 100;
+
+/// The label of every model beyond [`MAX_MODEL_LABELS`].
+pub const OTHER_MODELS: &str = "_other";
+
+/// The model names that have a label of their own, first come first served.
+#[derive(Default)]
+struct ModelLabels {
+    named: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl ModelLabels {
+    fn label<'a>(&self, model: &'a str) -> &'a str {
+        let Ok(mut named) = self.named.lock() else {
+            return OTHER_MODELS;
+        };
+        if named.contains(model) {
+            return model;
+        }
+        if named.len() < MAX_MODEL_LABELS {
+            named.insert(model.to_owned());
+            return model;
+        }
+        OTHER_MODELS
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// `carpool_requests_total{route, mode, outcome}`: every call answered.
@@ -86,6 +117,7 @@ pub struct Metrics {
     /// `carpool_replicas_listening`: 1 while this process hears the results
     /// other replicas store (Postgres), else 0.
     pub replicas_listening: IntGauge,
+    models: ModelLabels,
     /// `carpool_results_total{outcome}`: results stored from batch files.
     pub results: IntCounterVec,
     /// `carpool_tokens_total{model, served_by, kind}`.
@@ -341,6 +373,7 @@ impl Metrics {
             batch_turnaround,
             submit_failures,
             replicas_listening,
+            models: ModelLabels::default(),
             results,
             tokens,
             upstream_retries,
@@ -356,12 +389,18 @@ impl Metrics {
         })
     }
 
+    /// The `model` label for a model name: its own among the first
+    /// [`MAX_MODEL_LABELS`] names seen, else [`OTHER_MODELS`].
+    pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        self.models.label(model)
+    }
+
     /// Sets the open-window gauges from a fresh listing: requests, bytes
     /// and the oldest age per model (models with no open window drop out).
     pub fn observe_open_windows(&self, open: &[WindowSummary], now_ms: i64) {
         let mut by_model: std::collections::BTreeMap<&str, (i64, i64, i64)> = Default::default();
         for w in open {
-            let entry = by_model.entry(w.key.model.as_str()).or_default();
+            let entry = by_model.entry(self.model_label(&w.key.model)).or_default();
             entry.0 += w.count as i64;
             entry.1 += w.bytes as i64;
             entry.2 = entry.2.max((now_ms - w.opened_at).max(0) / 1000);
@@ -387,6 +426,7 @@ impl Metrics {
         usage: Option<TokenUsage>,
         price: Option<&ModelPrice>,
     ) {
+        let model = self.model_label(model);
         let outcome = match status {
             ResolvedStatus::Succeeded => "succeeded",
             ResolvedStatus::Failed => "failed",
@@ -441,6 +481,33 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_labels_are_bounded_first_come_first_served() {
+        let m = Metrics::new().unwrap();
+        let names: Vec<String> = (0..MAX_MODEL_LABELS + 5).map(|i| format!("m{i}")).collect();
+        for name in &names[..MAX_MODEL_LABELS] {
+            assert_eq!(m.model_label(name), name);
+        }
+        for name in &names[MAX_MODEL_LABELS..] {
+            assert_eq!(m.model_label(name), OTHER_MODELS);
+        }
+        // A name that has a label keeps it.
+        assert_eq!(m.model_label("m0"), "m0");
+        m.record_result(
+            "made-up",
+            ResolvedStatus::Succeeded,
+            ServedBy::Batch,
+            Some(TokenUsage {
+                prompt: 3,
+                completion: 4,
+            }),
+            None,
+        );
+        let text = m.render();
+        assert!(text.contains(r#"model="_other""#));
+        assert!(!text.contains("made-up"));
+    }
 
     #[test]
     fn every_family_is_prefixed_and_rendered() {

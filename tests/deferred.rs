@@ -554,3 +554,46 @@ async fn batch_answers_count_tokens_and_savings_at_the_configured_prices() {
     );
     app.stop().await.unwrap();
 }
+
+/// Model names come from callers: past the first 100 distinct ones they
+/// share one label, so made-up names cannot grow the metrics without bound.
+#[tokio::test]
+async fn model_labels_stop_growing_after_the_first_hundred_names() {
+    let (app, _sim) = setup("openai", "max_wait = \"1h\"", "").await;
+    let names = carpool::metrics::MAX_MODEL_LABELS + 5;
+    let calls = (0..names).map(|i| {
+        let body = chat(&format!("made-up-{i}"), "hello");
+        let app = &app;
+        async move {
+            let resp = post_chat(app, ALICE, &[("carpool-mode", "async")], &body).await;
+            assert_eq!(resp.status(), 202);
+        }
+    });
+    join_all(calls).await;
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    let text = loop {
+        let text = metrics(&app).await;
+        let in_windows: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("carpool_window_requests{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if in_windows == names as f64 {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "window gauges never counted every call"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("carpool_window_requests{"))
+        .count();
+    assert_eq!(series, carpool::metrics::MAX_MODEL_LABELS + 1);
+    assert_eq!(
+        metric(&text, "carpool_window_requests{model=\"_other\"}"),
+        5.0
+    );
+}

@@ -316,7 +316,11 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
     deferral
         .metrics
         .batch_jobs
-        .with_label_values(&[&window.key.upstream, &window.key.model, "submitted"])
+        .with_label_values(&[
+            &window.key.upstream,
+            deferral.metrics.model_label(&window.key.model),
+            "submitted",
+        ])
         .inc();
     tracing::info!(window = %window.id, job = %job.id, requests = window.count, "batch job submitted");
     deferral.poll_wake.notify_one();

@@ -80,7 +80,11 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
     deferral
         .metrics
         .batch_jobs
-        .with_label_values(&[&window.key.upstream, &window.key.model, job.phase.as_str()])
+        .with_label_values(&[
+            &window.key.upstream,
+            deferral.metrics.model_label(&window.key.model),
+            job.phase.as_str(),
+        ])
         .inc();
     deferral
         .metrics
