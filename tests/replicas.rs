@@ -24,8 +24,6 @@ use support::config::SimConfig;
 use support::{metric, metrics, post_chat, TestApp, PATIENCE};
 use tokio_util::sync::CancellationToken;
 
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
 /// A replica that shares nothing with the others but the store, and runs no
 /// background task, so the test decides who submits. The uploads and jobs
 /// are the simulator's, over HTTP.
@@ -155,47 +153,6 @@ async fn a_window_another_replica_is_submitting_is_left_to_it() {
         .unwrap());
 }
 
-/// A Postgres schema of the test's own, dropped when the test ends.
-struct Schema(String);
-
-impl Schema {
-    async fn create() -> Schema {
-        use sqlx::{Connection as _, Executor as _};
-        let name = format!("t_{}", &RequestId::generate().as_str()[4..20]);
-        let mut conn = sqlx::PgConnection::connect(PG_URL).await.unwrap();
-        conn.execute(format!("CREATE SCHEMA \"{name}\"").as_str())
-            .await
-            .unwrap();
-        Schema(name)
-    }
-
-    /// The store URL of a replica that uses this schema.
-    fn url(&self) -> String {
-        format!("{PG_URL}?options=-c%20search_path%3D{}", self.0)
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            use sqlx::{Connection as _, Executor as _};
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(mut conn) = sqlx::PgConnection::connect(PG_URL).await {
-                    let _ = conn
-                        .execute(format!("DROP SCHEMA \"{name}\" CASCADE").as_str())
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
 async fn until<T, F>(what: &str, mut probe: impl FnMut() -> F) -> T
 where
     F: std::future::Future<Output = Option<T>>,
@@ -216,11 +173,10 @@ where
 /// which a held call re-reads the store on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_held_on_one_replica_is_answered_when_another_stores_its_result() {
-    if std::env::var_os("CARPOOL_SKIP_PG").is_some() {
-        eprintln!("CARPOOL_SKIP_PG set: skipping");
+    if support::pg::skipped() {
         return;
     }
-    let schema = Schema::create().await;
+    let schema = support::pg::Schema::create().await;
     let sim = sim::spawn(SimOptions::default()).await.unwrap();
     let toml = SimConfig::new("openai", &sim)
         .batching("max_wait = \"1h\"")

@@ -5,6 +5,8 @@
 // Tests may unwrap (house rule); helpers outside #[test] fns need saying so.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::HashSet;
 
 use bytes::Bytes;
@@ -15,7 +17,8 @@ use carpool::store::{
 };
 use futures_util::TryStreamExt;
 
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+use support::pg::{self, PG_URL};
+
 const CRED_A: &str = "aaaa";
 const CRED_B: &str = "bbbb";
 const T0: i64 = 1_700_000_000_000;
@@ -38,11 +41,10 @@ impl Harness {
     }
 
     fn postgres() -> Option<Harness> {
-        if std::env::var_os("CARPOOL_SKIP_PG").is_some() {
-            eprintln!("CARPOOL_SKIP_PG set: skipping the Postgres backend");
+        if pg::skipped() {
             return None;
         }
-        let schema = format!("t_{}", &RequestId::generate().as_str()[4..20]);
+        let schema = pg::schema_name();
         Some(Harness {
             url: PG_URL.to_owned(),
             options: StoreOptions {
@@ -67,24 +69,7 @@ impl Drop for Harness {
         let Some(schema) = self.options.pg_schema.clone() else {
             return;
         };
-        let url = self.url.clone();
-        let dropped = std::thread::spawn(move || {
-            use sqlx::{Connection, Executor};
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-                conn.execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
-                    .await
-                    .unwrap();
-            });
-        })
-        .join();
-        if dropped.is_err() && !std::thread::panicking() {
-            panic!("could not drop the test schema");
-        }
+        pg::drop_schema(&schema);
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod binary;
 pub mod config;
+pub mod pg;
 pub mod upstream;
 
 use std::collections::BTreeMap;
