@@ -15,6 +15,7 @@ use carpool::deferral::engine::now_ms;
 use carpool::deferral::flusher;
 use carpool::model::ServedBy;
 use carpool::model::{RequestId, WindowId};
+use carpool::resolution::poller;
 use carpool::sim::{self, SimHandle, SimOptions};
 use carpool::store::{
     DeliveryMode, FlushReason, NewRequest, Resolution, ResolvedStatus, WindowLimits, WindowState,
@@ -145,12 +146,33 @@ async fn a_window_another_replica_is_submitting_is_left_to_it() {
     assert_eq!(sim.jobs().len(), 1);
     let submitted = store.window(&sealed).await.unwrap().unwrap();
     assert_eq!(submitted.state, WindowState::Submitted);
-    // Submitted and released: nobody leases it again.
+
+    // Its job, polled and reconciled by the other replica (lease held):
+    // this one does not ask the provider about it, let alone reconcile it.
     let now = now_ms();
-    assert!(!theirs_store
+    assert!(theirs_store
         .claim_window(&sealed, &theirs.deferral.instance, now, now + 60_000)
         .await
         .unwrap());
+    let job_polls = || {
+        sim.calls()
+            .iter()
+            .filter(|c| c.method == "GET" && c.route.starts_with("/v1/batches/"))
+            .count()
+    };
+    assert!(!poller::poll_leased(&mine.deferral, submitted.clone())
+        .await
+        .unwrap());
+    assert_eq!(job_polls(), 0);
+    // Given up: this one polls it.
+    assert!(theirs_store
+        .release_window(&sealed, &theirs.deferral.instance)
+        .await
+        .unwrap());
+    assert!(poller::poll_leased(&mine.deferral, submitted)
+        .await
+        .unwrap());
+    assert_eq!(job_polls(), 1);
 }
 
 async fn until<T, F>(what: &str, mut probe: impl FnMut() -> F) -> T

@@ -1211,11 +1211,25 @@ mod cases {
             .claim_window(&w, "a", T0 + 16_000, T0 + 26_000)
             .await
             .unwrap());
-        // A window with its job is done with leases once released.
+        // A window with its job running is leased too (to poll it); a
+        // finished one never again.
         assert!(store.record_job(&w, "job-1", T0 + 17_000).await.unwrap());
         assert!(store.release_window(&w, "a").await.unwrap());
-        assert!(!other
+        assert!(other
             .claim_window(&w, "b", T0 + 30_000, T0 + 40_000)
+            .await
+            .unwrap());
+        assert!(!store
+            .claim_window(&w, "a", T0 + 31_000, T0 + 41_000)
+            .await
+            .unwrap());
+        assert!(other.release_window(&w, "b").await.unwrap());
+        assert!(store
+            .finish_window(&w, WindowOutcome::Completed, T0 + 32_000)
+            .await
+            .unwrap());
+        assert!(!other
+            .claim_window(&w, "b", T0 + 33_000, T0 + 43_000)
             .await
             .unwrap());
         store.close().await;

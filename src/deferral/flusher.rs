@@ -8,11 +8,9 @@
 //! start may already have a job: it is looked up by that metadata and
 //! adopted instead of created twice.
 //!
-//! Replicas sharing one store see the same sealed windows. Each submission
-//! runs under a lease on the window, taken in the store and renewed while
-//! the work goes on ([`submit_leased`]), so only one process uploads a
-//! window or creates (or adopts) its job at a time; a lease left by a
-//! process that died runs out after [`LEASE`].
+//! Replicas sharing one store see the same sealed windows: each submission
+//! runs under the window's lease ([`super::lease`]), so only one process
+//! uploads a window or creates (or adopts) its job at a time.
 
 use std::time::Duration;
 
@@ -20,7 +18,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{ms, now_ms, BusyGuard, Deferral};
+use super::engine::{now_ms, BusyGuard, Deferral};
+use super::lease::{leased, LeaseLost};
 use super::policy;
 use crate::providers::{write_input_line, ProviderError};
 use crate::store::{FlushReason, StoreError, WindowOutcome, WindowRecord, WindowState};
@@ -35,16 +34,9 @@ pub enum SubmitError {
     UnknownUpstream(String),
     #[error("no upstream key for window {0}")]
     NoKey(String),
-    #[error("another process took over window {0}")]
-    LeaseLost(String),
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
 }
-
-/// How long a window's lease lasts unless renewed: how long the window
-/// waits after its holder died before another process takes it up.
-pub const LEASE: Duration = Duration::from_secs(10);
-
-/// How often the holder renews its lease while it works.
-const RENEW_EVERY: Duration = Duration::from_secs(3);
 
 /// How long the flusher sleeps when nothing is open.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
@@ -185,45 +177,12 @@ pub async fn submit_sealed(deferral: &Deferral) {
 
 /// Takes one window from wherever it stands to `submitted`.
 /// [`submit`] under the window's lease: false, with nothing done, when
-/// another process holds it. The lease is renewed while the work goes on
-/// and given up when it ends, failed or not (the next pass, here or in
-/// another replica, retries a failure). Losing it midway (this process
-/// stalled longer than [`LEASE`]) stops the work: the window is then
-/// another's, and a job created meanwhile is adopted by its metadata.
+/// another process holds it.
 pub async fn submit_leased(deferral: &Deferral, window: WindowRecord) -> Result<bool, SubmitError> {
     let id = window.id.clone();
-    let owner = deferral.instance.as_str();
-    let now = now_ms();
-    if !deferral
-        .store
-        .claim_window(&id, owner, now, now + ms(LEASE))
+    Ok(leased(deferral, &id, submit(deferral, window))
         .await?
-    {
-        return Ok(false);
-    }
-    let renew = async {
-        loop {
-            tokio::time::sleep(RENEW_EVERY).await;
-            let now = now_ms();
-            match deferral
-                .store
-                .claim_window(&id, owner, now, now + ms(LEASE))
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => return SubmitError::LeaseLost(id.to_string()),
-                Err(err) => return SubmitError::Store(err),
-            }
-        }
-    };
-    let submitted = tokio::select! {
-        done = submit(deferral, window) => done,
-        lost = renew => Err(lost),
-    };
-    let released = deferral.store.release_window(&id, owner).await;
-    submitted?;
-    released?;
-    Ok(true)
+        .is_some())
 }
 
 pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(), SubmitError> {

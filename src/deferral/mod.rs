@@ -11,6 +11,7 @@ pub mod engine;
 pub mod flusher;
 pub mod handles;
 pub mod intake;
+pub mod lease;
 pub mod optin;
 pub mod policy;
 pub mod sse;

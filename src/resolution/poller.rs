@@ -1,5 +1,8 @@
 //! The poller: asks the provider about every submitted job each
-//! `poll_interval`, and reconciles the ones that ended.
+//! `poll_interval`, and reconciles the ones that ended. Each window is
+//! polled under its lease ([`crate::deferral::lease`]), so replicas sharing
+//! the store do not reconcile one job twice (nor run its failure chain's
+//! realtime calls twice).
 
 use std::time::Duration;
 
@@ -7,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::reconcile::{reconcile, ReconcileError};
 use crate::deferral::engine::{now_ms, BusyGuard, Deferral};
+use crate::deferral::lease::leased;
 use crate::providers::JobPhase;
 use crate::store::{StoreError, WindowOutcome, WindowRecord, WindowState};
 
@@ -36,12 +40,24 @@ async fn tick(deferral: &Deferral, shutdown: &CancellationToken) -> Result<(), S
         deferral.clone().spawn(async move {
             let _guard = guard;
             let id = window.id.clone();
-            if let Err(err) = poll_one(&deferral, window).await {
+            if let Err(err) = poll_leased(&deferral, window).await {
                 tracing::warn!(window = %id, error = %err, "polling a batch job failed; will retry");
             }
         });
     }
     Ok(())
+}
+
+/// [`poll_one`] under the window's lease: false, with nothing done, when
+/// another process holds it.
+pub async fn poll_leased(
+    deferral: &Deferral,
+    window: WindowRecord,
+) -> Result<bool, ReconcileError> {
+    let id = window.id.clone();
+    Ok(leased(deferral, &id, poll_one(deferral, window))
+        .await?
+        .is_some())
 }
 
 async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), ReconcileError> {

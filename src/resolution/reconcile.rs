@@ -30,6 +30,8 @@ pub enum ReconcileError {
     Provider(#[from] ProviderError),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error(transparent)]
+    LeaseLost(#[from] crate::deferral::lease::LeaseLost),
 }
 
 /// What one reconciliation did.

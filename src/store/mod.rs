@@ -487,9 +487,10 @@ impl Store {
             .applied()
     }
 
-    /// Leases a window on its way to a job (sealed, uploaded or creating)
-    /// to `owner` until `until`, if nobody else holds an unexpired lease on
-    /// it; the holder renews its own (in any state). Replicas sharing the store submit a
+    /// Leases a window on its way to a job or with one running (sealed,
+    /// uploaded, creating or submitted) to `owner` until `until`, if nobody
+    /// else holds an unexpired lease on it; the holder renews its own (in
+    /// any state). Replicas sharing the store submit a
     /// window one at a time this way.
     pub async fn claim_window(
         &self,

@@ -36,11 +36,12 @@ macro_rules! write_ops {
                     .rows_affected()
                         == 1,
                 ),
-                // Only windows on their way to a job are taken; the holder
-                // renews its own lease whatever the window's state by then.
+                // Only windows on their way to a job or with one running
+                // are taken; the holder renews its own lease whatever the
+                // window's state by then.
                 Op::ClaimWindow { id, owner, now, until } => Reply::Applied(
                     q("UPDATE windows SET lease_owner = $2, lease_until = $4 WHERE id = $1 \
-                       AND (lease_owner = $2 OR (state IN ('sealed', 'uploaded', 'creating') \
+                       AND (lease_owner = $2 OR (state IN ('sealed', 'uploaded', 'creating', 'submitted') \
                        AND (lease_until IS NULL OR lease_until <= $3)))")
                         .bind(id.as_str())
                         .bind(owner)

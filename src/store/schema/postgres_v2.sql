@@ -1,7 +1,7 @@
 -- carpool store, schema version 2 (Postgres): window leases.
--- The process submitting a sealed window holds it for a short, renewed
--- time (see deferral/flusher.rs), so a replica sharing the store never
--- uploads it or creates its job at the same time; a lease left by a
--- process that died runs out.
+-- The process working on a window (upload, job creation, polling and
+-- reconciling its job) holds it for a short, renewed time, so a replica
+-- sharing the store never works on it at the same time; a lease left by
+-- a process that died runs out (see deferral/lease.rs).
 ALTER TABLE windows ADD COLUMN lease_owner TEXT;
 ALTER TABLE windows ADD COLUMN lease_until BIGINT;
