@@ -15,6 +15,7 @@ use carpool::deferral::engine::now_ms;
 use carpool::deferral::flusher;
 use carpool::model::ServedBy;
 use carpool::model::{RequestId, WindowId};
+use carpool::resolution::fallback::{self, Candidate, FallbackReason};
 use carpool::resolution::poller;
 use carpool::sim::{self, SimHandle, SimOptions};
 use carpool::store::{
@@ -187,6 +188,63 @@ where
         assert!(Instant::now() < deadline, "gave up waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A request another replica is sending realtime (its deadline came, or
+/// its batch failed) is not sent again by this one.
+#[tokio::test]
+async fn a_request_another_replica_is_sending_realtime_is_left_to_it() {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/carpool.db", dir.path().display());
+    let mine = replica(&sim, &db).await;
+    let theirs = replica(&sim, &db).await;
+    let window = sealed_window(&mine, "m-realtime").await;
+    let store = &mine.deferral.store;
+    let id = store
+        .open_request_ids(&window)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let upstream = mine.deferral.upstream("sim").unwrap();
+    let candidate = || Candidate {
+        id: &id,
+        upstream,
+        endpoint: "/v1/chat/completions",
+        model: "m-realtime",
+        key: Some("sk-upstream"),
+        reason: FallbackReason::Deadline,
+        context: "test",
+    };
+    let realtime_calls = || {
+        sim.calls()
+            .iter()
+            .filter(|c| c.method == "POST" && c.route == "/v1/chat/completions")
+            .count()
+    };
+    let now = now_ms();
+    let theirs_store = &theirs.deferral.store;
+    assert!(theirs_store
+        .claim_request(&id, &theirs.deferral.instance, now, now + 60_000)
+        .await
+        .unwrap());
+    assert!(!fallback::realtime(&mine.deferral, candidate())
+        .await
+        .unwrap());
+    assert_eq!(realtime_calls(), 0);
+    assert!(store.is_open(&id).await.unwrap());
+
+    // Given up unanswered (the other replica failed): this one sends it.
+    assert!(theirs_store
+        .release_request(&id, &theirs.deferral.instance)
+        .await
+        .unwrap());
+    assert!(fallback::realtime(&mine.deferral, candidate())
+        .await
+        .unwrap());
+    assert_eq!(realtime_calls(), 1);
+    assert!(!store.is_open(&id).await.unwrap());
 }
 
 /// A caller held on replica A; replica B stores its result (as when B

@@ -1235,6 +1235,50 @@ mod cases {
         store.close().await;
         other.close().await;
     }
+
+    pub async fn request_leases_keep_replicas_off_each_others_realtime_calls(h: &Harness) {
+        let store = h.open().await;
+        let other = h.open().await;
+        let id = accept(&store, new_request(CRED_A, "m", "{}", T0))
+            .await
+            .record
+            .id;
+        assert!(store
+            .claim_request(&id, "a", T0, T0 + 10_000)
+            .await
+            .unwrap());
+        assert!(!other
+            .claim_request(&id, "b", T0 + 1, T0 + 10_001)
+            .await
+            .unwrap());
+        // The holder renews it; run out, it is the other's.
+        assert!(store
+            .claim_request(&id, "a", T0 + 5_000, T0 + 15_000)
+            .await
+            .unwrap());
+        assert!(!other
+            .claim_request(&id, "b", T0 + 14_999, T0 + 24_999)
+            .await
+            .unwrap());
+        assert!(other
+            .claim_request(&id, "b", T0 + 15_000, T0 + 25_000)
+            .await
+            .unwrap());
+        assert!(!store
+            .claim_request(&id, "a", T0 + 15_001, T0 + 25_001)
+            .await
+            .unwrap());
+        // Only the holder gives it up; then it is free at once.
+        assert!(!store.release_request(&id, "a").await.unwrap());
+        assert!(other.release_request(&id, "b").await.unwrap());
+        assert!(store
+            .claim_request(&id, "a", T0 + 16_000, T0 + 26_000)
+            .await
+            .unwrap());
+        assert!(store.release_request(&id, "a").await.unwrap());
+        store.close().await;
+        other.close().await;
+    }
 }
 
 macro_rules! contract {
@@ -1289,6 +1333,7 @@ contract!(
     deliveries_are_leased_retried_dead_lettered_and_replayed,
     replicas_never_claim_the_same_delivery,
     window_leases_keep_replicas_off_each_others_submissions,
+    request_leases_keep_replicas_off_each_others_realtime_calls,
 );
 
 #[tokio::test]

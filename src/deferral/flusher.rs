@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{now_ms, BusyGuard, Deferral};
-use super::lease::{leased, LeaseLost};
+use super::lease::{leased, LeaseLost, Leased};
 use super::policy;
 use crate::providers::{write_input_line, ProviderError};
 use crate::store::{FlushReason, StoreError, WindowOutcome, WindowRecord, WindowState};
@@ -180,9 +180,11 @@ pub async fn submit_sealed(deferral: &Deferral) {
 /// another process holds it.
 pub async fn submit_leased(deferral: &Deferral, window: WindowRecord) -> Result<bool, SubmitError> {
     let id = window.id.clone();
-    Ok(leased(deferral, &id, submit(deferral, window))
-        .await?
-        .is_some())
+    Ok(
+        leased(deferral, Leased::Window(&id), submit(deferral, window))
+            .await?
+            .is_some(),
+    )
 }
 
 pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(), SubmitError> {

@@ -24,6 +24,7 @@ use futures_util::future::join_all;
 use super::reconcile::upstream_message;
 use crate::config::{FailurePolicy, Secret};
 use crate::deferral::engine::{now_ms, BatchUpstream, Deferral, FallbackGuard};
+use crate::deferral::lease::{leased, LeaseLost, Leased};
 use crate::model::{RequestId, ServedBy};
 use crate::pricing::TokenUsage;
 use crate::providers::{JobPhase, JobView, RetryPolicy};
@@ -200,11 +201,35 @@ pub async fn settle_unfinished(
 /// it was stored. The upstream's own answer is stored whatever its status
 /// (what the synchronous call would have returned); a call that cannot be
 /// made at all stores a 502 failure saying `context` and why.
+///
+/// Replicas sharing the store send it one at a time: the call is made under
+/// the request's lease ([`crate::deferral::lease`]); false when another
+/// process holds it, or took it over midway.
 pub async fn realtime(deferral: &Deferral, c: Candidate<'_>) -> Result<bool, StoreError> {
     let Some(_guard) = FallbackGuard::try_take(deferral, c.id) else {
         // Another task of this process is answering it right now.
         return Ok(false);
     };
+    match leased(deferral, Leased::Request(c.id), answer(deferral, &c)).await {
+        Ok(stored) => Ok(stored.unwrap_or(false)),
+        Err(RealtimeError::Store(err)) => Err(err),
+        Err(RealtimeError::Lost(lost)) => {
+            tracing::warn!(request = %c.id, error = %lost, "realtime fallback stopped: another process answers it");
+            Ok(false)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RealtimeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Lost(#[from] LeaseLost),
+}
+
+/// [`realtime`]'s work, under the lease.
+async fn answer(deferral: &Deferral, c: &Candidate<'_>) -> Result<bool, RealtimeError> {
     // Answered meanwhile (by its batch, or a fallback that just finished).
     if !deferral.store.is_open(c.id).await? {
         return Ok(false);
@@ -222,9 +247,9 @@ pub async fn realtime(deferral: &Deferral, c: Candidate<'_>) -> Result<bool, Sto
         client_name: None,
         upstream_key: c.key.map(Secret::new),
     };
-    let answer = call(deferral, &c, &caller, realtime_body(body)).await;
+    let called = call(deferral, c, &caller, realtime_body(body)).await;
     let now = now_ms();
-    let resolution = match answer {
+    let resolution = match called {
         Ok((status, body)) => {
             let ok = (200..300).contains(&status);
             Resolution {

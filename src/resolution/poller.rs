@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::reconcile::{reconcile, ReconcileError};
 use crate::deferral::engine::{now_ms, BusyGuard, Deferral};
-use crate::deferral::lease::leased;
+use crate::deferral::lease::{leased, Leased};
 use crate::providers::JobPhase;
 use crate::store::{StoreError, WindowOutcome, WindowRecord, WindowState};
 
@@ -55,9 +55,11 @@ pub async fn poll_leased(
     window: WindowRecord,
 ) -> Result<bool, ReconcileError> {
     let id = window.id.clone();
-    Ok(leased(deferral, &id, poll_one(deferral, window))
-        .await?
-        .is_some())
+    Ok(
+        leased(deferral, Leased::Window(&id), poll_one(deferral, window))
+            .await?
+            .is_some(),
+    )
 }
 
 async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), ReconcileError> {

@@ -519,6 +519,36 @@ impl Store {
         .applied()
     }
 
+    /// Leases a request to `owner` until `until` (while it is sent
+    /// realtime), if nobody else holds an unexpired lease on it; the holder
+    /// renews its own.
+    pub async fn claim_request(
+        &self,
+        id: &RequestId,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::ClaimRequest {
+            id: id.clone(),
+            owner: owner.to_owned(),
+            now,
+            until,
+        })
+        .await?
+        .applied()
+    }
+
+    /// Gives up `owner`'s lease on a request (false if it no longer held it).
+    pub async fn release_request(&self, id: &RequestId, owner: &str) -> Result<bool, StoreError> {
+        self.write(Op::ReleaseRequest {
+            id: id.clone(),
+            owner: owner.to_owned(),
+        })
+        .await?
+        .applied()
+    }
+
     /// creating → submitted; its queued requests become submitted with this
     /// batch id; the upstream key is forgotten.
     pub async fn record_job(

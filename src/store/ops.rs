@@ -83,6 +83,16 @@ pub(crate) enum Op {
         id: WindowId,
         owner: String,
     },
+    ClaimRequest {
+        id: RequestId,
+        owner: String,
+        now: i64,
+        until: i64,
+    },
+    ReleaseRequest {
+        id: RequestId,
+        owner: String,
+    },
     RecordJob {
         id: WindowId,
         job_id: String,

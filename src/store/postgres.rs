@@ -29,6 +29,7 @@ use crate::model::{RequestId, RequestStatus, WindowId};
 const MIGRATIONS: &[&str] = &[
     include_str!("schema/postgres_v1.sql"),
     include_str!("schema/postgres_v2.sql"),
+    include_str!("schema/postgres_v3.sql"),
 ];
 
 /// Arbitrary but fixed: replicas starting together migrate one at a time.

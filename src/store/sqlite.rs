@@ -31,6 +31,7 @@ use crate::model::{RequestId, RequestStatus, WindowId};
 const MIGRATIONS: &[&str] = &[
     include_str!("schema/sqlite_v1.sql"),
     include_str!("schema/sqlite_v2.sql"),
+    include_str!("schema/sqlite_v3.sql"),
 ];
 
 /// Commands waiting for the writer; intake beyond this waits (backpressure).

@@ -62,6 +62,30 @@ macro_rules! write_ops {
                         .rows_affected()
                         == 1,
                 ),
+                // Taken if nobody holds it or the lease ran out; renewed by
+                // its holder.
+                Op::ClaimRequest { id, owner, now, until } => Reply::Applied(
+                    q("INSERT INTO request_leases (request_id, owner, until) VALUES ($1, $2, $4) \
+                       ON CONFLICT (request_id) DO UPDATE SET owner = excluded.owner, until = excluded.until \
+                       WHERE request_leases.owner = excluded.owner OR request_leases.until <= $3")
+                        .bind(id.as_str())
+                        .bind(owner)
+                        .bind(*now)
+                        .bind(*until)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected()
+                        == 1,
+                ),
+                Op::ReleaseRequest { id, owner } => Reply::Applied(
+                    q("DELETE FROM request_leases WHERE request_id = $1 AND owner = $2")
+                        .bind(id.as_str())
+                        .bind(owner)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected()
+                        == 1,
+                ),
                 Op::RecordJob { id, job_id, now } => {
                     Reply::Applied(record_job(conn, id, job_id, *now).await?)
                 }
