@@ -1276,6 +1276,21 @@ mod cases {
             .await
             .unwrap());
         assert!(store.release_request(&id, "a").await.unwrap());
+        // A lease its holder died with goes with the janitor's purge.
+        assert!(store
+            .claim_request(&id, "dead", T0 + 30_000, T0 + 40_000)
+            .await
+            .unwrap());
+        store.purge_finished(T0 + 39_999).await.unwrap();
+        assert!(!other
+            .claim_request(&id, "b", T0 + 30_001, T0 + 40_001)
+            .await
+            .unwrap());
+        store.purge_finished(T0 + 40_001).await.unwrap();
+        assert!(other
+            .claim_request(&id, "b", T0 + 30_002, T0 + 40_002)
+            .await
+            .unwrap());
         store.close().await;
         other.close().await;
     }

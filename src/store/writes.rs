@@ -167,6 +167,11 @@ macro_rules! write_ops {
                         .bind(*older_than)
                         .execute(&mut *conn)
                         .await?;
+                    // Leases a process that died never gave up.
+                    q("DELETE FROM request_leases WHERE until < $1")
+                        .bind(*older_than)
+                        .execute(&mut *conn)
+                        .await?;
                     Reply::Count(n)
                 }
                 Op::Outbox(o) => apply_outbox(conn, o).await?,
