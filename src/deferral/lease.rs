@@ -31,8 +31,8 @@ pub enum Leased<'a> {
 }
 
 impl Leased<'_> {
-    async fn claim(self, store: &Store, owner: &str) -> Result<bool, StoreError> {
-        let now = now_ms();
+    /// Takes or renews the lease from `now` for [`LEASE`].
+    async fn claim(self, store: &Store, owner: &str, now: i64) -> Result<bool, StoreError> {
         let until = now + ms(LEASE);
         match self {
             Self::Window(id) => store.claim_window(id, owner, now, until).await,
@@ -76,16 +76,24 @@ where
     E: From<StoreError> + From<LeaseLost>,
 {
     let owner = deferral.instance.as_str();
-    if !what.claim(&deferral.store, owner).await? {
+    let taken = now_ms();
+    if !what.claim(&deferral.store, owner, taken).await? {
         return Ok(None);
     }
     let renew = async {
+        let mut held_until = taken + ms(LEASE);
         loop {
             tokio::time::sleep(RENEW_EVERY).await;
-            match what.claim(&deferral.store, owner).await {
-                Ok(true) => {}
+            let now = now_ms();
+            match what.claim(&deferral.store, owner, now).await {
+                Ok(true) => held_until = now + ms(LEASE),
                 Ok(false) => return E::from(LeaseLost(what.to_string())),
-                Err(err) => return E::from(err),
+                // A store hiccup: the lease still holds for a while, so
+                // the work goes on unless it may run out before the next try.
+                Err(err) if now + ms(RENEW_EVERY) >= held_until => return E::from(err),
+                Err(err) => {
+                    tracing::warn!(lease = %what, error = %err, "could not renew a lease; trying again");
+                }
             }
         }
     };
