@@ -19,7 +19,8 @@ use carpool::resolution::fallback::{self, Candidate, FallbackReason};
 use carpool::resolution::poller;
 use carpool::sim::{self, SimHandle, SimOptions};
 use carpool::store::{
-    DeliveryMode, FlushReason, NewRequest, Resolution, ResolvedStatus, WindowLimits, WindowState,
+    DeliveryMode, FlushReason, Lease, NewRequest, Resolution, ResolvedStatus, WindowLimits,
+    WindowState,
 };
 use serde_json::{json, Value};
 use support::config::SimConfig;
@@ -101,7 +102,12 @@ async fn a_window_another_replica_is_submitting_is_left_to_it() {
     assert!(theirs
         .deferral
         .store
-        .claim_window(&sealed, &theirs.deferral.instance, now, now + 60_000)
+        .claim_lease(
+            &Lease::Window(sealed.clone()),
+            &theirs.deferral.instance,
+            now,
+            now + 60_000
+        )
         .await
         .unwrap());
     let record = store.window(&sealed).await.unwrap().unwrap();
@@ -117,7 +123,12 @@ async fn a_window_another_replica_is_submitting_is_left_to_it() {
     let creating = sealed_window(&mine, "m-creating").await;
     let theirs_store = &theirs.deferral.store;
     assert!(theirs_store
-        .claim_window(&creating, &theirs.deferral.instance, now, now + 60_000)
+        .claim_lease(
+            &Lease::Window(creating.clone()),
+            &theirs.deferral.instance,
+            now,
+            now + 60_000
+        )
         .await
         .unwrap());
     assert!(theirs_store
@@ -136,7 +147,7 @@ async fn a_window_another_replica_is_submitting_is_left_to_it() {
     // Once the other replica gives the sealed window up, this one submits
     // it: one upload, one job, and its own lease given up.
     assert!(theirs_store
-        .release_window(&sealed, &theirs.deferral.instance)
+        .release_lease(&Lease::Window(sealed.clone()), &theirs.deferral.instance)
         .await
         .unwrap());
     let record = store.window(&sealed).await.unwrap().unwrap();
@@ -152,7 +163,12 @@ async fn a_window_another_replica_is_submitting_is_left_to_it() {
     // this one does not ask the provider about it, let alone reconcile it.
     let now = now_ms();
     assert!(theirs_store
-        .claim_window(&sealed, &theirs.deferral.instance, now, now + 60_000)
+        .claim_lease(
+            &Lease::Window(sealed.clone()),
+            &theirs.deferral.instance,
+            now,
+            now + 60_000
+        )
         .await
         .unwrap());
     let job_polls = || {
@@ -167,7 +183,7 @@ async fn a_window_another_replica_is_submitting_is_left_to_it() {
     assert_eq!(job_polls(), 0);
     // Given up: this one polls it.
     assert!(theirs_store
-        .release_window(&sealed, &theirs.deferral.instance)
+        .release_lease(&Lease::Window(sealed.clone()), &theirs.deferral.instance)
         .await
         .unwrap());
     assert!(poller::poll_leased(&mine.deferral, submitted)
@@ -226,7 +242,12 @@ async fn a_request_another_replica_is_sending_realtime_is_left_to_it() {
     let now = now_ms();
     let theirs_store = &theirs.deferral.store;
     assert!(theirs_store
-        .claim_request(&id, &theirs.deferral.instance, now, now + 60_000)
+        .claim_lease(
+            &Lease::Request(id.clone()),
+            &theirs.deferral.instance,
+            now,
+            now + 60_000
+        )
         .await
         .unwrap());
     assert!(!fallback::realtime(&mine.deferral, candidate())
@@ -237,7 +258,7 @@ async fn a_request_another_replica_is_sending_realtime_is_left_to_it() {
 
     // Given up unanswered (the other replica failed): this one sends it.
     assert!(theirs_store
-        .release_request(&id, &theirs.deferral.instance)
+        .release_lease(&Lease::Request(id.clone()), &theirs.deferral.instance)
         .await
         .unwrap());
     assert!(fallback::realtime(&mine.deferral, candidate())

@@ -12,8 +12,9 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use carpool::model::{DeliveryId, RequestId, RequestStatus, ServedBy, WindowId};
 use carpool::store::{
-    Accepted, CancelOutcome, DeliveryMode, DeliveryState, FlushReason, NewRequest, Resolution,
-    ResolvedStatus, Store, StoreError, StoreOptions, WindowLimits, WindowOutcome, WindowState,
+    Accepted, CancelOutcome, DeliveryMode, DeliveryState, FlushReason, Lease, NewRequest,
+    Resolution, ResolvedStatus, Store, StoreError, StoreOptions, WindowLimits, WindowOutcome,
+    WindowState,
 };
 use futures_util::TryStreamExt;
 
@@ -1173,63 +1174,81 @@ mod cases {
             .window_id
             .unwrap();
         // An open window is not on its way to a job: nobody leases it.
-        assert!(!store.claim_window(&w, "a", T0, T0 + 10_000).await.unwrap());
+        assert!(!store
+            .claim_lease(&Lease::Window(w.clone()), "a", T0, T0 + 10_000)
+            .await
+            .unwrap());
         assert!(store
             .seal_window(&w, FlushReason::MaxWait, T0)
             .await
             .unwrap());
-        assert!(store.claim_window(&w, "a", T0, T0 + 10_000).await.unwrap());
+        assert!(store
+            .claim_lease(&Lease::Window(w.clone()), "a", T0, T0 + 10_000)
+            .await
+            .unwrap());
         // Another replica cannot take it while the lease runs.
         assert!(!other
-            .claim_window(&w, "b", T0 + 5_000, T0 + 15_000)
+            .claim_lease(&Lease::Window(w.clone()), "b", T0 + 5_000, T0 + 15_000)
             .await
             .unwrap());
         // The holder renews it, in any state its work takes it to.
         assert!(store.record_upload(&w, "file-1").await.unwrap());
         assert!(store.mark_creating(&w).await.unwrap());
         assert!(store
-            .claim_window(&w, "a", T0 + 5_000, T0 + 15_000)
+            .claim_lease(&Lease::Window(w.clone()), "a", T0 + 5_000, T0 + 15_000)
             .await
             .unwrap());
         assert!(!other
-            .claim_window(&w, "b", T0 + 14_000, T0 + 24_000)
+            .claim_lease(&Lease::Window(w.clone()), "b", T0 + 14_000, T0 + 24_000)
             .await
             .unwrap());
         // Run out (the holder died): the other replica takes it up.
         assert!(other
-            .claim_window(&w, "b", T0 + 15_000, T0 + 25_000)
+            .claim_lease(&Lease::Window(w.clone()), "b", T0 + 15_000, T0 + 25_000)
             .await
             .unwrap());
         assert!(!store
-            .claim_window(&w, "a", T0 + 16_000, T0 + 26_000)
+            .claim_lease(&Lease::Window(w.clone()), "a", T0 + 16_000, T0 + 26_000)
             .await
             .unwrap());
         // Only the holder gives it up; then it is free at once.
-        assert!(!store.release_window(&w, "a").await.unwrap());
-        assert!(other.release_window(&w, "b").await.unwrap());
+        assert!(!store
+            .release_lease(&Lease::Window(w.clone()), "a")
+            .await
+            .unwrap());
+        assert!(other
+            .release_lease(&Lease::Window(w.clone()), "b")
+            .await
+            .unwrap());
         assert!(store
-            .claim_window(&w, "a", T0 + 16_000, T0 + 26_000)
+            .claim_lease(&Lease::Window(w.clone()), "a", T0 + 16_000, T0 + 26_000)
             .await
             .unwrap());
         // A window with its job running is leased too (to poll it); a
         // finished one never again.
         assert!(store.record_job(&w, "job-1", T0 + 17_000).await.unwrap());
-        assert!(store.release_window(&w, "a").await.unwrap());
+        assert!(store
+            .release_lease(&Lease::Window(w.clone()), "a")
+            .await
+            .unwrap());
         assert!(other
-            .claim_window(&w, "b", T0 + 30_000, T0 + 40_000)
+            .claim_lease(&Lease::Window(w.clone()), "b", T0 + 30_000, T0 + 40_000)
             .await
             .unwrap());
         assert!(!store
-            .claim_window(&w, "a", T0 + 31_000, T0 + 41_000)
+            .claim_lease(&Lease::Window(w.clone()), "a", T0 + 31_000, T0 + 41_000)
             .await
             .unwrap());
-        assert!(other.release_window(&w, "b").await.unwrap());
+        assert!(other
+            .release_lease(&Lease::Window(w.clone()), "b")
+            .await
+            .unwrap());
         assert!(store
             .finish_window(&w, WindowOutcome::Completed, T0 + 32_000)
             .await
             .unwrap());
         assert!(!other
-            .claim_window(&w, "b", T0 + 33_000, T0 + 43_000)
+            .claim_lease(&Lease::Window(w.clone()), "b", T0 + 33_000, T0 + 43_000)
             .await
             .unwrap());
         store.close().await;
@@ -1244,51 +1263,65 @@ mod cases {
             .record
             .id;
         assert!(store
-            .claim_request(&id, "a", T0, T0 + 10_000)
+            .claim_lease(&Lease::Request(id.clone()), "a", T0, T0 + 10_000)
             .await
             .unwrap());
         assert!(!other
-            .claim_request(&id, "b", T0 + 1, T0 + 10_001)
+            .claim_lease(&Lease::Request(id.clone()), "b", T0 + 1, T0 + 10_001)
             .await
             .unwrap());
         // The holder renews it; run out, it is the other's.
         assert!(store
-            .claim_request(&id, "a", T0 + 5_000, T0 + 15_000)
+            .claim_lease(&Lease::Request(id.clone()), "a", T0 + 5_000, T0 + 15_000)
             .await
             .unwrap());
         assert!(!other
-            .claim_request(&id, "b", T0 + 14_999, T0 + 24_999)
+            .claim_lease(&Lease::Request(id.clone()), "b", T0 + 14_999, T0 + 24_999)
             .await
             .unwrap());
         assert!(other
-            .claim_request(&id, "b", T0 + 15_000, T0 + 25_000)
+            .claim_lease(&Lease::Request(id.clone()), "b", T0 + 15_000, T0 + 25_000)
             .await
             .unwrap());
         assert!(!store
-            .claim_request(&id, "a", T0 + 15_001, T0 + 25_001)
+            .claim_lease(&Lease::Request(id.clone()), "a", T0 + 15_001, T0 + 25_001)
             .await
             .unwrap());
         // Only the holder gives it up; then it is free at once.
-        assert!(!store.release_request(&id, "a").await.unwrap());
-        assert!(other.release_request(&id, "b").await.unwrap());
-        assert!(store
-            .claim_request(&id, "a", T0 + 16_000, T0 + 26_000)
+        assert!(!store
+            .release_lease(&Lease::Request(id.clone()), "a")
             .await
             .unwrap());
-        assert!(store.release_request(&id, "a").await.unwrap());
+        assert!(other
+            .release_lease(&Lease::Request(id.clone()), "b")
+            .await
+            .unwrap());
+        assert!(store
+            .claim_lease(&Lease::Request(id.clone()), "a", T0 + 16_000, T0 + 26_000)
+            .await
+            .unwrap());
+        assert!(store
+            .release_lease(&Lease::Request(id.clone()), "a")
+            .await
+            .unwrap());
         // A lease its holder died with goes with the janitor's purge.
         assert!(store
-            .claim_request(&id, "dead", T0 + 30_000, T0 + 40_000)
+            .claim_lease(
+                &Lease::Request(id.clone()),
+                "dead",
+                T0 + 30_000,
+                T0 + 40_000
+            )
             .await
             .unwrap());
         store.purge_finished(T0 + 39_999).await.unwrap();
         assert!(!other
-            .claim_request(&id, "b", T0 + 30_001, T0 + 40_001)
+            .claim_lease(&Lease::Request(id.clone()), "b", T0 + 30_001, T0 + 40_001)
             .await
             .unwrap());
         store.purge_finished(T0 + 40_001).await.unwrap();
         assert!(other
-            .claim_request(&id, "b", T0 + 30_002, T0 + 40_002)
+            .claim_lease(&Lease::Request(id.clone()), "b", T0 + 30_002, T0 + 40_002)
             .await
             .unwrap());
         store.close().await;

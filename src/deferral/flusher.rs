@@ -19,10 +19,10 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{now_ms, BusyGuard, Deferral};
-use super::lease::{leased, LeaseLost, Leased};
+use super::lease::{leased, LeaseLost};
 use super::policy;
 use crate::providers::{write_input_line, ProviderError};
-use crate::store::{FlushReason, StoreError, WindowOutcome, WindowRecord, WindowState};
+use crate::store::{FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -175,18 +175,16 @@ pub async fn submit_sealed(deferral: &Deferral) {
     }
 }
 
-/// Takes one window from wherever it stands to `submitted`.
 /// [`submit`] under the window's lease: false, with nothing done, when
 /// another process holds it.
 pub async fn submit_leased(deferral: &Deferral, window: WindowRecord) -> Result<bool, SubmitError> {
-    let id = window.id.clone();
-    Ok(
-        leased(deferral, Leased::Window(&id), submit(deferral, window))
-            .await?
-            .is_some(),
-    )
+    let lease = Lease::Window(window.id.clone());
+    Ok(leased(deferral, lease, submit(deferral, window))
+        .await?
+        .is_some())
 }
 
+/// Takes one window from wherever it stands to `submitted`.
 pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(), SubmitError> {
     let upstream = deferral
         .upstream(&window.key.upstream)

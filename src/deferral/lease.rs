@@ -13,8 +13,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use super::engine::{ms, now_ms, Deferral};
-use crate::model::{RequestId, WindowId};
-use crate::store::{Store, StoreError};
+use crate::store::{Lease, StoreError};
 
 /// How long a lease lasts unless renewed: how long a window waits after
 /// its holder died before another process takes it up.
@@ -22,40 +21,6 @@ pub const LEASE: Duration = Duration::from_secs(10);
 
 /// How often the holder renews its lease while it works.
 const RENEW_EVERY: Duration = Duration::from_secs(3);
-
-/// What a lease is on.
-#[derive(Clone, Copy, Debug)]
-pub enum Leased<'a> {
-    Window(&'a WindowId),
-    Request(&'a RequestId),
-}
-
-impl Leased<'_> {
-    /// Takes or renews the lease from `now` for [`LEASE`].
-    async fn claim(self, store: &Store, owner: &str, now: i64) -> Result<bool, StoreError> {
-        let until = now + ms(LEASE);
-        match self {
-            Self::Window(id) => store.claim_window(id, owner, now, until).await,
-            Self::Request(id) => store.claim_request(id, owner, now, until).await,
-        }
-    }
-
-    async fn release(self, store: &Store, owner: &str) -> Result<bool, StoreError> {
-        match self {
-            Self::Window(id) => store.release_window(id, owner).await,
-            Self::Request(id) => store.release_request(id, owner).await,
-        }
-    }
-}
-
-impl std::fmt::Display for Leased<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Window(id) => write!(f, "window {id}"),
-            Self::Request(id) => write!(f, "request {id}"),
-        }
-    }
-}
 
 /// The lease ran out while this process worked (it stalled for longer
 /// than [`LEASE`]) and another took it.
@@ -69,15 +34,19 @@ pub struct LeaseLost(pub String);
 /// next pass, here or in another replica, retries a failure).
 pub async fn leased<T, E>(
     deferral: &Deferral,
-    what: Leased<'_>,
+    what: Lease,
     work: impl Future<Output = Result<T, E>>,
 ) -> Result<Option<T>, E>
 where
     E: From<StoreError> + From<LeaseLost>,
 {
     let owner = deferral.instance.as_str();
+    let store = &deferral.store;
     let taken = now_ms();
-    if !what.claim(&deferral.store, owner, taken).await? {
+    if !store
+        .claim_lease(&what, owner, taken, taken + ms(LEASE))
+        .await?
+    {
         return Ok(None);
     }
     let renew = async {
@@ -85,7 +54,7 @@ where
         loop {
             tokio::time::sleep(RENEW_EVERY).await;
             let now = now_ms();
-            match what.claim(&deferral.store, owner, now).await {
+            match store.claim_lease(&what, owner, now, now + ms(LEASE)).await {
                 Ok(true) => held_until = now + ms(LEASE),
                 Ok(false) => return E::from(LeaseLost(what.to_string())),
                 // A store hiccup: the lease still holds for a while, so
@@ -101,7 +70,7 @@ where
         done = work => done,
         lost = renew => Err(lost),
     };
-    let released = what.release(&deferral.store, owner).await;
+    let released = store.release_lease(&what, owner).await;
     let value = done?;
     released?;
     Ok(Some(value))

@@ -24,12 +24,12 @@ use futures_util::future::join_all;
 use super::reconcile::upstream_message;
 use crate::config::{FailurePolicy, Secret};
 use crate::deferral::engine::{now_ms, BatchUpstream, Deferral, FallbackGuard};
-use crate::deferral::lease::{leased, LeaseLost, Leased};
+use crate::deferral::lease::{leased, LeaseLost};
 use crate::model::{RequestId, ServedBy};
 use crate::pricing::TokenUsage;
 use crate::providers::{JobPhase, JobView, RetryPolicy};
 use crate::server::auth::Caller;
-use crate::store::{Resolution, ResolvedStatus, StoreError, WindowRecord};
+use crate::store::{Lease, Resolution, ResolvedStatus, StoreError, WindowRecord};
 
 /// Realtime calls one window's failure runs at once.
 const CONCURRENCY: usize = 8;
@@ -210,7 +210,7 @@ pub async fn realtime(deferral: &Deferral, c: Candidate<'_>) -> Result<bool, Sto
         // Another task of this process is answering it right now.
         return Ok(false);
     };
-    match leased(deferral, Leased::Request(c.id), answer(deferral, &c)).await {
+    match leased(deferral, Lease::Request(c.id.clone()), answer(deferral, &c)).await {
         Ok(stored) => Ok(stored.unwrap_or(false)),
         Err(RealtimeError::Store(err)) => Err(err),
         Err(RealtimeError::Lost(lost)) => {

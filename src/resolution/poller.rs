@@ -10,9 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::reconcile::{reconcile, ReconcileError};
 use crate::deferral::engine::{now_ms, BusyGuard, Deferral};
-use crate::deferral::lease::{leased, Leased};
+use crate::deferral::lease::leased;
 use crate::providers::JobPhase;
-use crate::store::{StoreError, WindowOutcome, WindowRecord, WindowState};
+use crate::store::{Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
 
 pub async fn run(deferral: Deferral, shutdown: CancellationToken) {
     let interval = deferral.config.batching.poll_interval;
@@ -54,12 +54,10 @@ pub async fn poll_leased(
     deferral: &Deferral,
     window: WindowRecord,
 ) -> Result<bool, ReconcileError> {
-    let id = window.id.clone();
-    Ok(
-        leased(deferral, Leased::Window(&id), poll_one(deferral, window))
-            .await?
-            .is_some(),
-    )
+    let lease = Lease::Window(window.id.clone());
+    Ok(leased(deferral, lease, poll_one(deferral, window))
+        .await?
+        .is_some())
 }
 
 async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), ReconcileError> {

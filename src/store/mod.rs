@@ -128,6 +128,23 @@ impl NewRequest {
     }
 }
 
+/// What a lease is on: a window (its upload, job creation, polling and
+/// reconciling) or a request (a realtime call).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lease {
+    Window(WindowId),
+    Request(RequestId),
+}
+
+impl std::fmt::Display for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Window(id) => write!(f, "window {id}"),
+            Self::Request(id) => write!(f, "request {id}"),
+        }
+    }
+}
+
 /// Everything SPEC's request handle shows, and what workers need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
@@ -487,20 +504,20 @@ impl Store {
             .applied()
     }
 
-    /// Leases a window on its way to a job or with one running (sealed,
-    /// uploaded, creating or submitted) to `owner` until `until`, if nobody
-    /// else holds an unexpired lease on it; the holder renews its own (in
-    /// any state). Replicas sharing the store submit a
-    /// window one at a time this way.
-    pub async fn claim_window(
+    /// Leases `on` to `owner` until `until`, if nobody else holds an
+    /// unexpired lease on it; the holder renews its own. A window is
+    /// leased only on its way to a job or with one running (sealed,
+    /// uploaded, creating or submitted); its holder renews in any state.
+    /// Replicas sharing the store take turns this way (`deferral::lease`).
+    pub async fn claim_lease(
         &self,
-        id: &WindowId,
+        on: &Lease,
         owner: &str,
         now: i64,
         until: i64,
     ) -> Result<bool, StoreError> {
-        self.write(Op::ClaimWindow {
-            id: id.clone(),
+        self.write(Op::ClaimLease {
+            on: on.clone(),
             owner: owner.to_owned(),
             now,
             until,
@@ -509,40 +526,10 @@ impl Store {
         .applied()
     }
 
-    /// Gives up `owner`'s lease on a window (false if it no longer held it).
-    pub async fn release_window(&self, id: &WindowId, owner: &str) -> Result<bool, StoreError> {
-        self.write(Op::ReleaseWindow {
-            id: id.clone(),
-            owner: owner.to_owned(),
-        })
-        .await?
-        .applied()
-    }
-
-    /// Leases a request to `owner` until `until` (while it is sent
-    /// realtime), if nobody else holds an unexpired lease on it; the holder
-    /// renews its own.
-    pub async fn claim_request(
-        &self,
-        id: &RequestId,
-        owner: &str,
-        now: i64,
-        until: i64,
-    ) -> Result<bool, StoreError> {
-        self.write(Op::ClaimRequest {
-            id: id.clone(),
-            owner: owner.to_owned(),
-            now,
-            until,
-        })
-        .await?
-        .applied()
-    }
-
-    /// Gives up `owner`'s lease on a request (false if it no longer held it).
-    pub async fn release_request(&self, id: &RequestId, owner: &str) -> Result<bool, StoreError> {
-        self.write(Op::ReleaseRequest {
-            id: id.clone(),
+    /// Gives up `owner`'s lease on `on` (false if it no longer held it).
+    pub async fn release_lease(&self, on: &Lease, owner: &str) -> Result<bool, StoreError> {
+        self.write(Op::ReleaseLease {
+            on: on.clone(),
             owner: owner.to_owned(),
         })
         .await?

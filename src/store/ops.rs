@@ -11,9 +11,9 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use super::model::{request_from_sql, window_from_sql};
 use super::outbox::{DeliveryRecord, OutboxOp};
 use super::{
-    Accepted, CancelOutcome, DeliveryMode, FlushReason, NewRequest, RequestRecord, Resolution,
-    StoreError, WindowKey, WindowLimits, WindowOutcome, WindowRecord, WindowSlot, WindowState,
-    WindowSummary,
+    Accepted, CancelOutcome, DeliveryMode, FlushReason, Lease, NewRequest, RequestRecord,
+    Resolution, StoreError, WindowKey, WindowLimits, WindowOutcome, WindowRecord, WindowSlot,
+    WindowState, WindowSummary,
 };
 use crate::model::{RequestId, RequestStatus, ServedBy, WindowId};
 
@@ -73,24 +73,14 @@ pub(crate) enum Op {
     MarkCreating {
         id: WindowId,
     },
-    ClaimWindow {
-        id: WindowId,
+    ClaimLease {
+        on: Lease,
         owner: String,
         now: i64,
         until: i64,
     },
-    ReleaseWindow {
-        id: WindowId,
-        owner: String,
-    },
-    ClaimRequest {
-        id: RequestId,
-        owner: String,
-        now: i64,
-        until: i64,
-    },
-    ReleaseRequest {
-        id: RequestId,
+    ReleaseLease {
+        on: Lease,
         owner: String,
     },
     RecordJob {

@@ -36,56 +36,17 @@ macro_rules! write_ops {
                     .rows_affected()
                         == 1,
                 ),
-                // Only windows on their way to a job or with one running
-                // are taken; the holder renews its own lease whatever the
-                // window's state by then.
-                Op::ClaimWindow { id, owner, now, until } => Reply::Applied(
-                    q("UPDATE windows SET lease_owner = $2, lease_until = $4 WHERE id = $1 \
-                       AND (lease_owner = $2 OR (state IN ('sealed', 'uploaded', 'creating', 'submitted') \
-                       AND (lease_until IS NULL OR lease_until <= $3)))")
-                        .bind(id.as_str())
-                        .bind(owner)
-                        .bind(*now)
-                        .bind(*until)
-                        .execute(&mut *conn)
-                        .await?
-                        .rows_affected()
-                        == 1,
-                ),
-                Op::ReleaseWindow { id, owner } => Reply::Applied(
-                    q("UPDATE windows SET lease_owner = NULL, lease_until = NULL \
-                       WHERE id = $1 AND lease_owner = $2")
-                        .bind(id.as_str())
-                        .bind(owner)
-                        .execute(&mut *conn)
-                        .await?
-                        .rows_affected()
-                        == 1,
-                ),
-                // Taken if nobody holds it or the lease ran out; renewed by
-                // its holder.
-                Op::ClaimRequest { id, owner, now, until } => Reply::Applied(
-                    q("INSERT INTO request_leases (request_id, owner, until) VALUES ($1, $2, $4) \
-                       ON CONFLICT (request_id) DO UPDATE SET owner = excluded.owner, until = excluded.until \
-                       WHERE request_leases.owner = excluded.owner OR request_leases.until <= $3")
-                        .bind(id.as_str())
-                        .bind(owner)
-                        .bind(*now)
-                        .bind(*until)
-                        .execute(&mut *conn)
-                        .await?
-                        .rows_affected()
-                        == 1,
-                ),
-                Op::ReleaseRequest { id, owner } => Reply::Applied(
-                    q("DELETE FROM request_leases WHERE request_id = $1 AND owner = $2")
-                        .bind(id.as_str())
-                        .bind(owner)
-                        .execute(&mut *conn)
-                        .await?
-                        .rows_affected()
-                        == 1,
-                ),
+                Op::ClaimLease { on, owner, now, until } => Reply::Applied(claim_lease(conn, on, owner, *now, *until).await?),
+                Op::ReleaseLease { on, owner } => {
+                    let query = match on {
+                        Lease::Window(id) => q("UPDATE windows SET lease_owner = NULL, lease_until = NULL \
+                                                WHERE id = $1 AND lease_owner = $2")
+                            .bind(id.as_str()),
+                        Lease::Request(id) => q("DELETE FROM request_leases WHERE request_id = $1 AND owner = $2")
+                            .bind(id.as_str()),
+                    };
+                    Reply::Applied(query.bind(owner).execute(&mut *conn).await?.rows_affected() == 1)
+                }
                 Op::RecordJob { id, job_id, now } => {
                     Reply::Applied(record_job(conn, id, job_id, *now).await?)
                 }
@@ -450,6 +411,24 @@ macro_rules! write_ops {
                 .await?;
             }
             Ok(moved)
+        }
+
+        /// Takes or renews a lease: taken if nobody holds it or its lease
+        /// ran out, renewed by its holder. Only windows on their way to a
+        /// job or with one running are taken; the holder renews its own
+        /// whatever the window's state by then.
+        async fn claim_lease(conn: &mut Conn, on: &Lease, owner: &str, now: i64, until: i64) -> Result<bool, StoreError> {
+            let query = match on {
+                Lease::Window(id) => q("UPDATE windows SET lease_owner = $2, lease_until = $4 WHERE id = $1 \
+                                        AND (lease_owner = $2 OR (state IN ('sealed', 'uploaded', 'creating', 'submitted') \
+                                        AND (lease_until IS NULL OR lease_until <= $3)))")
+                    .bind(id.as_str()),
+                Lease::Request(id) => q("INSERT INTO request_leases (request_id, owner, until) VALUES ($1, $2, $4) \
+                                         ON CONFLICT (request_id) DO UPDATE SET owner = excluded.owner, until = excluded.until \
+                                         WHERE request_leases.owner = excluded.owner OR request_leases.until <= $3")
+                    .bind(id.as_str()),
+            };
+            Ok(query.bind(owner).bind(now).bind(until).execute(&mut *conn).await?.rows_affected() == 1)
         }
 
         /// Applies a window's results with one multi-row `UPDATE … FROM
