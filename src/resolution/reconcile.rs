@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::task::JoinSet;
 
 use super::fallback::{self, ChainTally};
 use super::spool::{Spool, SpoolError};
@@ -22,6 +23,9 @@ use crate::store::{Resolution, ResolvedStatus, StoreError, WindowRecord};
 /// Results written to the store per transaction.
 const CHUNK: usize = 2_000;
 
+/// Chunks handed to the store and not yet stored, at most.
+const STORING: usize = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error(transparent)]
@@ -32,6 +36,8 @@ pub enum ReconcileError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     LeaseLost(#[from] crate::deferral::lease::LeaseLost),
+    #[error("storing a chunk of results did not finish: {0}")]
+    Storing(#[from] tokio::task::JoinError),
 }
 
 /// What one reconciliation did.
@@ -51,6 +57,14 @@ pub struct Tally {
     pub spooling: Duration,
     /// Time spent storing their results.
     pub storing: Duration,
+}
+
+impl Tally {
+    fn add(&mut self, stored: Stored) {
+        self.succeeded += stored.succeeded;
+        self.failed += stored.failed;
+        self.not_open += stored.not_open;
+    }
 }
 
 /// One result line read: the result, and whether the provider answered it
@@ -145,20 +159,27 @@ async fn apply_file(
     let spooled = Instant::now();
     tally.spooling += spooled - started;
     tracing::debug!(window = %window.id, file = file_id, lines = spool.left(), ms = (spooled - started).as_millis() as u64, "result file spooled");
-    // Each chunk's commit overlaps the next chunk's read and parse.
-    let mut ready = next_chunk(window, job, file_id, &mut spool, tally).await?;
-    while let Some(chunk) = ready {
-        let (stored, next) = tokio::try_join!(
-            store_chunk(deferral, window, chunk),
-            next_chunk(window, job, file_id, &mut spool, tally),
-        )?;
-        tally.succeeded += stored.succeeded;
-        tally.failed += stored.failed;
-        tally.not_open += stored.not_open;
-        ready = next;
+    // Up to STORING chunks wait in the store's queue while the next one is
+    // read and parsed, so its connection never waits for the parse.
+    let mut storing = JoinSet::new();
+    while let Some(chunk) = next_chunk(window, job, file_id, &mut spool, tally).await? {
+        if storing.len() >= STORING {
+            tally.add(next_stored(&mut storing).await?);
+        }
+        storing.spawn(store_chunk(deferral.clone(), window.clone(), chunk));
+    }
+    while !storing.is_empty() {
+        tally.add(next_stored(&mut storing).await?);
     }
     tally.storing += spooled.elapsed();
     Ok(())
+}
+
+/// A chunk of results, with what each one counts for in the metrics once
+/// stored.
+struct Chunk {
+    resolutions: Vec<Resolution>,
+    usage: Vec<Option<TokenUsage>>,
 }
 
 /// The results of the next lines of the spool; `None` once it is empty.
@@ -168,22 +189,33 @@ async fn next_chunk(
     file_id: &str,
     spool: &mut Spool,
     tally: &mut Tally,
-) -> Result<Option<Vec<Resolution>>, ReconcileError> {
+) -> Result<Option<Chunk>, ReconcileError> {
     while spool.left() > 0 {
-        let mut chunk = Vec::with_capacity(CHUNK);
+        let mut chunk = Chunk {
+            resolutions: Vec::with_capacity(CHUNK),
+            usage: Vec::with_capacity(CHUNK),
+        };
         for line in spool.take(CHUNK).await? {
             match result_line(&line, now_ms()) {
                 Ok(ResultLine {
                     answered: false, ..
                 }) if job.phase != JobPhase::Completed => tally.unfinished += 1,
-                Ok(ResultLine { resolution, .. }) => chunk.push(resolution),
+                Ok(ResultLine { resolution, .. }) => {
+                    chunk.usage.push(
+                        resolution
+                            .response_body
+                            .as_deref()
+                            .and_then(TokenUsage::from_body),
+                    );
+                    chunk.resolutions.push(resolution);
+                }
                 Err(reason) => {
                     tally.unmatched_lines += 1;
                     tracing::warn!(window = %window.id, file = file_id, reason = reason.as_deref().unwrap_or("foreign custom_id"), "result line skipped");
                 }
             }
         }
-        if !chunk.is_empty() {
+        if !chunk.resolutions.is_empty() {
             return Ok(Some(chunk));
         }
     }
@@ -191,6 +223,7 @@ async fn next_chunk(
 }
 
 /// What storing one chunk did.
+#[derive(Default)]
 struct Stored {
     succeeded: u64,
     failed: u64,
@@ -200,18 +233,29 @@ struct Stored {
     not_open: u64,
 }
 
+/// The next chunk the store finished with.
+async fn next_stored(
+    storing: &mut JoinSet<Result<Stored, ReconcileError>>,
+) -> Result<Stored, ReconcileError> {
+    match storing.join_next().await {
+        Some(stored) => stored?,
+        None => Ok(Stored::default()),
+    }
+}
+
 /// Stores one chunk, then counts and wakes what it changed.
 async fn store_chunk(
-    deferral: &Deferral,
-    window: &WindowRecord,
-    chunk: Vec<Resolution>,
+    deferral: Deferral,
+    window: WindowRecord,
+    chunk: Chunk,
 ) -> Result<Stored, ReconcileError> {
     // Counted once stored, and only what the store applied: a re-run after
     // a crash must not count the same answers twice.
     let facts: Vec<_> = chunk
+        .resolutions
         .iter()
-        .map(|r| {
-            let usage = r.response_body.as_deref().and_then(TokenUsage::from_body);
+        .zip(chunk.usage)
+        .map(|(r, usage)| {
             (
                 r.id.clone(),
                 r.status,
@@ -220,14 +264,13 @@ async fn store_chunk(
             )
         })
         .collect();
-    let changed = deferral.store.resolve(&window.id, chunk).await?;
+    let changed = deferral
+        .store
+        .resolve(&window.id, chunk.resolutions)
+        .await?;
     let applied: HashSet<&RequestId> = changed.iter().collect();
     let price = deferral.config.prices.for_model(&window.key.model);
-    let mut stored = Stored {
-        succeeded: 0,
-        failed: 0,
-        not_open: 0,
-    };
+    let mut stored = Stored::default();
     for (id, status, served_by, usage) in &facts {
         if !applied.contains(id) {
             stored.not_open += 1;

@@ -21,7 +21,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::{mpsc, oneshot};
 
-use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply};
+use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply, RESOLVE_ROWS};
 use super::sqlite_intake;
 use super::{
     NewRequest, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary,
@@ -36,6 +36,12 @@ const MIGRATIONS: &[&str] = &[
 
 /// Commands waiting for the writer; intake beyond this waits (backpressure).
 const QUEUE_DEPTH: usize = 16_384;
+
+/// Rows sqlx's connection thread may hand the writer before it waits for
+/// them to be taken. Its default (50) is smaller than a resolve
+/// statement's `RETURNING` (up to [`RESOLVE_ROWS`] rows), and every time
+/// it fills, the two threads wake each other by turns.
+const ROW_BUFFER: usize = 2 * RESOLVE_ROWS;
 
 enum Msg {
     Write(Op, oneshot::Sender<Result<Reply, StoreError>>),
@@ -68,6 +74,7 @@ impl SqliteStore {
         }
         let connect = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
+            .page_size(16384)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10));
@@ -76,6 +83,7 @@ impl SqliteStore {
         let mut conn = connect
             .clone()
             .pragma("cache_size", "-32768")
+            .row_buffer_size(ROW_BUFFER)
             .connect()
             .await?;
         sqlite_migrate::migrate(&mut conn, "", MIGRATIONS).await?;
