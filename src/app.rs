@@ -145,6 +145,17 @@ pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> 
     {
         tracing::warn!("background tasks did not finish within the grace period");
     }
+    // Work cut off by the grace (a submission retrying a failing upload,
+    // say) leaves its lease behind; given up here, the next process takes
+    // the window up at once instead of when the lease runs out.
+    let deferral = &state.deferral;
+    match deferral.store.release_leases_of(&deferral.instance).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(leases = n, "gave up the leases of work cut off by shutdown"),
+        Err(err) => {
+            tracing::warn!(error = %err, "could not give up leases at shutdown; they run out by themselves")
+        }
+    }
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use carpool::model::ServedBy;
 use carpool::model::{RequestId, WindowId};
 use carpool::resolution::fallback::{self, Candidate, FallbackReason};
 use carpool::resolution::poller;
-use carpool::sim::{self, SimHandle, SimOptions};
+use carpool::sim::{self, Fault, SimHandle, SimOptions};
 use carpool::store::{
     DeliveryMode, FlushReason, Lease, NewRequest, Resolution, ResolvedStatus, WindowLimits,
     WindowState,
@@ -341,4 +341,48 @@ async fn a_caller_held_on_one_replica_is_answered_when_another_stores_its_result
     );
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+/// A process shutting down while its submission of a window is still
+/// retrying a failing upload (cut off by the grace) gives up the window's
+/// lease on the way out: the next process, a restart or another replica,
+/// takes the window up at once instead of when the lease runs out.
+#[tokio::test]
+async fn a_graceful_shutdown_leaves_no_lease_behind() {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    sim.add_fault(Fault::status("POST /v1/files", 500, 0));
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/carpool.db", dir.path().display());
+    let toml = SimConfig::new("openai", &sim)
+        .server("shutdown_grace = \"200ms\"")
+        .batching("max_wait = \"1h\"")
+        .toml();
+    let vars = [
+        ("UPSTREAM_KEY", "sk-upstream"),
+        ("CARPOOL_STORE__URL", db.as_str()),
+    ];
+    let first = TestApp::start(&toml, &vars).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = post_chat(&first, "sk-caller", &[("carpool-mode", "async")], &body).await;
+    assert_eq!(resp.status(), 202);
+    first.stop().await.unwrap();
+    assert!(uploads(&sim) > 0, "the shutdown tried to submit the window");
+
+    let next = replica(&sim, &db).await;
+    let store = &next.deferral.store;
+    let sealed = store.windows_in(&[WindowState::Sealed]).await.unwrap();
+    assert_eq!(sealed.len(), 1, "{sealed:?}");
+    let now = now_ms();
+    assert!(
+        store
+            .claim_lease(
+                &Lease::Window(sealed[0].id.clone()),
+                &next.deferral.instance,
+                now,
+                now + 10_000
+            )
+            .await
+            .unwrap(),
+        "the window is still leased by the process that shut down"
+    );
 }

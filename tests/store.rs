@@ -1327,6 +1327,61 @@ mod cases {
         store.close().await;
         other.close().await;
     }
+
+    pub async fn a_process_on_its_way_out_gives_up_every_lease_it_holds(h: &Harness) {
+        let store = h.open().await;
+        let other = h.open().await;
+        let mut windows = Vec::new();
+        for model in ["m1", "m2"] {
+            let r = accept(&store, new_request(CRED_A, model, "{}", T0)).await;
+            let w = store
+                .get(&r.record.id, CRED_A)
+                .await
+                .unwrap()
+                .unwrap()
+                .window_id
+                .unwrap();
+            assert!(store
+                .seal_window(&w, FlushReason::MaxWait, T0)
+                .await
+                .unwrap());
+            windows.push(w);
+        }
+        let id = accept(&store, new_request(CRED_A, "m3", "{}", T0))
+            .await
+            .record
+            .id;
+        let (mine, theirs) = (
+            Lease::Window(windows[0].clone()),
+            Lease::Window(windows[1].clone()),
+        );
+        let request = Lease::Request(id);
+        for lease in [&mine, &request] {
+            assert!(store
+                .claim_lease(lease, "a", T0, T0 + 10_000)
+                .await
+                .unwrap());
+        }
+        assert!(other
+            .claim_lease(&theirs, "b", T0, T0 + 10_000)
+            .await
+            .unwrap());
+        assert_eq!(store.release_leases_of("a").await.unwrap(), 2);
+        // Free at once, long before they would have run out; b's stays b's.
+        for lease in [&mine, &request] {
+            assert!(other
+                .claim_lease(lease, "b", T0 + 1, T0 + 10_001)
+                .await
+                .unwrap());
+        }
+        assert!(!store
+            .claim_lease(&theirs, "a", T0 + 1, T0 + 10_001)
+            .await
+            .unwrap());
+        assert_eq!(store.release_leases_of("a").await.unwrap(), 0);
+        store.close().await;
+        other.close().await;
+    }
 }
 
 macro_rules! contract {
@@ -1382,6 +1437,7 @@ contract!(
     replicas_never_claim_the_same_delivery,
     window_leases_keep_replicas_off_each_others_submissions,
     request_leases_keep_replicas_off_each_others_realtime_calls,
+    a_process_on_its_way_out_gives_up_every_lease_it_holds,
 );
 
 #[tokio::test]

@@ -536,6 +536,16 @@ impl Store {
         .applied()
     }
 
+    /// Gives up every lease `owner` holds (a process on its way out, so the
+    /// next one need not wait for them to run out); returns how many.
+    pub async fn release_leases_of(&self, owner: &str) -> Result<u64, StoreError> {
+        self.write(Op::ReleaseLeasesOf {
+            owner: owner.to_owned(),
+        })
+        .await?
+        .count()
+    }
+
     /// creating → submitted; its queued requests become submitted with this
     /// batch id; the upstream key is forgotten.
     pub async fn record_job(

@@ -83,6 +83,9 @@ pub(crate) enum Op {
         on: Lease,
         owner: String,
     },
+    ReleaseLeasesOf {
+        owner: String,
+    },
     RecordJob {
         id: WindowId,
         job_id: String,

@@ -47,6 +47,19 @@ macro_rules! write_ops {
                     };
                     Reply::Applied(query.bind(owner).execute(&mut *conn).await?.rows_affected() == 1)
                 }
+                Op::ReleaseLeasesOf { owner } => {
+                    let windows = q("UPDATE windows SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1")
+                        .bind(owner.as_str())
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                    let requests = q("DELETE FROM request_leases WHERE owner = $1")
+                        .bind(owner.as_str())
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                    Reply::Count(windows + requests)
+                }
                 Op::RecordJob { id, job_id, now } => {
                     Reply::Applied(record_job(conn, id, job_id, *now).await?)
                 }
