@@ -74,7 +74,6 @@ impl SqliteStore {
         }
         let connect = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
-            .page_size(16384)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10));
