@@ -124,6 +124,13 @@ async fn submit(store: &Store, window: &WindowId, job: &str) {
 /// Seals the window of credential A's request `member` and takes it to
 /// submitted as `job`; returns the window.
 async fn seal_and_submit(store: &Store, member: &RequestId, job: &str) -> WindowId {
+    let w = seal(store, member).await;
+    submit(store, &w, job).await;
+    w
+}
+
+/// Seals the window holding `member`; returns the window.
+async fn seal(store: &Store, member: &RequestId) -> WindowId {
     let w = store
         .get(member, CRED_A)
         .await
@@ -135,7 +142,6 @@ async fn seal_and_submit(store: &Store, member: &RequestId, job: &str) -> Window
         .seal_window(&w, FlushReason::MaxWait, T0)
         .await
         .unwrap());
-    submit(store, &w, job).await;
     w
 }
 
@@ -1334,18 +1340,7 @@ mod cases {
         let mut windows = Vec::new();
         for model in ["m1", "m2"] {
             let r = accept(&store, new_request(CRED_A, model, "{}", T0)).await;
-            let w = store
-                .get(&r.record.id, CRED_A)
-                .await
-                .unwrap()
-                .unwrap()
-                .window_id
-                .unwrap();
-            assert!(store
-                .seal_window(&w, FlushReason::MaxWait, T0)
-                .await
-                .unwrap());
-            windows.push(w);
+            windows.push(seal(&store, &r.record.id).await);
         }
         let id = accept(&store, new_request(CRED_A, "m3", "{}", T0))
             .await
