@@ -597,3 +597,75 @@ async fn model_labels_stop_growing_after_the_first_hundred_names() {
         5.0
     );
 }
+
+/// A result file of several chunks (reconciliation stores 2,000 results a
+/// transaction, with up to two queued while the next is parsed): every
+/// request gets its own answer, each counted once.
+#[tokio::test]
+async fn a_result_file_of_several_chunks_answers_every_request_with_its_own_result() {
+    use carpool::deferral::engine::now_ms;
+    use carpool::model::{RequestId, RequestStatus, ServedBy};
+    use carpool::store::{DeliveryMode, FlushReason, NewRequest, WindowLimits};
+
+    const N: usize = 7_000;
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let toml = SimConfig::new("openai", &sim)
+        .batching("max_wait = \"1h\"\npoll_interval = \"50ms\"")
+        .toml();
+    let app = TestApp::start(&toml, &[("UPSTREAM_KEY", "sk-upstream")]).await;
+    let store = &app.state.deferral.store;
+    let bodies: Vec<Value> = (0..N)
+        .map(|i| json!({"model": "m", "messages": [{"role": "user", "content": format!("question {i}")}]}))
+        .collect();
+    let accepted = join_all(bodies.iter().enumerate().map(|(i, body)| {
+        store.accept(NewRequest {
+            id: RequestId::generate(),
+            credential_hash: "anonymous".to_owned(),
+            upstream: "sim".to_owned(),
+            endpoint: CHAT.to_owned(),
+            model: "m".to_owned(),
+            body: body.to_string().into(),
+            body_hash: format!("hash-{i}"),
+            idempotency_key: None,
+            sdk_retry: false,
+            mode: DeliveryMode::Async,
+            deadline: None,
+            callback_url: None,
+            upstream_key: None,
+            limits: WindowLimits {
+                max_requests: 50_000,
+                max_bytes: 100_000_000,
+            },
+            now: now_ms(),
+        })
+    }))
+    .await;
+    let ids: Vec<RequestId> = accepted.into_iter().map(|a| a.unwrap().record.id).collect();
+    let windows = store.open_windows().await.unwrap();
+    assert_eq!(windows.len(), 1);
+    assert!(store
+        .seal_window(&windows[0].id, FlushReason::Operator, now_ms())
+        .await
+        .unwrap());
+    app.state.deferral.flush_wake.notify_one();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while metric(&metrics(&app).await, "carpool_results_total") < N as f64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every result was stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (id, body) in ids.iter().zip(&bodies) {
+        let record = store.get(id, "anonymous").await.unwrap().unwrap();
+        assert_eq!(record.status, RequestStatus::Succeeded, "{id}");
+        assert_eq!(record.served_by, Some(ServedBy::Batch));
+        let stored: Value = serde_json::from_slice(&record.response_body.unwrap()).unwrap();
+        assert_eq!(stored, sim::expected_response(CHAT, body), "{id}");
+    }
+    assert_eq!(sim.jobs().len(), 1);
+    let text = metrics(&app).await;
+    assert_eq!(metric(&text, "carpool_results_total"), N as f64);
+    app.stop().await.unwrap();
+}
