@@ -605,7 +605,7 @@ async fn model_labels_stop_growing_after_the_first_hundred_names() {
 async fn a_result_file_of_several_chunks_answers_every_request_with_its_own_result() {
     use carpool::deferral::engine::now_ms;
     use carpool::model::{RequestId, RequestStatus, ServedBy};
-    use carpool::store::{DeliveryMode, FlushReason, NewRequest, WindowLimits};
+    use carpool::store::{FlushReason, WindowLimits};
 
     const N: usize = 7_000;
     let sim = sim::spawn(SimOptions::default()).await.unwrap();
@@ -617,28 +617,15 @@ async fn a_result_file_of_several_chunks_answers_every_request_with_its_own_resu
     let bodies: Vec<Value> = (0..N)
         .map(|i| json!({"model": "m", "messages": [{"role": "user", "content": format!("question {i}")}]}))
         .collect();
-    let accepted = join_all(bodies.iter().enumerate().map(|(i, body)| {
-        store.accept(NewRequest {
-            id: RequestId::generate(),
-            credential_hash: "anonymous".to_owned(),
-            upstream: "sim".to_owned(),
-            endpoint: CHAT.to_owned(),
-            model: "m".to_owned(),
-            body: body.to_string().into(),
-            body_hash: format!("hash-{i}"),
-            idempotency_key: None,
-            sdk_retry: false,
-            mode: DeliveryMode::Async,
-            deadline: None,
-            callback_url: None,
-            upstream_key: None,
-            limits: WindowLimits {
-                max_requests: 50_000,
-                max_bytes: 100_000_000,
-            },
-            now: now_ms(),
-        })
-    }))
+    let limits = WindowLimits {
+        max_requests: 50_000,
+        max_bytes: 100_000_000,
+    };
+    let accepted = join_all(
+        bodies
+            .iter()
+            .map(|body| store.accept(support::async_request("m", body.to_string(), limits))),
+    )
     .await;
     let ids: Vec<RequestId> = accepted.into_iter().map(|a| a.unwrap().record.id).collect();
     let windows = store.open_windows().await.unwrap();

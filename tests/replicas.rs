@@ -14,14 +14,11 @@ use carpool::app::AppState;
 use carpool::deferral::engine::now_ms;
 use carpool::deferral::flusher;
 use carpool::model::ServedBy;
-use carpool::model::{RequestId, WindowId};
+use carpool::model::WindowId;
 use carpool::resolution::fallback::{self, Candidate, FallbackReason};
 use carpool::resolution::poller;
 use carpool::sim::{self, Fault, SimHandle, SimOptions};
-use carpool::store::{
-    DeliveryMode, FlushReason, Lease, NewRequest, Resolution, ResolvedStatus, WindowLimits,
-    WindowState,
-};
+use carpool::store::{FlushReason, Lease, Resolution, ResolvedStatus, WindowLimits, WindowState};
 use serde_json::{json, Value};
 use support::config::SimConfig;
 use support::{metric, metrics, post_chat, TestApp, PATIENCE};
@@ -47,27 +44,13 @@ async fn replica(sim: &SimHandle, db: &str) -> AppState {
 /// One stored request in a window of its own, sealed; returns the window.
 async fn sealed_window(state: &AppState, model: &str) -> WindowId {
     let store = &state.deferral.store;
+    let limits = WindowLimits {
+        max_requests: 100,
+        max_bytes: 1_000_000,
+    };
+    let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
     let accepted = store
-        .accept(NewRequest {
-            id: RequestId::generate(),
-            credential_hash: "anonymous".to_owned(),
-            upstream: "sim".to_owned(),
-            endpoint: "/v1/chat/completions".to_owned(),
-            model: model.to_owned(),
-            body: Bytes::from(format!(r#"{{"model":"{model}","messages":[]}}"#)),
-            body_hash: format!("hash-{model}"),
-            idempotency_key: None,
-            sdk_retry: false,
-            mode: DeliveryMode::Async,
-            deadline: None,
-            callback_url: None,
-            upstream_key: None,
-            limits: WindowLimits {
-                max_requests: 100,
-                max_bytes: 1_000_000,
-            },
-            now: now_ms(),
-        })
+        .accept(support::async_request(model, body, limits))
         .await
         .unwrap();
     let window = accepted.record.window_id.unwrap();

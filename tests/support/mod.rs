@@ -14,7 +14,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use carpool::app::{self, AppState};
+use carpool::deferral::engine::now_ms;
+use carpool::model::RequestId;
 use carpool::sim::SimHandle;
+use carpool::store::{DeliveryMode, NewRequest, WindowLimits};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -25,6 +28,28 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The route every deferred test calls.
 pub const CHAT: &str = "/v1/chat/completions";
+
+/// An async chat call as intake hands it to the store (anonymous caller,
+/// upstream `sim`), for tests that fill windows without HTTP.
+pub fn async_request(model: &str, body: String, limits: WindowLimits) -> NewRequest {
+    NewRequest {
+        id: RequestId::generate(),
+        credential_hash: "anonymous".to_owned(),
+        upstream: "sim".to_owned(),
+        endpoint: CHAT.to_owned(),
+        model: model.to_owned(),
+        body_hash: format!("hash-{body}"),
+        body: body.into(),
+        idempotency_key: None,
+        sdk_retry: false,
+        mode: DeliveryMode::Async,
+        deadline: None,
+        callback_url: None,
+        upstream_key: None,
+        limits,
+        now: now_ms(),
+    }
+}
 
 /// A running carpool: in this process ([`TestApp`]) or the binary.
 pub trait Server {
