@@ -33,14 +33,17 @@
 //!    for a 10,000- and a 50,000-line window.
 //! 6. fanout: one 100,000-line job; results resolved per second from the
 //!    moment the sim reports it done until carpool has stored every result,
-//!    beside the same file downloaded and parsed with nothing stored.
+//!    beside the same file downloaded and parsed with nothing stored; with
+//!    carpool pinned to one CPU, then free on both (nothing else runs).
 //!
 //! Tunables: `CARPOOL_BENCH_RUNS` (3; medians are reported),
 //! `CARPOOL_BENCH_SECS` (3, per pass-through point), `CARPOOL_BENCH_RATES`
 //! (`500,1000,2000,4000,8000,12000,16000,20000`), `CARPOOL_BENCH_INTAKE_CONNS`
 //! (`64,256`: the intake's connection counts), `CARPOOL_BENCH_CPUS` (`0,1`: the
 //! proxy's CPU, then the load's), `OHA` (path of the load generator),
-//! `CARPOOL_BENCH_LOG` (carpool's `RUST_LOG`, default `warn`).
+//! `CARPOOL_BENCH_LOG` (carpool's `RUST_LOG`, default `warn`),
+//! `CARPOOL_BENCH_BIN` (another carpool binary to measure, say an earlier
+//! build kept for a before-and-after run; default the one cargo built).
 //! The table is printed on stdout; progress goes to stderr.
 
 use std::collections::BTreeMap;
@@ -116,7 +119,8 @@ impl Settings {
             cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
             fd_limit: raise_fd_limit(120_000),
             oha: find_oha(),
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_carpool")),
+            bin: std::env::var_os("CARPOOL_BENCH_BIN")
+                .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_carpool")), PathBuf::from),
             dir: tempfile::tempdir()?,
         })
     }
@@ -1232,7 +1236,6 @@ async fn flush(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Rep
 
 async fn fanout(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Report) -> Res<()> {
     eprintln!("== fan-out");
-    let lines = 100_000usize;
     http.delete(format!("{}/_sim/faults", sim.url))
         .send()
         .await?;
@@ -1242,11 +1245,46 @@ async fn fanout(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
         .send()
         .await?
         .error_for_status()?;
+    // Pinned (carpool on one core: the cost per core), then on both cores
+    // (nothing else runs while a result file is applied but the sim
+    // serving it, so carpool's parse and its store can run side by side).
+    let modes: &[bool] = if s.cpus.is_some() {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &shared in modes {
+        s.shared.set(shared);
+        let how = match (shared, s.cpus) {
+            (true, _) => "carpool on both cores".to_owned(),
+            (false, Some((p, _))) => format!("carpool pinned to CPU {p}"),
+            (false, None) => "unpinned".to_owned(),
+        };
+        let result = fanout_runs(s, http, sim, report, &how).await;
+        s.shared.set(false);
+        result?;
+    }
+    http.patch(format!("{}/_sim/options", sim.url))
+        .json(&json!({"job_duration_ms": 50}))
+        .send()
+        .await?;
+    Ok(())
+}
+
+/// The fan-out runs of one placement of carpool, and their rows.
+async fn fanout_runs(
+    s: &Settings,
+    http: &reqwest::Client,
+    sim: &Sim,
+    report: &mut Report,
+    how: &str,
+) -> Res<()> {
+    let lines = 100_000usize;
     let mut rates = Vec::new();
     let mut growth = Vec::new();
     let mut baseline = Vec::new();
     for run in 0..s.runs {
-        let model = format!("sim-fanout-{run}");
+        let model = format!("sim-fanout-{}-{run}", if s.shared.get() { "shared" } else { "pinned" });
         let carpool = start_carpool(
             s,
             http,
@@ -1312,7 +1350,7 @@ async fn fanout(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
         let rate = lines as f64 / (done - start).as_secs_f64();
         let peak = carpool.proc.peak_mib()?;
         eprintln!(
-            " run {}/{}: {lines} results in {:.3} s = {rate:.0}/s; RSS {before:.1} → peak {peak:.1} MiB",
+            " {how}, run {}/{}: {lines} results in {:.3} s = {rate:.0}/s; RSS {before:.1} → peak {peak:.1} MiB",
             run + 1,
             s.runs,
             (done - start).as_secs_f64()
@@ -1330,7 +1368,7 @@ async fn fanout(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
     let r = median(&rates);
     report.row(
         "fan-out",
-        "results resolved/s, 100,000-line output file (job done → all stored)",
+        format!("results resolved/s, 100,000-line output file (job done → all stored; {how})"),
         format!("{r:.0}/s"),
         format!(
             "{:.0}/s downloaded and parsed, not stored",
@@ -1341,16 +1379,12 @@ async fn fanout(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
     );
     report.row(
         "fan-out",
-        "peak RSS growth while resolving",
+        format!("peak RSS growth while resolving ({how})"),
         format!("{:.1} MiB", median(&growth)),
         "",
         "",
         None,
     );
-    http.patch(format!("{}/_sim/options", sim.url))
-        .json(&json!({"job_duration_ms": 50}))
-        .send()
-        .await?;
     Ok(())
 }
 

@@ -13,6 +13,10 @@ pub enum StoreError {
     /// The database refused or failed an operation.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// SQLite refused or failed a statement the writer ran through its C
+    /// API (`sqlite_resolve`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// A Postgres schema name outside `[a-z0-9_]{1,63}`.
     #[error("invalid postgres schema name {name:?}")]
     BadSchemaName { name: String },
@@ -44,6 +48,10 @@ impl StoreError {
                         | sqlx::Error::WorkerCrashed
                 ) || is_retryable_db(e)
             }
+            Self::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
             Self::WriterGone => true,
             Self::IdempotencyConflict
             | Self::UnsupportedUrl { .. }

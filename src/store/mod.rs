@@ -24,7 +24,9 @@ mod outbox;
 mod postgres;
 mod reads;
 mod sqlite;
+mod sqlite_direct;
 mod sqlite_intake;
+mod sqlite_resolve;
 mod writes;
 
 use std::fmt;

@@ -22,7 +22,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply, RESOLVE_ROWS};
-use super::sqlite_intake;
+use super::{sqlite_intake, sqlite_resolve};
 use super::{
     NewRequest, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary,
 };
@@ -292,7 +292,7 @@ async fn try_group(
             })
             .collect();
         if run.is_empty() {
-            match ops::apply(&mut tx, &pending.op, horizon).await {
+            match apply(&mut tx, &pending.op, horizon).await {
                 Ok(reply) => results.push(Ok(reply)),
                 Err(e) if e.wrote_nothing() => results.push(Err(e)),
                 Err(e) => return Err(e),
@@ -312,9 +312,23 @@ async fn try_group(
     Ok(results)
 }
 
+/// One command inside the writer's transaction: a window's results take
+/// the writer's own path (`sqlite_resolve`), everything else the shared one.
+async fn apply(conn: &mut SqliteConnection, op: &Op, horizon: i64) -> Result<Reply, StoreError> {
+    match op {
+        Op::Resolve {
+            window,
+            resolutions,
+        } => Ok(Reply::Ids(
+            sqlite_resolve::resolve(conn, window, resolutions).await?,
+        )),
+        _ => ops::apply(conn, op, horizon).await,
+    }
+}
+
 async fn alone(conn: &mut SqliteConnection, op: &Op, horizon: i64) -> Result<Reply, StoreError> {
     let mut tx = conn.begin().await?;
-    match ops::apply(&mut tx, op, horizon).await {
+    match apply(&mut tx, op, horizon).await {
         Ok(reply) => {
             tx.commit().await?;
             Ok(reply)

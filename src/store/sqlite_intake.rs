@@ -1,7 +1,7 @@
 //! Batched intake for the SQLite writer: a run of accepts in one group
 //! commit is placed into windows in memory (one read per window key), then
-//! written with one multi-row INSERT per chunk and one write per window
-//! touched, instead of several statements per request. The semantics are
+//! written with one prepared INSERT per request through SQLite's C API and
+//! one write per window touched, instead of several statements per request. The semantics are
 //! those of `ops::accept` applied in order: repeats and retries are matched
 //! against the store and against earlier requests of the same run.
 
@@ -11,11 +11,9 @@ use sqlx::sqlite::SqliteConnection;
 use sqlx::Row as _;
 
 use super::ops::{filled, queued_record, reattach, refuses, retry_tag, sane, sqlite_ops};
+use super::sqlite_direct::direct;
 use super::{Accepted, FlushReason, NewRequest, StoreError, WindowKey, WindowSlot};
 use crate::model::WindowId;
-
-/// Rows per INSERT: 14 binds each stays well under SQLite's variable limit.
-const ROWS_PER_INSERT: usize = 200;
 
 /// A window as this run fills it.
 struct Fill {
@@ -148,9 +146,7 @@ pub(crate) async fn accept_run(
     for f in &fills {
         write_fill(conn, f).await?;
     }
-    for chunk in inserts.chunks(ROWS_PER_INSERT) {
-        insert_requests(conn, run, &fills, chunk).await?;
-    }
+    insert_requests(conn, run, &fills, &inserts).await?;
     Ok(out)
 }
 
@@ -263,45 +259,41 @@ async fn write_fill(conn: &mut SqliteConnection, f: &Fill) -> Result<(), StoreEr
     Ok(())
 }
 
+/// The run's new requests, one prepared single-row INSERT each through
+/// SQLite's C API ([`direct`]).
 async fn insert_requests(
     conn: &mut SqliteConnection,
     run: &[&NewRequest],
     fills: &[Fill],
-    chunk: &[(usize, usize)],
+    inserts: &[(usize, usize)],
 ) -> Result<(), StoreError> {
-    let mut sql = String::from(
-        "INSERT INTO requests (id, credential_hash, upstream, endpoint, model, body, body_hash, \
-         idempotency_key, mode, deadline, callback_url, status, window_id, created_at, retry_tag) \
-         VALUES ",
-    );
-    // Anonymous `?` placeholders: SQLite resolves a named one (`$N`) by a
-    // linear walk of the statement's names, quadratic over a 2,800-bind
-    // statement (it was 40% of intake CPU).
-    for n in 0..chunk.len() {
-        if n > 0 {
-            sql.push(',');
+    direct(conn, |db| {
+        let mut insert = db.prepare(
+            "INSERT INTO requests (id, credential_hash, upstream, endpoint, model, body, \
+             body_hash, idempotency_key, mode, deadline, callback_url, status, window_id, \
+             created_at, retry_tag) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
+             'queued', ?12, ?13, ?14)",
+        )?;
+        for &(i, f) in inserts {
+            let r = run[i];
+            insert.execute(rusqlite::params![
+                r.id.as_str(),
+                r.credential_hash.as_str(),
+                r.upstream.as_str(),
+                r.endpoint.as_str(),
+                r.model.as_str(),
+                r.body.as_ref(),
+                r.body_hash.as_str(),
+                r.idempotency_key.as_deref(),
+                r.mode.as_str(),
+                r.deadline,
+                r.callback_url.as_deref(),
+                fills[f].id.as_str(),
+                r.now,
+                retry_tag(r),
+            ])?;
         }
-        sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,'queued',?,?,?)");
-    }
-    let mut query = sqlx::query(&sql);
-    for &(i, f) in chunk {
-        let r = run[i];
-        query = query
-            .bind(r.id.as_str())
-            .bind(r.credential_hash.as_str())
-            .bind(r.upstream.as_str())
-            .bind(r.endpoint.as_str())
-            .bind(r.model.as_str())
-            .bind(r.body.as_ref())
-            .bind(r.body_hash.as_str())
-            .bind(r.idempotency_key.as_deref())
-            .bind(r.mode.as_str())
-            .bind(r.deadline)
-            .bind(r.callback_url.as_deref())
-            .bind(fills[f].id.as_str())
-            .bind(r.now)
-            .bind(retry_tag(r));
-    }
-    query.execute(&mut *conn).await?;
-    Ok(())
+        Ok(())
+    })
+    .await
 }
