@@ -119,8 +119,10 @@ impl Settings {
             cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
             fd_limit: raise_fd_limit(120_000),
             oha: find_oha(),
-            bin: std::env::var_os("CARPOOL_BENCH_BIN")
-                .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_carpool")), PathBuf::from),
+            bin: std::env::var_os("CARPOOL_BENCH_BIN").map_or_else(
+                || PathBuf::from(env!("CARGO_BIN_EXE_carpool")),
+                PathBuf::from,
+            ),
             dir: tempfile::tempdir()?,
         })
     }
@@ -1302,7 +1304,10 @@ async fn fanout_runs(
     let mut growth = Vec::new();
     let mut baseline = Vec::new();
     for run in 0..s.runs {
-        let model = format!("sim-fanout-{}-{run}", if s.shared.get() { "shared" } else { "pinned" });
+        let model = format!(
+            "sim-fanout-{}-{run}",
+            if s.shared.get() { "shared" } else { "pinned" }
+        );
         let carpool = start_carpool(
             s,
             http,
