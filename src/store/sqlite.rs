@@ -21,7 +21,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::{mpsc, oneshot};
 
-use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply, RESOLVE_ROWS};
+use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply};
 use super::{sqlite_intake, sqlite_resolve};
 use super::{
     NewRequest, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary,
@@ -38,10 +38,11 @@ const MIGRATIONS: &[&str] = &[
 const QUEUE_DEPTH: usize = 16_384;
 
 /// Rows sqlx's connection thread may hand the writer before it waits for
-/// them to be taken. Its default (50) is smaller than a resolve
-/// statement's `RETURNING` (up to [`RESOLVE_ROWS`] rows), and every time
-/// it fills, the two threads wake each other by turns.
-const ROW_BUFFER: usize = 2 * RESOLVE_ROWS;
+/// them to be taken. Its default (50) is smaller than the `RETURNING` of
+/// the writer's many-row statements (a window's unanswered requests failed
+/// at once, say), and every time it fills, the two threads wake each other
+/// by turns.
+const ROW_BUFFER: usize = 1_000;
 
 enum Msg {
     Write(Op, oneshot::Sender<Result<Reply, StoreError>>),

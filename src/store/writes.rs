@@ -447,7 +447,9 @@ macro_rules! write_ops {
         /// Applies a window's results with one multi-row `UPDATE … FROM
         /// (VALUES …)` per status and per [`RESOLVE_ROWS`] results, rather
         /// than a statement (and a round trip to the database) per result.
-        /// When one request appears twice, its first result wins.
+        /// When one request appears twice, its first result wins. (The
+        /// SQLite writer runs `sqlite_resolve` instead: a prepared
+        /// statement per result costs no round trip there.)
         async fn resolve_many(
             conn: &mut Conn,
             window: &WindowId,
