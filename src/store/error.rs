@@ -14,7 +14,7 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     /// SQLite refused or failed a statement the writer ran through its C
-    /// API (`sqlite_resolve`).
+    /// API (`sqlite_direct`: intake's inserts, a window's results).
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// A Postgres schema name outside `[a-z0-9_]{1,63}`.
