@@ -70,6 +70,8 @@ struct Settings {
     rates: Vec<u32>,
     /// Connections the intake section sends with, one row each.
     intake_conns: Vec<usize>,
+    /// Seconds of each of the intake's two timed wrk runs.
+    intake_secs: u64,
     only: Option<Vec<String>>,
     /// (proxy CPU, load CPU) when pinning is possible.
     cpus: Option<(usize, usize)>,
@@ -78,9 +80,13 @@ struct Settings {
     shared: std::cell::Cell<bool>,
     /// CPUs this process could use at start.
     cpu_count: usize,
+    /// The same, as taskset lists them: where an unpinned child runs.
+    all_cpus: Option<String>,
     /// Open descriptors this process (and so each child) may have.
     fd_limit: u64,
     oha: Option<PathBuf>,
+    /// The closed-loop generator for the intake's maximum rate.
+    wrk: Option<PathBuf>,
     bin: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -113,12 +119,15 @@ impl Settings {
             secs: env_or("CARPOOL_BENCH_SECS", 3u64).max(1),
             rates,
             intake_conns,
+            intake_secs: env_or("CARPOOL_BENCH_INTAKE_SECS", 3u64).max(1),
             only,
             cpus,
             shared: std::cell::Cell::new(false),
             cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            all_cpus: own_cpus(),
             fd_limit: raise_fd_limit(120_000),
             oha: find_oha(),
+            wrk: find_wrk(),
             bin: std::env::var_os("CARPOOL_BENCH_BIN").map_or_else(
                 || PathBuf::from(env!("CARGO_BIN_EXE_carpool")),
                 PathBuf::from,
@@ -171,6 +180,38 @@ fn find_oha() -> Option<PathBuf> {
     })
 }
 
+/// A load generator a section needs.
+#[derive(Clone, Copy)]
+enum Tool {
+    /// Fixed rates, latency percentiles, counted sends.
+    Oha,
+    /// The intake's closed loop (see [`wrk`]).
+    Wrk,
+}
+
+impl Tool {
+    fn found(self, s: &Settings) -> bool {
+        match self {
+            Tool::Oha => s.oha.is_some(),
+            Tool::Wrk => s.wrk.is_some(),
+        }
+    }
+
+    fn hint(self) -> &'static str {
+        match self {
+            Tool::Oha => "the load generator oha was not found (install it with `cargo install oha --locked`, or set OHA=/path/to/oha)",
+            Tool::Wrk => "the load generator wrk was not found (install Debian's package with `apt-get install wrk`, or set WRK=/path/to/wrk)",
+        }
+    }
+}
+
+fn find_wrk() -> Option<PathBuf> {
+    match std::env::var_os("WRK") {
+        Some(p) => Some(PathBuf::from(p)).filter(|p| p.is_file()),
+        None => which("wrk"),
+    }
+}
+
 fn pinning() -> Option<(usize, usize)> {
     which("taskset")?;
     if let Ok(v) = std::env::var("CARPOOL_BENCH_CPUS") {
@@ -181,14 +222,35 @@ fn pinning() -> Option<(usize, usize)> {
     (n >= 2).then_some((0, 1))
 }
 
-fn command(program: &Path, cpu: Option<usize>) -> Command {
-    match cpu {
-        Some(cpu) => {
-            let mut c = Command::new("taskset");
-            c.arg("-c").arg(cpu.to_string()).arg(program);
-            c
+/// The CPUs this process may run on, as taskset lists them ("0,1").
+fn own_cpus() -> Option<String> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+    let cpus: Vec<String> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .map(|c| c.to_string())
+        .collect();
+    (!cpus.is_empty()).then(|| cpus.join(","))
+}
+
+impl Settings {
+    /// `program` on `cpu`, or on every CPU this run may use when `None`.
+    /// The driver pins itself to the load's CPU, and a child inherits its
+    /// parent's CPUs: without taskset's list, an unpinned child would
+    /// share the driver's one CPU.
+    fn command(&self, program: &Path, cpu: Option<usize>) -> Command {
+        let cpus = match (cpu, self.cpus, &self.all_cpus) {
+            (Some(cpu), _, _) => Some(cpu.to_string()),
+            (None, Some(_), Some(all)) => Some(all.clone()),
+            (None, _, _) => None,
+        };
+        match cpus {
+            Some(list) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(list).arg(program);
+                c
+            }
+            None => Command::new(program),
         }
-        None => Command::new(program),
     }
 }
 
@@ -283,7 +345,7 @@ struct Sim {
 
 fn start_sim(s: &Settings) -> Res<Sim> {
     let port = free_port()?;
-    let mut cmd = command(&s.bin, s.load_cpu());
+    let mut cmd = s.command(&s.bin, s.load_cpu());
     cmd.arg("sim")
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
@@ -354,7 +416,7 @@ async fn start_carpool_on(
         ),
     )?;
     let log = std::fs::File::create(s.dir.path().join(format!("{name}.log")))?;
-    let mut cmd = command(&s.bin, s.proxy_cpu());
+    let mut cmd = s.command(&s.bin, s.proxy_cpu());
     cmd.arg("serve")
         .arg("--config")
         .arg(&config)
@@ -433,7 +495,6 @@ struct Load {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
-    total_s: f64,
     ok: usize,
     n: usize,
 }
@@ -478,7 +539,7 @@ fn oha(
     expect: u16,
 ) -> Res<Load> {
     let oha = s.oha.as_ref().ok_or("oha not found")?;
-    let mut cmd = command(oha, s.load_cpu());
+    let mut cmd = s.command(oha, s.load_cpu());
     cmd.args([
         "--no-tui",
         "--output-format",
@@ -517,9 +578,98 @@ fn oha(
         rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
         p50_ms: v["latencyPercentiles"]["p50"].as_f64().unwrap_or(f64::NAN) * 1e3,
         p99_ms: v["latencyPercentiles"]["p99"].as_f64().unwrap_or(f64::NAN) * 1e3,
-        total_s: v["summary"]["total"].as_f64().unwrap_or(f64::NAN),
         ok,
         n,
+    })
+}
+
+// ---------------------------------------------------------------- wrk
+
+/// What one closed-loop run did.
+struct Closed {
+    /// Calls answered with a status below 400.
+    calls: u64,
+    secs: f64,
+    /// Answers of 400 or more, and connect, read, write or timeout errors.
+    errors: u64,
+}
+
+impl Closed {
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.secs
+    }
+}
+
+/// One wrk run: `conns` connections on one thread for `secs` seconds, each
+/// sending its next call as soon as the last is answered (a closed loop),
+/// so the rate is whatever the server sustains. oha at full speed is the
+/// same loop, but its one thread costs several times more per call than
+/// wrk's and was, in earlier reports, the ceiling of the intake's rows.
+fn wrk(
+    s: &Settings,
+    url: &str,
+    secs: u64,
+    conns: usize,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Res<Closed> {
+    let wrk = s.wrk.as_ref().ok_or("wrk not found")?;
+    if body.contains("]==]") {
+        return Err("wrk: the body cannot be quoted as a Lua long string".into());
+    }
+    let bearer = format!("Bearer {KEY}");
+    let mut lua = format!("wrk.method = \"POST\"\nwrk.body = [==[{body}]==]\n");
+    for (name, value) in [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/json"),
+    ]
+    .iter()
+    .chain(headers)
+    {
+        lua += &format!("wrk.headers[\"{name}\"] = \"{value}\"\n");
+    }
+    // wrk's summary, on one line this driver reads back.
+    lua += "done = function(summary, latency, requests)\n\
+            \x20 local e = summary.errors\n\
+            \x20 io.write(string.format(\"carpool-bench %d %d %d %d\\n\", summary.requests, \
+            summary.duration, e.status, e.connect + e.read + e.write + e.timeout))\n\
+            end\n";
+    let script = s.dir.path().join("wrk.lua");
+    std::fs::write(&script, lua)?;
+    let out = s
+        .command(wrk, s.load_cpu())
+        .args([
+            "-t",
+            "1",
+            "-c",
+            &conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+        ])
+        .arg("-s")
+        .arg(&script)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("wrk failed: {stdout}").into());
+    }
+    let summary: Vec<u64> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("carpool-bench "))
+        .ok_or_else(|| format!("wrk: no summary in its output: {stdout}"))?
+        .split(' ')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let [requests, micros, refused, broken] = summary[..] else {
+        return Err(format!("wrk: unexpected summary in {stdout}").into());
+    };
+    Ok(Closed {
+        calls: requests.saturating_sub(refused),
+        secs: micros as f64 / 1e6,
+        errors: refused + broken,
     })
 }
 
@@ -1037,11 +1187,12 @@ async fn held(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Repo
 
 async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Report) -> Res<()> {
     eprintln!("== intake");
-    let half = 50_000;
+    const PENDING: f64 = 100_000.0;
     let mut rss = Vec::new();
+    let mut pending = Vec::new();
     let mut idle = Vec::new();
-    // Pinned (carpool on one core, oha on the other: the cost per core),
-    // then shared (carpool free on both cores, competing with oha for them).
+    // Pinned (carpool on one core, wrk on the other: the cost per core),
+    // then shared (carpool free on both cores, competing with wrk for them).
     let modes: &[bool] = if s.cpus.is_some() {
         &[false, true]
     } else {
@@ -1053,7 +1204,7 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
     {
         s.shared.set(shared);
         let how = match (shared, s.cpus) {
-            (true, _) => "carpool and oha sharing both cores".to_owned(),
+            (true, _) => "carpool and wrk sharing both cores".to_owned(),
             (false, Some((p, _))) => format!("carpool pinned to CPU {p}"),
             (false, None) => "unpinned".to_owned(),
         };
@@ -1070,40 +1221,63 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
             .await?;
             idle.push(carpool.proc.rss_mib()?);
             let url = format!("{}/v1/chat/completions", carpool.url);
+            let async_mode = [("Carpool-Mode", "async")];
+            // Two windows, as two models' calls would fill (a window holds
+            // 100,000 at most: runs are kept short enough not to fill one).
+            let mut calls = 0;
             let mut secs = 0.0;
             for model in ["sim-a", "sim-b"] {
                 let body = CHAT_BODY.replace("sim-small", model);
-                let l = send_async(s, "intake", &url, &body, half, conns)?;
-                secs += l.total_s;
+                let c = wrk(s, &url, s.intake_secs, conns, &body, &async_mode)?;
+                if c.errors > 0 {
+                    return Err(format!("intake: {} calls failed", c.errors).into());
+                }
+                calls += c.calls;
+                secs += c.secs;
             }
-            let pending = metric(
-                http,
-                &carpool.url,
-                "carpool_deferred_accepted_total",
-                "mode=\"async\"",
-            )
-            .await?;
-            let r = carpool.proc.rss_mib()?;
-            let d = oha(
+            let accepted = |http| {
+                metric(
+                    http,
+                    &carpool.url,
+                    "carpool_deferred_accepted_total",
+                    "mode=\"async\"",
+                )
+            };
+            let mut stored = accepted(http).await?;
+            // Every call wrk counted was answered below 400; each must be
+            // one carpool stored (a 200 would be a pass-through).
+            if stored < calls as f64 {
+                return Err(format!(
+                    "intake: wrk counted {calls} answers, carpool stored {stored}"
+                )
+                .into());
+            }
+            let r = calls as f64 / secs;
+            // Topped up, untimed, to the pending count the RSS row is for.
+            while stored < PENDING {
+                let body = CHAT_BODY.replace("sim-small", "sim-c");
+                wrk(s, &url, 1, conns, &body, &async_mode)?;
+                stored = accepted(http).await?;
+            }
+            let m = carpool.proc.rss_mib()?;
+            let d = wrk(
                 s,
                 &format!("{}/v1/chat/completions", sim.url),
-                None,
-                Some(half),
+                s.intake_secs,
                 conns,
                 CHAT_BODY,
                 &[],
-                200,
             )?;
             eprintln!(
-                " {conns} connections, {how}, run {}/{}: {:.0} acceptances/s, {pending} pending, RSS {r:.1} MiB; direct {:.0}/s",
+                " {conns} connections, {how}, run {}/{}: {r:.0} acceptances/s, {stored} pending, RSS {m:.1} MiB; direct {:.0}/s",
                 run + 1,
                 s.runs,
-                2.0 * half as f64 / secs,
-                d.rps
+                d.rate()
             );
-            rate.push(2.0 * half as f64 / secs);
-            rss.push(r);
-            direct.push(d.rps);
+            rate.push(r);
+            rss.push(m);
+            pending.push(stored);
+            direct.push(d.rate());
             drop(carpool);
         }
         let r = median(&rate);
@@ -1123,8 +1297,12 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
     let m = median(&rss);
     report.row(
         "intake",
-        "RSS at 100,000 pending",
-        format!("{m:.0} MiB"),
+        "RSS at 100,000 pending or more",
+        format!(
+            "{m:.0} MiB ({:.0}–{:.0} pending)",
+            pending.iter().copied().fold(f64::INFINITY, f64::min),
+            pending.iter().copied().fold(0.0, f64::max)
+        ),
         format!("{:.0} MiB idle", median(&idle)),
         "< 300 MB",
         Some(m * 1.048_576 < 300.0),
@@ -1461,30 +1639,30 @@ async fn run(s: &Settings, report: &mut Report) -> Res<()> {
         &'a mut Report,
     )
         -> std::pin::Pin<Box<dyn std::future::Future<Output = Res<()>> + 'a>>;
-    let sections: [(&str, bool, Section); 6] = [
-        ("passthrough", true, |s, h, sim, r| {
+    let sections: [(&str, Option<Tool>, Section); 6] = [
+        ("passthrough", Some(Tool::Oha), |s, h, sim, r| {
             Box::pin(passthrough(s, h, sim, r))
         }),
-        ("streams", false, |s, h, sim, r| {
+        ("streams", None, |s, h, sim, r| {
             Box::pin(streams(s, h, sim, r))
         }),
-        ("held", false, |s, h, sim, r| Box::pin(held(s, h, sim, r))),
-        ("intake", true, |s, h, sim, r| {
+        ("held", None, |s, h, sim, r| Box::pin(held(s, h, sim, r))),
+        ("intake", Some(Tool::Wrk), |s, h, sim, r| {
             Box::pin(intake(s, h, sim, r))
         }),
-        ("flush", true, |s, h, sim, r| Box::pin(flush(s, h, sim, r))),
-        ("fanout", true, |s, h, sim, r| {
+        ("flush", Some(Tool::Oha), |s, h, sim, r| {
+            Box::pin(flush(s, h, sim, r))
+        }),
+        ("fanout", Some(Tool::Oha), |s, h, sim, r| {
             Box::pin(fanout(s, h, sim, r))
         }),
     ];
-    for (name, needs_oha, section) in sections {
+    for (name, needs, section) in sections {
         if !s.wants(name) {
             continue;
         }
-        if needs_oha && s.oha.is_none() {
-            let msg = format!(
-                "{name}: skipped, the load generator oha was not found (install it with `cargo install oha --locked`, or set OHA=/path/to/oha)"
-            );
+        if let Some(missing) = needs.filter(|t| !t.found(s)) {
+            let msg = format!("{name}: skipped, {}", missing.hint());
             eprintln!("{msg}");
             report.notes.push(msg);
             continue;
