@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo install oha --locked      # the load generator (once)
+//! apt-get install wrk             # the intake's closed-loop generator (once)
 //! cargo bench --bench report
 //! ```
 //!
@@ -18,16 +19,17 @@
 //! Sections (`CARPOOL_BENCH_ONLY=passthrough,streams,held,intake,flush,fanout`
 //! picks some):
 //! 1. passthrough: oha at fixed rates (`-q`, latency corrected for
-//!    coordinated omission) and at full speed, against the sim directly and
-//!    through carpool, alternating.
+//!    coordinated omission), then wrk at full speed, against the sim
+//!    directly and through carpool, alternating.
 //! 2. streams: streamed completions (sim `chunk_delay`), time to first event
 //!    and gap between events, direct and through carpool.
 //! 3. held: RSS of carpool holding 10,000 and 50,000 wait-mode callers
 //!    (raw loopback sockets from 127.0.0.2-9, windows that never fill).
-//! 4. intake: oha sends async calls (100,000 in two windows), acceptances/s
-//!    (each one committed to SQLite before its 202) with 64 and 256
-//!    connections, pinned and then with carpool and oha sharing both cores,
-//!    and RSS at 100,000 pending.
+//! 4. intake: wrk sends async calls as fast as they are answered (two
+//!    timed runs, one window each), acceptances/s (each one committed to
+//!    SQLite before its 202) with 64 and 256 connections, pinned and then
+//!    with carpool and wrk sharing both cores, and RSS once 100,000 or more
+//!    are pending.
 //! 5. flush: time from the call that fills a window to its job existing,
 //!    and the peak RSS growth meanwhile (VmHWM reset through clear_refs),
 //!    for a 10,000- and a 50,000-line window.
@@ -40,7 +42,8 @@
 //! `CARPOOL_BENCH_SECS` (3, per pass-through point), `CARPOOL_BENCH_RATES`
 //! (`500,1000,2000,4000,8000,12000,16000,20000`), `CARPOOL_BENCH_INTAKE_CONNS`
 //! (`64,256`: the intake's connection counts), `CARPOOL_BENCH_CPUS` (`0,1`: the
-//! proxy's CPU, then the load's), `OHA` (path of the load generator),
+//! proxy's CPU, then the load's), `CARPOOL_BENCH_INTAKE_SECS` (3, per timed
+//! intake run), `OHA` and `WRK` (paths of the load generators),
 //! `CARPOOL_BENCH_LOG` (carpool's `RUST_LOG`, default `warn`),
 //! `CARPOOL_BENCH_BIN` (another carpool binary to measure, say an earlier
 //! build kept for a before-and-after run; default the one cargo built).
@@ -185,8 +188,9 @@ fn find_oha() -> Option<PathBuf> {
 enum Tool {
     /// Fixed rates, latency percentiles, counted sends.
     Oha,
-    /// The intake's closed loop (see [`wrk`]).
+    /// The closed loops: intake, pass-through at full speed (see [`wrk`]).
     Wrk,
+    Both,
 }
 
 impl Tool {
@@ -194,6 +198,7 @@ impl Tool {
         match self {
             Tool::Oha => s.oha.is_some(),
             Tool::Wrk => s.wrk.is_some(),
+            Tool::Both => s.oha.is_some() && s.wrk.is_some(),
         }
     }
 
@@ -201,6 +206,7 @@ impl Tool {
         match self {
             Tool::Oha => "the load generator oha was not found (install it with `cargo install oha --locked`, or set OHA=/path/to/oha)",
             Tool::Wrk => "the load generator wrk was not found (install Debian's package with `apt-get install wrk`, or set WRK=/path/to/wrk)",
+            Tool::Both => "it needs both load generators, oha (`cargo install oha --locked`, or OHA=/path/to/oha) and wrk (`apt-get install wrk`, or WRK=/path/to/wrk)",
         }
     }
 }
@@ -592,11 +598,24 @@ struct Closed {
     secs: f64,
     /// Answers of 400 or more, and connect, read, write or timeout errors.
     errors: u64,
+    p50_ms: f64,
+    p99_ms: f64,
 }
 
 impl Closed {
     fn rate(&self) -> f64 {
         self.calls as f64 / self.secs
+    }
+
+    /// As the pass-through rows read a run.
+    fn load(&self) -> Load {
+        Load {
+            rps: self.rate(),
+            p50_ms: self.p50_ms,
+            p99_ms: self.p99_ms,
+            ok: usize::try_from(self.calls).unwrap_or(usize::MAX),
+            n: usize::try_from(self.calls + self.errors).unwrap_or(usize::MAX),
+        }
     }
 }
 
@@ -631,8 +650,9 @@ fn wrk(
     // wrk's summary, on one line this driver reads back.
     lua += "done = function(summary, latency, requests)\n\
             \x20 local e = summary.errors\n\
-            \x20 io.write(string.format(\"carpool-bench %d %d %d %d\\n\", summary.requests, \
-            summary.duration, e.status, e.connect + e.read + e.write + e.timeout))\n\
+            \x20 io.write(string.format(\"carpool-bench %d %d %d %d %d %d\\n\", summary.requests, \
+            summary.duration, e.status, e.connect + e.read + e.write + e.timeout, \
+            latency:percentile(50), latency:percentile(99)))\n\
             end\n";
     let script = s.dir.path().join("wrk.lua");
     std::fs::write(&script, lua)?;
@@ -656,20 +676,24 @@ fn wrk(
     if !out.status.success() {
         return Err(format!("wrk failed: {stdout}").into());
     }
-    let summary: Vec<u64> = stdout
+    let summary: Vec<f64> = stdout
         .lines()
         .find_map(|l| l.strip_prefix("carpool-bench "))
         .ok_or_else(|| format!("wrk: no summary in its output: {stdout}"))?
         .split(' ')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    let [requests, micros, refused, broken] = summary[..] else {
+    let [requests, micros, refused, broken, p50_us, p99_us] = summary[..] else {
         return Err(format!("wrk: unexpected summary in {stdout}").into());
     };
+    // Counts, as wrk printed them with %d.
+    let count = |v: f64| v as u64;
     Ok(Closed {
-        calls: requests.saturating_sub(refused),
-        secs: micros as f64 / 1e6,
-        errors: refused + broken,
+        calls: count(requests).saturating_sub(count(refused)),
+        secs: micros / 1e6,
+        errors: count(refused) + count(broken),
+        p50_ms: p50_us / 1e3,
+        p99_ms: p99_us / 1e3,
     })
 }
 
@@ -815,8 +839,10 @@ async fn passthrough(
             e.0.push(d);
             e.1.push(c);
         }
-        let d = oha(s, &direct_url, None, None, conns, CHAT_BODY, &[], 200)?;
-        let c = oha(s, &proxy_url, None, None, conns, CHAT_BODY, &[], 200)?;
+        // Full speed is a closed loop: wrk, whose own cost per call is a
+        // fraction of oha's (see `wrk`), so the sim sets the pace.
+        let d = wrk(s, &direct_url, s.secs, conns, CHAT_BODY, &[])?.load();
+        let c = wrk(s, &proxy_url, s.secs, conns, CHAT_BODY, &[])?.load();
         eprintln!("  max: direct {:.0}/s | carpool {:.0}/s", d.rps, c.rps);
         max_direct.push(d);
         max_proxy.push(c);
@@ -1640,7 +1666,7 @@ async fn run(s: &Settings, report: &mut Report) -> Res<()> {
     )
         -> std::pin::Pin<Box<dyn std::future::Future<Output = Res<()>> + 'a>>;
     let sections: [(&str, Option<Tool>, Section); 6] = [
-        ("passthrough", Some(Tool::Oha), |s, h, sim, r| {
+        ("passthrough", Some(Tool::Both), |s, h, sim, r| {
             Box::pin(passthrough(s, h, sim, r))
         }),
         ("streams", None, |s, h, sim, r| {
