@@ -622,8 +622,8 @@ impl Closed {
 /// One wrk run: `conns` connections on one thread for `secs` seconds, each
 /// sending its next call as soon as the last is answered (a closed loop),
 /// so the rate is whatever the server sustains. oha at full speed is the
-/// same loop, but its one thread costs several times more per call than
-/// wrk's and was, in earlier reports, the ceiling of the intake's rows.
+/// same loop, but spends twice wrk's CPU per call, taken from carpool
+/// wherever the two share a CPU.
 fn wrk(
     s: &Settings,
     url: &str,
