@@ -190,7 +190,6 @@ enum Tool {
     Oha,
     /// The closed loops: intake, pass-through at full speed (see [`wrk`]).
     Wrk,
-    Both,
 }
 
 impl Tool {
@@ -198,7 +197,6 @@ impl Tool {
         match self {
             Tool::Oha => s.oha.is_some(),
             Tool::Wrk => s.wrk.is_some(),
-            Tool::Both => s.oha.is_some() && s.wrk.is_some(),
         }
     }
 
@@ -206,7 +204,6 @@ impl Tool {
         match self {
             Tool::Oha => "the load generator oha was not found (install it with `cargo install oha --locked`, or set OHA=/path/to/oha)",
             Tool::Wrk => "the load generator wrk was not found (install Debian's package with `apt-get install wrk`, or set WRK=/path/to/wrk)",
-            Tool::Both => "it needs both load generators, oha (`cargo install oha --locked`, or OHA=/path/to/oha) and wrk (`apt-get install wrk`, or WRK=/path/to/wrk)",
         }
     }
 }
@@ -839,8 +836,8 @@ async fn passthrough(
             e.0.push(d);
             e.1.push(c);
         }
-        // Full speed is a closed loop: wrk, whose own cost per call is a
-        // fraction of oha's (see `wrk`), so the sim sets the pace.
+        // Full speed is a closed loop: wrk, at half oha's cost per call
+        // (see `wrk`) on the CPU it shares with the sim.
         let d = wrk(s, &direct_url, s.secs, conns, CHAT_BODY, &[])?.load();
         let c = wrk(s, &proxy_url, s.secs, conns, CHAT_BODY, &[])?.load();
         eprintln!("  max: direct {:.0}/s | carpool {:.0}/s", d.rps, c.rps);
@@ -1279,11 +1276,20 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
                 .into());
             }
             let r = calls as f64 / secs;
-            // Topped up, untimed, to the pending count the RSS row is for.
+            // Topped up, untimed, to the pending count the RSS row is for;
+            // a round that stores nothing ends the run.
             while stored < PENDING {
                 let body = CHAT_BODY.replace("sim-small", "sim-c");
-                wrk(s, &url, 1, conns, &body, &async_mode)?;
+                let c = wrk(s, &url, 1, conns, &body, &async_mode)?;
+                let before = stored;
                 stored = accepted(http).await?;
+                if c.errors > 0 || stored <= before {
+                    return Err(format!(
+                        "intake: topping up stopped at {stored} pending ({} calls failed)",
+                        c.errors
+                    )
+                    .into());
+                }
             }
             let m = carpool.proc.rss_mib()?;
             let d = wrk(
@@ -1665,21 +1671,21 @@ async fn run(s: &Settings, report: &mut Report) -> Res<()> {
         &'a mut Report,
     )
         -> std::pin::Pin<Box<dyn std::future::Future<Output = Res<()>> + 'a>>;
-    let sections: [(&str, Option<Tool>, Section); 6] = [
-        ("passthrough", Some(Tool::Both), |s, h, sim, r| {
+    let sections: [(&str, &[Tool], Section); 6] = [
+        ("passthrough", &[Tool::Oha, Tool::Wrk], |s, h, sim, r| {
             Box::pin(passthrough(s, h, sim, r))
         }),
-        ("streams", None, |s, h, sim, r| {
+        ("streams", &[], |s, h, sim, r| {
             Box::pin(streams(s, h, sim, r))
         }),
-        ("held", None, |s, h, sim, r| Box::pin(held(s, h, sim, r))),
-        ("intake", Some(Tool::Wrk), |s, h, sim, r| {
+        ("held", &[], |s, h, sim, r| Box::pin(held(s, h, sim, r))),
+        ("intake", &[Tool::Wrk], |s, h, sim, r| {
             Box::pin(intake(s, h, sim, r))
         }),
-        ("flush", Some(Tool::Oha), |s, h, sim, r| {
+        ("flush", &[Tool::Oha], |s, h, sim, r| {
             Box::pin(flush(s, h, sim, r))
         }),
-        ("fanout", Some(Tool::Oha), |s, h, sim, r| {
+        ("fanout", &[Tool::Oha], |s, h, sim, r| {
             Box::pin(fanout(s, h, sim, r))
         }),
     ];
@@ -1687,7 +1693,7 @@ async fn run(s: &Settings, report: &mut Report) -> Res<()> {
         if !s.wants(name) {
             continue;
         }
-        if let Some(missing) = needs.filter(|t| !t.found(s)) {
+        if let Some(missing) = needs.iter().find(|t| !t.found(s)) {
             let msg = format!("{name}: skipped, {}", missing.hint());
             eprintln!("{msg}");
             report.notes.push(msg);
