@@ -313,6 +313,102 @@ impl Proc {
     }
 }
 
+/// CPU time (user + system, seconds) a process's threads have used,
+/// summed by what the thread is (see [`thread_kind`]). A thread that ended
+/// in between takes its time with it, which only tokio's blocking threads
+/// do here.
+#[derive(Clone, Debug, Default)]
+struct ThreadCpu(BTreeMap<&'static str, f64>);
+
+impl ThreadCpu {
+    fn of(proc: &Proc) -> Res<Self> {
+        let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?
+            .ok_or("the clock tick rate is unknown")? as f64;
+        let mut by_kind = BTreeMap::new();
+        for task in std::fs::read_dir(format!("/proc/{}/task", proc.pid()))? {
+            let task = task?;
+            let main = task.file_name().to_str() == Some(&proc.pid().to_string());
+            // Gone since the listing: nothing to add.
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // `pid (name) state …`: the name may hold spaces, not `)`+space.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            // utime and stime, fields 14 and 15 of the line.
+            let ticks: u64 = fields[11..13]
+                .iter()
+                .map(|f| f.parse::<u64>())
+                .sum::<Result<u64, _>>()?;
+            let kind = if main {
+                "main"
+            } else {
+                thread_kind(&stat[open + 1..close])
+            };
+            *by_kind.entry(kind).or_default() += ticks as f64 / per_second;
+        }
+        Ok(Self(by_kind))
+    }
+
+    /// Microseconds of CPU per unit of work between `self` and `later`.
+    fn per(&self, later: &Self, units: f64) -> Self {
+        Self(
+            later
+                .0
+                .iter()
+                .map(|(kind, t)| (*kind, 1e6 * (t - self.0.get(kind).unwrap_or(&0.0)) / units))
+                .collect(),
+        )
+    }
+
+    /// Each kind's median over `runs`.
+    fn median(runs: &[Self]) -> Self {
+        let mut kinds: Vec<&'static str> = runs.iter().flat_map(|r| r.0.keys().copied()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        Self(
+            kinds
+                .into_iter()
+                .map(|k| {
+                    let v: Vec<f64> = runs
+                        .iter()
+                        .map(|r| r.0.get(k).copied().unwrap_or(0.0))
+                        .collect();
+                    (k, median(&v))
+                })
+                .collect(),
+        )
+    }
+
+    /// `runtime 10.2 + writer 13.1 + … = 30.3 µs`, kinds under 0.05 left out.
+    fn show(&self) -> String {
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .filter(|(_, t)| **t >= 0.05)
+            .map(|(kind, t)| format!("{kind} {t:.1}"))
+            .collect();
+        format!(
+            "{} = {:.1} µs",
+            parts.join(" + "),
+            self.0.values().sum::<f64>()
+        )
+    }
+}
+
+/// What a thread of carpool's is, from the name the kernel keeps of it
+/// (15 bytes); the main thread is told by its id.
+fn thread_kind(name: &str) -> &'static str {
+    match name {
+        n if n.starts_with("tokio-r") => "runtime",
+        n if n.starts_with("carpool-sqlite") => "writer",
+        n if n.starts_with("sqlx-sqlite") => "sqlx",
+        _ => "other",
+    }
+}
+
 impl Proc {
     /// SIGTERM, then wait for the exit (SIGKILL after `grace`).
     fn stop(mut self, grace: Duration) {
@@ -1233,6 +1329,7 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
         };
         let mut rate = Vec::new();
         let mut direct = Vec::new();
+        let mut cpu = Vec::new();
         for run in 0..s.runs {
             let carpool = start_carpool(
                 s,
@@ -1249,6 +1346,7 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
             // 100,000 at most: runs are kept short enough not to fill one).
             let mut calls = 0;
             let mut secs = 0.0;
+            let cpu_before = ThreadCpu::of(&carpool.proc)?;
             for model in ["sim-a", "sim-b"] {
                 let body = CHAT_BODY.replace("sim-small", model);
                 let c = wrk(s, &url, s.intake_secs, conns, &body, &async_mode)?;
@@ -1258,6 +1356,7 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
                 calls += c.calls;
                 secs += c.secs;
             }
+            let cpu_used = cpu_before.per(&ThreadCpu::of(&carpool.proc)?, calls as f64);
             let accepted = |http| {
                 metric(
                     http,
@@ -1301,11 +1400,13 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
                 &[],
             )?;
             eprintln!(
-                " {conns} connections, {how}, run {}/{}: {r:.0} acceptances/s, {stored} pending, RSS {m:.1} MiB; direct {:.0}/s",
+                " {conns} connections, {how}, run {}/{}: {r:.0} acceptances/s, {stored} pending, RSS {m:.1} MiB; direct {:.0}/s; CPU an acceptance: {}",
                 run + 1,
                 s.runs,
-                d.rate()
+                d.rate(),
+                cpu_used.show()
             );
+            cpu.push(cpu_used);
             rate.push(r);
             rss.push(m);
             pending.push(stored);
@@ -1323,6 +1424,14 @@ async fn intake(s: &Settings, http: &reqwest::Client, sim: &Sim, report: &mut Re
             format!("{d:.0}/s plain sim calls"),
             "≥ 20,000/s",
             Some(r >= 20_000.0),
+        );
+        report.row(
+            "intake",
+            format!("CPU an acceptance, by carpool thread ({conns} connections, {how})"),
+            ThreadCpu::median(&cpu).show(),
+            "",
+            "",
+            None,
         );
     }
     s.shared.set(false);
@@ -1513,6 +1622,7 @@ async fn fanout_runs(
     let mut rates = Vec::new();
     let mut growth = Vec::new();
     let mut baseline = Vec::new();
+    let mut cpu = Vec::new();
     for run in 0..s.runs {
         let model = format!(
             "sim-fanout-{}-{run}",
@@ -1570,6 +1680,7 @@ async fn fanout_runs(
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
+        let cpu_before = ThreadCpu::of(&carpool.proc)?;
         let done = wait_metric(
             http,
             &carpool.url,
@@ -1581,14 +1692,17 @@ async fn fanout_runs(
         )
         .await?;
         let rate = lines as f64 / (done - start).as_secs_f64();
+        let cpu_used = cpu_before.per(&ThreadCpu::of(&carpool.proc)?, lines as f64);
         let peak = carpool.proc.peak_mib()?;
         eprintln!(
-            " {how}, run {}/{}: {lines} results in {:.3} s = {rate:.0}/s; RSS {before:.1} → peak {peak:.1} MiB",
+            " {how}, run {}/{}: {lines} results in {:.3} s = {rate:.0}/s; RSS {before:.1} → peak {peak:.1} MiB; CPU a result: {}",
             run + 1,
             s.runs,
-            (done - start).as_secs_f64()
+            (done - start).as_secs_f64(),
+            cpu_used.show()
         );
         rates.push(rate);
+        cpu.push(cpu_used);
         growth.push(peak - before);
         drop(carpool);
         let file = job_view["output_file"]
@@ -1609,6 +1723,14 @@ async fn fanout_runs(
         ),
         "≥ 100,000/s",
         Some(r >= 100_000.0),
+    );
+    report.row(
+        "fan-out",
+        format!("CPU a result, by carpool thread ({how})"),
+        ThreadCpu::median(&cpu).show(),
+        "",
+        "",
+        None,
     );
     report.row(
         "fan-out",

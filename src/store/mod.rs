@@ -24,6 +24,7 @@ mod outbox;
 mod postgres;
 mod reads;
 mod sqlite;
+mod sqlite_checkpoint;
 mod sqlite_direct;
 mod sqlite_intake;
 mod sqlite_resolve;

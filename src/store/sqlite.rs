@@ -22,7 +22,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply};
-use super::{sqlite_intake, sqlite_resolve};
+use super::{sqlite_checkpoint, sqlite_intake, sqlite_resolve};
 use super::{
     NewRequest, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary,
 };
@@ -87,6 +87,7 @@ impl SqliteStore {
             .connect()
             .await?;
         sqlite_migrate::migrate(&mut conn, "", MIGRATIONS).await?;
+        let wal_hook = sqlite_checkpoint::start(&mut conn, &connect).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(options.pool_size.max(1))
             .connect_with(connect)
@@ -105,7 +106,11 @@ impl SqliteStore {
                     .enable_all()
                     .build()
                 {
-                    Ok(runtime) => runtime.block_on(run_writer(conn, rx, cap, horizon)),
+                    Ok(runtime) => {
+                        runtime.block_on(run_writer(conn, rx, cap, horizon));
+                        // The connection is closed: no commit calls the hook.
+                        wal_hook.release();
+                    }
                     Err(error) => {
                         tracing::error!(%error, "cannot start the SQLite writer's runtime");
                     }
