@@ -82,9 +82,9 @@ impl SqliteStore {
         // allocation; readers keep SQLite's default of 2 MiB). 8 MiB holds
         // the index tails intake and results work on; marking a large
         // window submitted fills it either way, so a bigger cache only
-        // made a flush's peak memory grow with the window (32 MiB did:
-        // 58 MiB at 50,000 lines, 61 MiB at 100,000; 8 MiB 37 MiB for both,
-        // and the same intake and fan-out rates).
+        // made a flush's peak memory grow with the window (with 32 MiB:
+        // 58 MiB at 50,000 lines, 61 MiB at 100,000; with 8 MiB, 37 MiB
+        // for both, at the same intake and fan-out rates).
         let mut conn = connect
             .clone()
             .pragma("cache_size", "-8192")
