@@ -81,10 +81,8 @@ struct Settings {
     /// Set while a section runs carpool and the load unpinned, carpool
     /// with a worker thread per CPU: every core shared by all.
     shared: std::cell::Cell<bool>,
-    /// CPUs this process could use at start.
-    cpu_count: usize,
-    /// The same, as taskset lists them: where an unpinned child runs.
-    all_cpus: Option<String>,
+    /// CPUs this process could use at start: where an unpinned child runs.
+    all_cpus: Vec<usize>,
     /// Open descriptors this process (and so each child) may have.
     fd_limit: u64,
     oha: Option<PathBuf>,
@@ -116,7 +114,8 @@ impl Settings {
         let only = std::env::var("CARPOOL_BENCH_ONLY")
             .ok()
             .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
-        let cpus = pinning();
+        let all_cpus = own_cpus();
+        let cpus = pinning(&all_cpus);
         Ok(Self {
             runs: env_or("CARPOOL_BENCH_RUNS", 3usize).max(1),
             secs: env_or("CARPOOL_BENCH_SECS", 3u64).max(1),
@@ -126,8 +125,7 @@ impl Settings {
             only,
             cpus,
             shared: std::cell::Cell::new(false),
-            cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            all_cpus: own_cpus(),
+            all_cpus,
             fd_limit: raise_fd_limit(120_000),
             oha: find_oha(),
             wrk: find_wrk(),
@@ -157,7 +155,7 @@ impl Settings {
     fn proxy_threads(&self) -> String {
         match self.proxy_cpu() {
             Some(_) => "1".to_owned(),
-            None => self.cpu_count.to_string(),
+            None => self.all_cpus.len().to_string(),
         }
     }
 }
@@ -215,24 +213,35 @@ fn find_wrk() -> Option<PathBuf> {
     }
 }
 
-fn pinning() -> Option<(usize, usize)> {
+/// (proxy CPU, load CPU): `CARPOOL_BENCH_CPUS`, else the first two of
+/// `own`; none without taskset or a second CPU.
+fn pinning(own: &[usize]) -> Option<(usize, usize)> {
     which("taskset")?;
     if let Ok(v) = std::env::var("CARPOOL_BENCH_CPUS") {
         let mut it = v.split(',').filter_map(|c| c.trim().parse().ok());
         return Some((it.next()?, it.next()?));
     }
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (n >= 2).then_some((0, 1))
+    match own {
+        [proxy, load, ..] => Some((*proxy, *load)),
+        _ => None,
+    }
 }
 
-/// The CPUs this process may run on, as taskset lists them ("0,1").
-fn own_cpus() -> Option<String> {
-    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
-    let cpus: Vec<String> = (0..nix::sched::CpuSet::count())
-        .filter(|&c| set.is_set(c).unwrap_or(false))
-        .map(|c| c.to_string())
-        .collect();
-    (!cpus.is_empty()).then(|| cpus.join(","))
+/// The CPUs this process may run on (CPU 0 alone if the kernel will not
+/// say).
+fn own_cpus() -> Vec<usize> {
+    let cpus: Vec<usize> = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map(|set| {
+            (0..nix::sched::CpuSet::count())
+                .filter(|&c| set.is_set(c).unwrap_or(false))
+                .collect()
+        })
+        .unwrap_or_default();
+    if cpus.is_empty() {
+        vec![0]
+    } else {
+        cpus
+    }
 }
 
 impl Settings {
@@ -241,10 +250,16 @@ impl Settings {
     /// parent's CPUs: without taskset's list, an unpinned child would
     /// share the driver's one CPU.
     fn command(&self, program: &Path, cpu: Option<usize>) -> Command {
-        let cpus = match (cpu, self.cpus, &self.all_cpus) {
-            (Some(cpu), _, _) => Some(cpu.to_string()),
-            (None, Some(_), Some(all)) => Some(all.clone()),
-            (None, _, _) => None,
+        let cpus = match (cpu, self.cpus) {
+            (Some(cpu), _) => Some(cpu.to_string()),
+            (None, Some(_)) => Some(
+                self.all_cpus
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (None, None) => None,
         };
         match cpus {
             Some(list) => {
@@ -338,7 +353,9 @@ impl ThreadCpu {
             };
             let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
             // utime and stime, fields 14 and 15 of the line.
-            let ticks: u64 = fields[11..13]
+            let ticks: u64 = fields
+                .get(11..13)
+                .ok_or("a thread's stat line is short")?
                 .iter()
                 .map(|f| f.parse::<u64>())
                 .sum::<Result<u64, _>>()?;
@@ -839,7 +856,7 @@ impl Report {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default();
-        let cpus = s.cpu_count;
+        let cpus = s.all_cpus.len();
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let load: Vec<&str> = load.split_whitespace().take(3).collect();
         println!();

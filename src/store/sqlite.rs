@@ -92,11 +92,13 @@ impl SqliteStore {
             .connect()
             .await?;
         sqlite_migrate::migrate(&mut conn, "", MIGRATIONS).await?;
-        let wal_hook = sqlite_checkpoint::start(&mut conn, &connect).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(options.pool_size.max(1))
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await?;
+        // Late, so that little can fail after it and leave the checkpointer
+        // waiting on a hook nobody releases (only the thread's start).
+        let wal_hook = sqlite_checkpoint::start(&mut conn, &connect).await?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let cap = options.group_commit_max.max(1);
         let horizon = options.retry_horizon_ms;

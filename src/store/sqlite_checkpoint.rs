@@ -71,11 +71,14 @@ pub(crate) async fn start(
         }
         let _ = conn.close().await;
     });
-    let doorbell = Box::into_raw(Box::new(Doorbell {
+    // A raw pointer only once the handle is locked: if locking fails, the
+    // bell drops and the checkpointer ends.
+    let doorbell = Box::new(Doorbell {
         ring,
         rung_at: AtomicI32::new(0),
-    }));
+    });
     let mut handle = writer.lock_handle().await?;
+    let doorbell = Box::into_raw(doorbell);
     // SAFETY: the handle is locked away from sqlx's thread while the hook
     // is set; `doorbell` lives until `release`, which runs only after the
     // connection is closed, when no commit can call the hook any more.
