@@ -206,7 +206,11 @@ impl Dialect {
             ),
             Self::Openai => matches!(
                 endpoint,
-                "/v1/chat/completions" | "/v1/embeddings" | "/v1/completions" | "/v1/moderations"
+                "/v1/chat/completions"
+                    | "/v1/responses"
+                    | "/v1/embeddings"
+                    | "/v1/completions"
+                    | "/v1/moderations"
             ),
         }
     }
@@ -255,6 +259,12 @@ mod tests {
         }
         // 80 random bits after the time: two ids of one millisecond differ.
         assert_ne!(RequestId::made_at(now), RequestId::made_at(now));
+    }
+
+    #[test]
+    fn responses_are_batchable_on_openai_only() {
+        assert!(Dialect::Openai.batchable("/v1/responses"));
+        assert!(!Dialect::Mistral.batchable("/v1/responses"));
     }
 
     #[test]

@@ -16,15 +16,20 @@ pub struct TokenUsage {
 }
 
 impl TokenUsage {
-    /// The `usage` object of an answer body (both dialects name it alike).
+    /// The `usage` object of an answer body: `prompt_tokens` and
+    /// `completion_tokens` (chat, embeddings, both dialects), or
+    /// `input_tokens` and `output_tokens` (OpenAI's Responses API).
     pub fn from_answer(body: &Value) -> Option<Self> {
         let usage = body.get("usage")?;
-        Some(Self {
-            prompt: usage.get("prompt_tokens").and_then(Value::as_u64)?,
-            completion: usage
-                .get("completion_tokens")
+        let count = |chat: &str, responses: &str| {
+            usage
+                .get(chat)
+                .or_else(|| usage.get(responses))
                 .and_then(Value::as_u64)
-                .unwrap_or(0),
+        };
+        Some(Self {
+            prompt: count("prompt_tokens", "input_tokens")?,
+            completion: count("completion_tokens", "output_tokens").unwrap_or(0),
         })
     }
 
@@ -36,14 +41,16 @@ impl TokenUsage {
         }
         #[derive(serde::Deserialize)]
         struct Usage {
-            prompt_tokens: u64,
-            #[serde(default)]
-            completion_tokens: u64,
+            prompt_tokens: Option<u64>,
+            completion_tokens: Option<u64>,
+            /// The Responses API's names for the same counts.
+            input_tokens: Option<u64>,
+            output_tokens: Option<u64>,
         }
         let usage = serde_json::from_slice::<Body>(body).ok()?.usage?;
         Some(Self {
-            prompt: usage.prompt_tokens,
-            completion: usage.completion_tokens,
+            prompt: usage.prompt_tokens.or(usage.input_tokens)?,
+            completion: usage.completion_tokens.or(usage.output_tokens).unwrap_or(0),
         })
     }
 
@@ -225,5 +232,25 @@ mod tests {
             })
         );
         assert_eq!(TokenUsage::from_answer(&json!({"id": "x"})), None);
+    }
+
+    #[test]
+    fn responses_usage_is_read_from_both_forms() {
+        let body = json!({"object": "response", "usage": {"input_tokens": 21, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 30}});
+        let expected = Some(TokenUsage {
+            prompt: 21,
+            completion: 9,
+        });
+        assert_eq!(TokenUsage::from_answer(&body), expected);
+        assert_eq!(TokenUsage::from_body(body.to_string().as_bytes()), expected);
+        let chat = json!({"usage": {"prompt_tokens": 4, "completion_tokens": 1}});
+        assert_eq!(
+            TokenUsage::from_body(chat.to_string().as_bytes()),
+            Some(TokenUsage {
+                prompt: 4,
+                completion: 1
+            })
+        );
+        assert_eq!(TokenUsage::from_body(br#"{"usage":{}}"#), None);
     }
 }

@@ -17,7 +17,7 @@ use super::answer::{
 use super::backpressure::GateError;
 use super::engine::{now_ms, Deferral};
 use super::optin::{self, Answer};
-use super::sse;
+use super::{sse, sse_responses};
 use crate::config::{AuthMode, UpstreamConfig};
 use crate::model::{prefixed_hex, RequestId};
 use crate::proxy::classify::CALLBACK_HEADER;
@@ -78,6 +78,7 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Intake, Ap
             code: "not_batchable",
         });
     }
+    super::refusals::check(call.endpoint, &call.body)?;
     let deadline = optin::deadline(call.headers, &call.answer, SystemTime::now())?;
     let idempotency_key = match call.headers.get("idempotency-key") {
         None => None,
@@ -385,7 +386,12 @@ fn held_stream(deferral: Deferral, record: RequestRecord, credential: String) ->
             }
         };
         let (status, body) = final_status_and_body(&done);
-        for event in sse::replay(status.as_u16(), &body) {
+        let events = if done.endpoint == "/v1/responses" {
+            sse_responses::replay(status.as_u16(), &body)
+        } else {
+            sse::replay(status.as_u16(), &body)
+        };
+        for event in events {
             if tx.send(event).await.is_err() {
                 return;
             }

@@ -14,6 +14,8 @@ pub mod intake;
 pub mod lease;
 pub mod optin;
 pub mod policy;
+pub mod refusals;
 pub mod sse;
+pub mod sse_responses;
 
 pub use engine::Deferral;

@@ -106,7 +106,7 @@ pub fn replay(status: u16, body: &[u8]) -> Vec<Bytes> {
 }
 
 /// Cuts text into at most [`MAX_PIECES`] pieces on character boundaries.
-fn split_text(text: &str) -> Vec<&str> {
+pub(super) fn split_text(text: &str) -> Vec<&str> {
     if text.is_empty() {
         return Vec::new();
     }

@@ -20,6 +20,7 @@ pub const ENDPOINTS: &[&str] = &[
     "/v1/moderations",
     "/v1/chat/moderations",
     "/v1/completions",
+    "/v1/responses",
 ];
 
 /// Models `/v1/models` lists. Any model name is accepted everywhere.
@@ -60,6 +61,7 @@ pub fn respond(endpoint: &str, body: &Value) -> Result<Value, ApiError> {
         "/v1/moderations" => moderations(obj, &digest, false),
         "/v1/chat/moderations" => moderations(obj, &digest, true),
         "/v1/completions" => completions(obj, &digest),
+        "/v1/responses" => super::responses::answer(obj, &digest),
         other => Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -149,7 +151,7 @@ fn write_canonical(value: &Value, out: &mut String) {
 }
 
 /// The identity of one request: hash of endpoint + canonical body.
-struct Digest32 {
+pub(super) struct Digest32 {
     hex: String,
 }
 
@@ -162,17 +164,17 @@ impl Digest32 {
         Self { hex }
     }
 
-    fn short(&self) -> &str {
+    pub(super) fn short(&self) -> &str {
         &self.hex[..16]
     }
 
-    fn created(&self) -> u64 {
+    pub(super) fn created(&self) -> u64 {
         let n = u64::from_str_radix(&self.hex[..8], 16).unwrap_or(0);
         1_700_000_000 + n % 10_000_000
     }
 }
 
-fn required_model(obj: &Map<String, Value>) -> Result<String, ApiError> {
+pub(super) fn required_model(obj: &Map<String, Value>) -> Result<String, ApiError> {
     match obj.get("model") {
         Some(Value::String(m)) if !m.is_empty() => Ok(m.clone()),
         _ => Err(ApiError::missing("model")),
@@ -180,7 +182,7 @@ fn required_model(obj: &Map<String, Value>) -> Result<String, ApiError> {
 }
 
 /// Text of a message `content`: a string, or the `text` of its parts.
-fn content_text(content: &Value) -> String {
+pub(super) fn content_text(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(parts) => parts
@@ -193,12 +195,12 @@ fn content_text(content: &Value) -> String {
     }
 }
 
-fn echo(text: &str) -> String {
+pub(super) fn echo(text: &str) -> String {
     let cut: String = text.chars().take(ECHO_CHARS).collect();
     cut.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn split_chars(text: &str, pieces: usize) -> Vec<String> {
+pub(super) fn split_chars(text: &str, pieces: usize) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
     let size = chars.len().div_ceil(pieces).max(1);
     let mut out: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();

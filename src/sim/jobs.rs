@@ -365,9 +365,17 @@ impl Job {
                     };
                     match result {
                         Ok(body) => {
-                            input_tokens += body["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
-                            output_tokens +=
-                                body["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                            // Chat and the rest count prompt and completion
+                            // tokens; the Responses API input and output.
+                            let usage = &body["usage"];
+                            input_tokens += usage["prompt_tokens"]
+                                .as_u64()
+                                .or(usage["input_tokens"].as_u64())
+                                .unwrap_or(0);
+                            output_tokens += usage["completion_tokens"]
+                                .as_u64()
+                                .or(usage["output_tokens"].as_u64())
+                                .unwrap_or(0);
                             output.push(success_line(dialect, &self.id, &line.custom_id, body));
                         }
                         Err(err) => {

@@ -27,6 +27,7 @@ mod files;
 mod jobs;
 mod mistral;
 mod openai;
+mod responses;
 mod state;
 mod sync_api;
 
@@ -50,6 +51,7 @@ use tower::ServiceExt;
 pub use answers::{canonical_hash, chat_stream_events, expected_response, token_estimate};
 pub use control::OptionsPatch;
 pub use faults::{Fault, JobOutcome};
+pub use responses::stream_events as responses_stream_events;
 pub use state::{CallRecord, JobRecord};
 
 use error::ApiError;
@@ -285,6 +287,7 @@ fn router(sim: Arc<Sim>) -> Router {
         .route("/v1/moderations", post(sync_api::answer))
         .route("/v1/chat/moderations", post(sync_api::answer))
         .route("/v1/completions", post(sync_api::answer))
+        .route("/v1/responses", post(responses::handler))
         .route("/v1/models", get(sync_api::models))
         .route("/v1/models/{model_id}", get(sync_api::model))
         .route("/v1/files", post(files::upload).get(files::list))

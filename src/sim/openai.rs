@@ -156,6 +156,14 @@ fn validate(
             ));
             continue;
         };
+        if endpoint == "/v1/responses" && body.get("background") == Some(&Value::Bool(true)) {
+            errors.push(line_error(
+                "invalid_request",
+                n,
+                "body.background",
+                "Background responses are not supported in batch requests (`body.background` must not be true).",
+            ));
+        }
         if let Some(m) = body.get("model").and_then(Value::as_str) {
             match &model {
                 None => model = Some(m.to_owned()),
