@@ -47,6 +47,9 @@ async fn demo_answers_every_call_with_its_own_answer_from_fewer_jobs_than_calls_
         assert!(cost.savings() > 0.0 && cost.batch < cost.realtime);
     }
     assert!(summary.cost().savings() > 0.0);
+    // Some OpenAI calls went to the Responses API, and were answered too.
+    assert!(summary.responses_calls > 0, "{summary}");
+    assert_eq!(summary.responses_answered, summary.responses_calls);
 
     let styles: Vec<Style> = summary.styles.iter().map(|s| s.style).collect();
     assert_eq!(styles, Style::ALL.to_vec());

@@ -17,6 +17,10 @@ pub struct DemoSummary {
     /// Answers carrying `Carpool-Served-By: batch`.
     pub served_by_batch: usize,
     pub styles: Vec<StyleSummary>,
+    /// Calls sent to (and answered by) OpenAI's Responses API
+    /// (`/v1/responses`) rather than chat completions.
+    pub responses_calls: usize,
+    pub responses_answered: usize,
     pub models: Vec<ModelSummary>,
     /// Jobs the simulated provider received.
     pub batch_jobs: usize,
@@ -107,6 +111,11 @@ impl fmt::Display for DemoSummary {
                 s.answered
             )?;
         }
+        writeln!(
+            f,
+            "    {:<38} {:>5} sent, {:>5} answered",
+            "of them, Responses API (/v1/responses)", self.responses_calls, self.responses_answered
+        )?;
         writeln!(
             f,
             "  answers checked: {} of {} equal the provider's answer to that very call",

@@ -9,7 +9,7 @@ use crate::sim::{self, JobRecord};
 
 use super::cost::{cost_of, TokenUsage};
 use super::summary::{DemoSummary, ModelSummary, StyleSummary};
-use super::traffic::{Outcome, Style, CHAT, MODELS};
+use super::traffic::{Outcome, Style, MODELS, RESPONSES};
 
 /// How many problems the summary lists by name.
 const PROBLEMS_SHOWN: usize = 10;
@@ -33,6 +33,8 @@ pub struct Tally {
     pub models: BTreeMap<&'static str, ModelTally>,
     /// (sent, answered) per opt-in style.
     pub styles: BTreeMap<Style, (usize, usize)>,
+    /// (sent, answered) of the calls sent to the Responses API.
+    pub responses: (usize, usize),
     pub turnarounds: Vec<Duration>,
     pub problems: Vec<String>,
     pub problem_count: usize,
@@ -45,6 +47,10 @@ impl Tally {
         let style = self.styles.entry(call.style).or_default();
         model.sent += 1;
         style.0 += 1;
+        let responses = call.endpoint == RESPONSES;
+        if responses {
+            self.responses.0 += 1;
+        }
         if let Some(id) = &outcome.request_id {
             model.request_ids.push(id.clone());
         }
@@ -57,6 +63,9 @@ impl Tally {
         };
         model.answered += 1;
         style.1 += 1;
+        if responses {
+            self.responses.1 += 1;
+        }
         self.turnarounds.push(answer.turnaround);
         if answer.served_by.as_deref() == Some("batch") {
             model.served_by_batch += 1;
@@ -64,7 +73,7 @@ impl Tally {
         if let Some(usage) = TokenUsage::from_answer(&answer.body) {
             model.usage += usage;
         }
-        let expected = sim::expected_response(CHAT, &call.body);
+        let expected = sim::expected_response(call.endpoint, &call.body);
         if answer.status == 200 && answer.body == expected {
             model.checked += 1;
         } else {
@@ -141,6 +150,8 @@ impl Tally {
             checked: models.iter().map(|m| m.checked).sum(),
             served_by_batch: models.iter().map(|m| m.served_by_batch).sum(),
             styles,
+            responses_calls: self.responses.0,
+            responses_answered: self.responses.1,
             models,
             batch_jobs: jobs.len(),
             in_one_job,
@@ -176,7 +187,7 @@ pub fn percentile(sorted: &[Duration], pct: usize) -> Duration {
 mod tests {
     use super::*;
     use crate::config::{ModelPrice, Pattern};
-    use crate::demo::traffic::{plan, Answer, CallError};
+    use crate::demo::traffic::{plan, Answer, CallError, CHAT};
     use crate::model::Dialect;
 
     fn ms(n: u64) -> Duration {
@@ -206,7 +217,7 @@ mod tests {
         let call = plan(i + 1).remove(i);
         Answer {
             status: 200,
-            body: sim::expected_response(CHAT, &call.body),
+            body: sim::expected_response(call.endpoint, &call.body),
             served_by: Some("batch".to_owned()),
             turnaround: ms(100 * (i as u64 + 1)),
         }

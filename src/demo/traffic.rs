@@ -10,8 +10,12 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-/// The endpoint every demo call goes to.
+/// The endpoint most demo calls go to.
 pub const CHAT: &str = "/v1/chat/completions";
+
+/// OpenAI's Responses API: every other block of OpenAI calls is sent as
+/// `client.responses.create` would send it.
+pub const RESPONSES: &str = "/v1/responses";
 
 /// The two models, one per upstream dialect (routed by the config's globs).
 pub const MODELS: [(&str, &str); 2] = [
@@ -51,20 +55,31 @@ impl Style {
 pub struct Call {
     pub model: &'static str,
     pub style: Style,
+    /// [`CHAT`] or [`RESPONSES`].
+    pub endpoint: &'static str,
     pub body: Value,
 }
 
 /// `requests` calls, alternating the models, each model cycling the styles,
 /// so every (model, style) pair gets its share. Bodies are all different.
+/// The OpenAI model's calls alternate, one round of every style at a time,
+/// between chat completions and Responses API bodies.
 pub fn plan(requests: usize) -> Vec<Call> {
+    let round = MODELS.len() * Style::ALL.len();
     (0..requests)
         .map(|i| {
-            let (model, _) = MODELS[i % MODELS.len()];
+            let (model, dialect) = MODELS[i % MODELS.len()];
             let style = Style::ALL[(i / MODELS.len()) % Style::ALL.len()];
+            let (endpoint, body) = if dialect == "openai" && (i / round) % 2 == 1 {
+                (RESPONSES, responses_body(model, i))
+            } else {
+                (CHAT, chat_body(model, i))
+            };
             Call {
                 model,
                 style,
-                body: chat_body(model, i),
+                endpoint,
+                body,
             }
         })
         .collect()
@@ -88,6 +103,18 @@ fn chat_body(model: &str, i: usize) -> Value {
             {"role": "system", "content": "You triage customer support tickets. Reply with a category, an urgency from 1 to 5 and a one-sentence summary."},
             {"role": "user", "content": format!("Ticket #{:05}: the customer writes about {topic}. They have contacted us before and would like an answer today.", 10_000 + i)},
         ],
+    })
+}
+
+/// The same ticket as `client.responses.create(model=…, instructions=…,
+/// input=…, max_output_tokens=…)` sends it.
+fn responses_body(model: &str, i: usize) -> Value {
+    let topic = TOPICS[i % TOPICS.len()];
+    json!({
+        "model": model,
+        "max_output_tokens": 120,
+        "instructions": "You triage customer support tickets. Reply with a category, an urgency from 1 to 5 and a one-sentence summary.",
+        "input": format!("Ticket #{:05}: the customer writes about {topic}. They have contacted us before and would like an answer today.", 10_000 + i),
     })
 }
 
@@ -142,8 +169,14 @@ impl Caller {
     /// Sends `call` its way and waits for its final answer.
     pub async fn run(&self, call: Call) -> Outcome {
         let (request_id, answer) = match call.style {
-            Style::Wait => self.held(&call, CHAT, Some(("carpool-mode", "wait"))).await,
-            Style::DeferPrefix => self.held(&call, &format!("/defer{CHAT}"), None).await,
+            Style::Wait => {
+                self.held(&call, call.endpoint, Some(("carpool-mode", "wait")))
+                    .await
+            }
+            Style::DeferPrefix => {
+                self.held(&call, &format!("/defer{}", call.endpoint), None)
+                    .await
+            }
             Style::PreferAsync => self.asynchronous(&call).await,
         };
         if answer.is_ok() {
@@ -201,7 +234,7 @@ impl Caller {
             };
             let request = self
                 .client
-                .post(format!("{}{CHAT}", self.base_url))
+                .post(format!("{}{}", self.base_url, call.endpoint))
                 .bearer_auth(&self.credential)
                 .header("prefer", "respond-async")
                 .json(&call.body);
@@ -308,6 +341,18 @@ mod tests {
         let calls = plan(120);
         let bodies: HashSet<String> = calls.iter().map(|c| c.body.to_string()).collect();
         assert_eq!(bodies.len(), 120);
+    }
+
+    #[test]
+    fn plan_sends_some_openai_calls_as_responses_in_every_style() {
+        let calls = plan(60);
+        let responses: Vec<&Call> = calls.iter().filter(|c| c.endpoint == RESPONSES).collect();
+        assert_eq!(responses.len(), 15);
+        assert!(responses
+            .iter()
+            .all(|c| c.model == "gpt-4o-mini" && c.body.get("input").is_some()));
+        let styles: HashSet<Style> = responses.iter().map(|c| c.style).collect();
+        assert_eq!(styles.len(), Style::ALL.len());
     }
 
     #[test]
