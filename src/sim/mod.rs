@@ -8,6 +8,7 @@
 //!   ([`expected_response`]).
 //! - [`sync_api`]: chat (plain and SSE, with the stream gate), embeddings,
 //!   FIM, moderations, completions, models.
+//! - [`responses`]: OpenAI's Responses API, plain and as its event stream.
 //! - [`files`]: the Files API shared by both dialects.
 //! - [`jobs`]: the batch engine: validation, timeline, result files.
 //! - [`mistral`] / [`openai`]: each dialect's batch routes and shapes.
