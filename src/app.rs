@@ -111,7 +111,12 @@ pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> 
     ));
     state.spawn(webhooks::worker::run(state.webhooks.clone(), token.clone()));
     let app = crate::server::router(state.clone());
-    let server = crate::server::listen::serve(listener, app, token.clone());
+    let server = crate::server::listen::serve(
+        listener,
+        app,
+        token.clone(),
+        crate::server::listen::Limits::of(&state.config.server),
+    );
     let deadline = async {
         token.cancelled().await;
         tokio::time::sleep(grace).await;

@@ -27,6 +27,13 @@ pub fn prefixed_hex(prefix: &str, bytes: &[u8]) -> String {
     out
 }
 
+/// Bytes of Unix milliseconds at the start of an id (sortable by time).
+const TIME_BYTES: usize = 6;
+/// Random bytes of an id: 128 bits, so ids cannot be guessed (SPEC section 1).
+pub const RANDOM_BYTES: usize = 16;
+/// Hex length of ids made before ids had 128 random bits (48 + 80 bits).
+const LEGACY_HEX_LEN: usize = 32;
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
@@ -38,7 +45,8 @@ macro_rules! id_type {
             pub const PREFIX: &'static str = $prefix;
 
             /// A fresh id: the prefix, then 48 bits of Unix milliseconds and
-            /// 80 random bits, in hex. Ids made later sort later, so the
+            /// 128 random bits ([`RANDOM_BYTES`]), in hex: 48 characters,
+            /// a valid batch `custom_id`. Ids made later sort later, so the
             /// store's unique index on them grows at its end instead of
             /// dirtying a random page for every insert.
             pub fn generate() -> Self {
@@ -46,17 +54,19 @@ macro_rules! id_type {
             }
 
             fn made_at(millis: u64) -> Self {
-                let mut bytes = [0u8; 16];
-                bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
-                rand::thread_rng().fill_bytes(&mut bytes[6..]);
+                let mut bytes = [0u8; TIME_BYTES + RANDOM_BYTES];
+                bytes[..TIME_BYTES].copy_from_slice(&millis.to_be_bytes()[2..]);
+                rand::thread_rng().fill_bytes(&mut bytes[TIME_BYTES..]);
                 Self(prefixed_hex($prefix, &bytes))
             }
 
             /// Accepts only ids of this kind's shape, so a caller-supplied
-            /// string never reaches the store unchecked.
+            /// string never reaches the store unchecked: today's, or the
+            /// shorter one (80 random bits) of ids stored before.
             pub fn parse(s: &str) -> Option<Self> {
                 let rest = s.strip_prefix($prefix)?;
-                (rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+                let lengths = [2 * (TIME_BYTES + RANDOM_BYTES), LEGACY_HEX_LEN];
+                (lengths.contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_hexdigit()))
                     .then(|| Self(s.to_owned()))
             }
 
@@ -257,7 +267,7 @@ mod tests {
             assert!(earlier < later, "{earlier} !< {later}");
             assert_eq!(RequestId::parse(later.as_str()), Some(later.clone()));
         }
-        // 80 random bits after the time: two ids of one millisecond differ.
+        // Random bits after the time: two ids of one millisecond differ.
         assert_ne!(RequestId::made_at(now), RequestId::made_at(now));
     }
 
@@ -265,6 +275,49 @@ mod tests {
     fn responses_are_batchable_on_openai_only() {
         assert!(Dialect::Openai.batchable("/v1/responses"));
         assert!(!Dialect::Mistral.batchable("/v1/responses"));
+    }
+
+    #[test]
+    fn ids_carry_128_random_bits_after_the_time() {
+        let now = unix_millis();
+        let ids: Vec<String> = (0..256)
+            .map(|_| RequestId::made_at(now).as_str().to_owned())
+            .collect();
+        let time_hex = 2 * TIME_BYTES;
+        for id in &ids {
+            let hex = id.strip_prefix(RequestId::PREFIX).unwrap();
+            assert!(id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+            assert_eq!(
+                hex.len() - time_hex,
+                32,
+                "{id}: random part is not 128 bits"
+            );
+        }
+        // Every one of the 128 random bit positions takes both values across
+        // 256 ids (a stuck bit would show up here with near certainty).
+        let random = |id: &String| {
+            u128::from_str_radix(&id[RequestId::PREFIX.len() + time_hex..], 16).unwrap()
+        };
+        let ones = ids.iter().map(random).fold(0u128, |a, r| a | r);
+        let zeros = ids.iter().map(random).fold(0u128, |a, r| a | !r);
+        assert_eq!(ones, u128::MAX);
+        assert_eq!(zeros, u128::MAX);
+    }
+
+    #[test]
+    fn ids_stored_before_the_wider_random_part_still_parse() {
+        let old = "cpr_01a24e6f1fdc0123456789abcdef0123";
+        assert_eq!(old.len(), 4 + 32);
+        assert_eq!(
+            RequestId::parse(old)
+                .map(|i| i.as_str().to_owned())
+                .as_deref(),
+            Some(old)
+        );
+        assert_eq!(
+            RequestId::parse("cpr_01a24e6f1fdc0123456789abcdef012"),
+            None
+        );
     }
 
     #[test]

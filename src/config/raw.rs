@@ -48,6 +48,8 @@ pub struct RawServer {
     pub connect_timeout: Option<Scalar>,
     pub shutdown_grace: Option<Scalar>,
     pub defer_prefix: Option<String>,
+    pub header_timeout: Option<Scalar>,
+    pub max_connections: Option<Scalar>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -43,6 +43,14 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Path prefix that opts a call into `wait` mode, e.g. `/defer`.
     pub defer_prefix: String,
+    /// Longest wait for a request head, from the moment the connection is
+    /// ready for one: a half-sent head, or an idle keep-alive connection,
+    /// is closed after it.
+    #[serde(serialize_with = "ser_duration")]
+    pub header_timeout: Duration,
+    /// Most connections served at once; beyond it carpool stops accepting
+    /// until one closes.
+    pub max_connections: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -280,7 +280,26 @@ fn server(c: &mut Check<'_>, raw: &RawServer) -> ServerConfig {
             Duration::from_secs(30),
         ),
         defer_prefix,
+        header_timeout: header_timeout(c, raw),
+        max_connections: c.count(
+            "server.max_connections",
+            raw.max_connections.as_ref(),
+            10_000,
+            1,
+        ),
     }
+}
+
+fn header_timeout(c: &mut Check<'_>, raw: &RawServer) -> Duration {
+    let timeout = c.duration(
+        "server.header_timeout",
+        raw.header_timeout.as_ref(),
+        Duration::from_secs(30),
+    );
+    if timeout.is_zero() {
+        c.fail("server.header_timeout", "must be greater than zero");
+    }
+    timeout
 }
 
 fn store(c: &mut Check<'_>, raw: &RawStore) -> StoreConfig {

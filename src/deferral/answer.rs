@@ -205,7 +205,8 @@ pub async fn wait_final(
     limit: Option<Duration>,
 ) -> Result<Option<RequestRecord>, StoreError> {
     let waiter = deferral.waiters.register(id);
-    let until = limit.map(|d| Instant::now() + d);
+    // A limit too far to represent is no limit.
+    let until = limit.and_then(|d| Instant::now().checked_add(d));
     loop {
         let notified = waiter.notified();
         tokio::pin!(notified);

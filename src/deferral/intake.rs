@@ -68,6 +68,11 @@ pub fn body_hash(endpoint: &str, body: &[u8]) -> String {
 
 /// Stores the call, then answers it.
 pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Intake, ApiError> {
+    // Under passthrough the caller's key pays for the batch: without one that
+    // parses, the window could never be submitted, so nothing is stored.
+    if call.upstream.auth == AuthMode::Passthrough && bearer(call.headers).is_none() {
+        return Err(ApiError::Unauthorized);
+    }
     if !call.upstream.dialect.batchable(call.endpoint) {
         return Err(ApiError::Unprocessable {
             message: format!(

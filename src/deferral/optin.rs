@@ -39,9 +39,21 @@ pub enum OptInError {
     UnknownMode(String),
     #[error("Carpool-Deadline must be seconds from now or an RFC 3339 time, not {0:?}")]
     BadDeadline(String),
+    #[error("Carpool-Deadline {0:?} is in the past")]
+    DeadlineInPast(String),
     #[error("header {0} is not valid text")]
     NotText(&'static str),
 }
+
+/// The longest `Prefer: wait=N` honoured; a longer one is clamped to it
+/// (RFC 7240 lets the server apply less than asked, and says so in
+/// `Preference-Applied`).
+pub const MAX_PREFER_WAIT: Duration = Duration::from_secs(3600);
+
+/// The longest `x-stainless-read-timeout` taken as a deadline. A declared
+/// timeout longer than this (a provider batch window is 24 h) is ignored:
+/// the call then waits like one without a declared timeout.
+pub const MAX_READ_TIMEOUT_SECS: f64 = 30.0 * 24.0 * 3600.0;
 
 fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, OptInError> {
     match headers.get(name) {
@@ -108,7 +120,9 @@ fn prefer(headers: &HeaderMap) -> Result<Option<Answer>, OptInError> {
         return Ok(None);
     }
     Ok(Some(match wait.flatten() {
-        Some(secs) if secs > 0 => Answer::AsyncAfter(Duration::from_secs(secs)),
+        Some(secs) if secs > 0 => {
+            Answer::AsyncAfter(Duration::from_secs(secs).min(MAX_PREFER_WAIT))
+        }
         _ => Answer::Async { prefer: true },
     }))
 }
@@ -132,6 +146,9 @@ pub fn deadline(
 ) -> Result<Option<i64>, OptInError> {
     if let Some(raw) = header(headers, "carpool-deadline")? {
         let at = parse_deadline(raw, now).ok_or_else(|| OptInError::BadDeadline(raw.to_owned()))?;
+        if at <= now {
+            return Err(OptInError::DeadlineInPast(raw.to_owned()));
+        }
         return Ok(Some(unix_ms(at)));
     }
     if *answer == Answer::Wait {
@@ -139,9 +156,12 @@ pub fn deadline(
             .ok()
             .flatten()
             .and_then(|s| s.parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s > 0.0);
-        if let Some(secs) = declared {
-            return Ok(Some(unix_ms(now + Duration::from_secs_f64(secs))));
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= MAX_READ_TIMEOUT_SECS);
+        if let Some(at) = declared
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .and_then(|d| now.checked_add(d))
+        {
+            return Ok(Some(unix_ms(at)));
         }
     }
     Ok(None)
@@ -150,14 +170,16 @@ pub fn deadline(
 fn parse_deadline(raw: &str, now: SystemTime) -> Option<SystemTime> {
     if let Ok(secs) = raw.parse::<f64>() {
         return (secs.is_finite() && secs > 0.0 && secs < 1e9)
-            .then(|| now + Duration::from_secs_f64(secs));
+            .then(|| Duration::try_from_secs_f64(secs).ok())
+            .flatten()
+            .and_then(|d| now.checked_add(d));
     }
     humantime::parse_rfc3339_weak(raw).ok()
 }
 
 pub fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 

@@ -94,6 +94,9 @@ async fn pass_through(state: &AppState, request: Request<Body>) -> Result<Routed
         .get::<RouteLabel>()
         .map_or("other", |r| r.0);
 
+    // Before the body: a caller no upstream would accept is refused without
+    // reading it. The routed upstream's own check follows once the model is known.
+    Caller::admissible(&parts.headers, &config.upstreams, &config.clients)?;
     let inspected = inspect::inspect(&parts.headers, body, config.server.max_body).await?;
     let model = match &inspected {
         Inspected::Json { model, .. } => model.as_deref(),

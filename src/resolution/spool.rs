@@ -4,7 +4,7 @@
 //! order, every result rewrote a random page of the requests table; in the
 //! store's order consecutive results share their pages.
 //!
-//! The file itself stays on disk; memory holds 32 bytes of index per line.
+//! The file itself stays on disk; memory holds 40 bytes of index per line.
 //! The store's order is the order of request ids, which lead with their
 //! creation time, so no read of the window is needed to find it.
 //! The temporary file has no name and disappears with the spool, even when
@@ -51,20 +51,29 @@ pub struct Spool {
     file: Arc<File>,
     /// One entry per request, in id order: ids lead with their creation
     /// time, so this is (within a millisecond) the order of the store.
-    lines: Vec<(u128, Span)>,
+    lines: Vec<((u128, u64), Span)>,
     next: usize,
     /// Lines whose request had an earlier line: the first one wins.
     pub repeated: u64,
 }
 
-/// The 128 bits of one of our request ids; `None` for anything else
-/// (including upper-case hex, which carpool never writes).
-fn key(custom_id: &str) -> Option<u128> {
+/// One of our request ids as a sortable number: its hex after the prefix
+/// (44 digits today, 32 for ids made before ids had 128 random bits), the
+/// first 32 digits then the rest, so keys sort as the ids do. `None` for
+/// anything else (including upper-case hex, which carpool never writes).
+fn key(custom_id: &str) -> Option<(u128, u64)> {
     let hex = custom_id.strip_prefix(RequestId::PREFIX)?;
-    if hex.len() != 32 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if !matches!(hex.len(), 32 | 44) || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return None;
     }
-    u128::from_str_radix(hex, 16).ok()
+    let (high, low) = hex.split_at(32);
+    let low = if low.is_empty() {
+        0
+    } else {
+        u64::from_str_radix(low, 16).ok()?
+    };
+    Some((u128::from_str_radix(high, 16).ok()?, low))
 }
 
 #[derive(Deserialize)]
@@ -212,6 +221,12 @@ mod tests {
         assert!(key("cpr_0123456789abcdef0123456789abcdef").is_some());
         assert!(key("cpr_0123456789ABCDEF0123456789ABCDEF").is_none());
         assert!(key("cpr_123").is_none());
+        assert!(key("cpr_0123456789abcdef0123456789abcdef0123456789ab").is_some());
+        let (legacy, new) = (
+            key("cpr_0123456789abcdef0123456789abcdef").unwrap(),
+            key("cpr_0123456789abcdef0123456789abcdef000000000001").unwrap(),
+        );
+        assert!(legacy < new, "keys sort as the ids do");
         assert!(key("req_00000000000000000000000000000000").is_none());
     }
 }

@@ -6,12 +6,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::{json, Value};
 
 use super::auth::bearer;
+use super::error::ApiQuery;
 use super::ApiError;
 use crate::app::AppState;
 use crate::deferral::engine::now_ms;
@@ -159,7 +160,7 @@ fn dead_letter(d: &DeliveryRecord) -> Value {
 pub async fn dead_letters(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(query): Query<DeadLetterQuery>,
+    ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);

@@ -35,11 +35,12 @@ impl Caller {
         upstream: &UpstreamConfig,
         clients: &[ClientConfig],
     ) -> Result<Self, ApiError> {
-        let presented = bearer(headers);
-        let credential_hash = presented
-            .map(|key| prefixed_hex("", &Sha256::digest(key.as_bytes())))
-            .unwrap_or_else(|| ANONYMOUS.to_owned());
-        let client_name = presented.and_then(|_| find_client(&credential_hash, clients));
+        let presented = Presented::of(headers);
+        let credential_hash = presented.credential_hash();
+        let client_name = match presented {
+            Presented::Bearer(_) => find_client(&credential_hash, clients),
+            _ => None,
+        };
         match upstream.auth {
             AuthMode::Managed => {
                 if !clients.is_empty() && client_name.is_none() {
@@ -58,14 +59,79 @@ impl Caller {
             }),
         }
     }
+
+    /// The caller as far as its request head tells, before any upstream is
+    /// chosen (the body, and so the model, is not read yet): accepted when
+    /// at least one upstream could accept it (a passthrough upstream, a
+    /// managed one with no `[[clients]]`, or a listed key), else 401. Handle
+    /// calls use this too: a handle is bound to the credential that made it,
+    /// through whichever upstream, so this credential reads only its own.
+    pub fn admissible(
+        headers: &HeaderMap,
+        upstreams: &[UpstreamConfig],
+        clients: &[ClientConfig],
+    ) -> Result<Self, ApiError> {
+        let mut refused = ApiError::Unauthorized;
+        for upstream in upstreams {
+            match Self::authenticate(headers, upstream, clients) {
+                Ok(caller) => return Ok(caller),
+                Err(err) => refused = err,
+            }
+        }
+        Err(refused)
+    }
 }
 
-/// The token of `Authorization: Bearer <token>`, if well formed.
+/// What a caller's `Authorization` header holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presented<'h> {
+    /// No `Authorization` header at all.
+    Nothing,
+    /// A well-formed `Bearer <key>`.
+    Bearer(&'h str),
+    /// Something else: another scheme, no key, or bytes that are not text.
+    Malformed(&'h [u8]),
+}
+
+impl<'h> Presented<'h> {
+    pub fn of(headers: &'h HeaderMap) -> Self {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Self::Nothing;
+        };
+        match bearer(headers) {
+            Some(key) => Self::Bearer(key),
+            None => Self::Malformed(value.as_bytes()),
+        }
+    }
+
+    /// What handles are bound to: the SHA-256 of the key; for a malformed
+    /// header the SHA-256 of the whole header under another domain, so two
+    /// different malformed headers never share a credential (nor one with
+    /// a key); `"anonymous"` only when nothing was presented.
+    pub fn credential_hash(&self) -> String {
+        match self {
+            Self::Nothing => ANONYMOUS.to_owned(),
+            Self::Bearer(key) => prefixed_hex("", &Sha256::digest(key.as_bytes())),
+            Self::Malformed(raw) => {
+                let mut h = Sha256::new();
+                h.update(b"carpool-malformed-authorization\0");
+                h.update(raw);
+                prefixed_hex("", &h.finalize())
+            }
+        }
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`, if well formed: the
+/// scheme, case-insensitive, then any run of whitespace, then the token.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
+    let (scheme, token) = value.trim().split_once(|c: char| c.is_ascii_whitespace())?;
     let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    (scheme.eq_ignore_ascii_case("bearer")
+        && !token.is_empty()
+        && !token.contains(|c: char| c.is_ascii_whitespace()))
+    .then_some(token)
 }
 
 /// Compares against every client, in constant time per comparison and
@@ -135,6 +201,36 @@ mod tests {
             let r = Caller::authenticate(&h, &c.upstreams[0], &c.clients);
             assert!(matches!(r, Err(ApiError::Unauthorized)));
         }
+    }
+
+    #[test]
+    fn bearer_takes_any_whitespace_and_refuses_other_schemes() {
+        for ok in ["Bearer\tk1", "bearer   k1", " Bearer \t k1 "] {
+            assert_eq!(bearer(&headers(Some(ok))), Some("k1"), "{ok:?}");
+        }
+        for bad in [
+            "Basic k1",
+            "Token k1",
+            "Bearer",
+            "Bearer   ",
+            "Bearerk1",
+            "Bearer a b",
+        ] {
+            assert_eq!(bearer(&headers(Some(bad))), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_headers_never_share_a_credential() {
+        let a = headers(Some("Basic one"));
+        let b = headers(Some("Basic two"));
+        let hash = |h: &HeaderMap| Presented::of(h).credential_hash();
+        assert_ne!(hash(&a), hash(&b));
+        assert_ne!(hash(&a), ANONYMOUS);
+        assert_ne!(
+            hash(&headers(Some("Bearer one"))),
+            hash(&headers(Some("one")))
+        );
     }
 
     #[test]

@@ -9,31 +9,73 @@
 //! held callers cost (`cargo bench --bench report`, section held). The SDKs
 //! carpool serves speak HTTP/1.1 to it; h2c was never part of the contract.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Pause after an accept error (out of descriptors, say) before the next
 /// accept, so a full process does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// What bounds a connection (`[server]` keys).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// `server.header_timeout`: a request head must arrive within it, from
+    /// the moment the connection is ready for one, so an idle keep-alive
+    /// connection is closed after it too (hyper starts the timer whenever
+    /// it waits for a head, not while a call is in flight).
+    pub header_timeout: Duration,
+    /// `server.max_connections`: beyond it, no accept until one closes.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    pub fn of(server: &crate::config::ServerConfig) -> Self {
+        Self {
+            header_timeout: server.header_timeout,
+            max_connections: usize::try_from(server.max_connections)
+                .unwrap_or(Semaphore::MAX_PERMITS)
+                .min(Semaphore::MAX_PERMITS),
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` fires, then stops accepting
 /// and resolves once every open connection has finished its call in flight
 /// and closed. The caller bounds that wait (`server.shutdown_grace`).
-pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    limits: Limits,
+) {
     // Every route turned into its final service once, here: a router
     // called as it is would redo that for every request (axum's
     // `into_make_service` does the same).
     let app: Router = app.with_state(());
     let graceful = GracefulShutdown::new();
-    let builder = http1::Builder::new();
+    let mut builder = http1::Builder::new();
+    // Without a timer hyper silently drops its header timeout.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    // One permit per open connection, taken before the accept: over the cap
+    // new connections wait in the kernel's backlog, costing carpool nothing.
+    let open = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit,
+            () = shutdown.cancelled() => break,
+        };
+        let Ok(permit) = permit else { break };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break,
@@ -55,6 +97,7 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
         let service = TowerToHyperService::new(app.clone());
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(error) = connection.await {
                 tracing::trace!(%error, "connection ended with an error");
             }

@@ -3,18 +3,19 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 
+use super::error::ApiQuery;
 use super::{ApiError, Caller};
 use crate::app::AppState;
 use crate::deferral::handles::{self, ListQuery};
 
-/// Handles carry no model, so the first upstream's auth mode applies; the
-/// handle is bound to the hash of the key presented either way.
+/// Handles carry no model: a caller any upstream accepts may ask, and sees
+/// only what its own credential made, through whichever upstream.
 fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    Caller::authenticate(headers, state.config.route(None), &state.config.clients)
+    Caller::admissible(headers, &state.config.upstreams, &state.config.clients)
 }
 
 pub async fn get(
@@ -44,7 +45,7 @@ pub async fn cancel(
 pub async fn list(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(query): Query<ListQuery>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Response, ApiError> {
     handles::list(&state.deferral, &caller(&state, &headers)?, query).await
 }
