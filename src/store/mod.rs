@@ -751,6 +751,23 @@ impl Store {
         .applied()
     }
 
+    /// Gives back the claim of `attempt` without making it (its target host
+    /// had enough attempts in flight): not counted, due again at `next_at`.
+    pub async fn delivery_release(
+        &self,
+        id: &DeliveryId,
+        attempt: u32,
+        next_at: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Release {
+            id: id.clone(),
+            attempt,
+            next_at,
+        }))
+        .await?
+        .applied()
+    }
+
     /// pending → dead (a dead letter), with the reason.
     pub async fn delivery_dead(
         &self,

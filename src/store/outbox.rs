@@ -107,6 +107,14 @@ pub(crate) enum OutboxOp {
         reason: String,
         now: i64,
     },
+    /// Gives back a claim that was never attempted (its host was at its
+    /// cap): the attempt count goes back down and it is due at `next_at`;
+    /// only if `attempt` is still the delivery's latest claim.
+    Release {
+        id: DeliveryId,
+        attempt: u32,
+        next_at: i64,
+    },
     /// dead → pending, attempts reset, due at once.
     Replay { id: DeliveryId, now: i64 },
     /// Every dead letter → pending.
@@ -226,6 +234,17 @@ macro_rules! outbox_ops {
                         .bind(status.map(i64::from))
                         .bind(reason)
                         .bind(*now)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected()
+                        == 1,
+                ),
+                OutboxOp::Release { id, attempt, next_at } => Reply::Applied(
+                    q("UPDATE webhook_deliveries SET attempts = attempts - 1, next_attempt_at = $3 \
+                       WHERE id = $1 AND state = 'pending' AND attempts = $2 AND attempts > 0")
+                        .bind(id.as_str())
+                        .bind(i64::from(*attempt))
+                        .bind(*next_at)
                         .execute(&mut *conn)
                         .await?
                         .rows_affected()

@@ -188,9 +188,32 @@ fn refusal_v4(ip: Ipv4Addr) -> Option<&'static str> {
 
 fn refusal_v6(ip: Ipv6Addr) -> Option<&'static str> {
     let seg = ip.segments();
+    let low32 = Ipv4Addr::new(
+        (seg[6] >> 8) as u8,
+        seg[6] as u8,
+        (seg[7] >> 8) as u8,
+        seg[7] as u8,
+    );
     // IPv6 forms that carry an IPv4 address: judge the IPv4 address.
     let embedded = if let Some(v4) = ip.to_ipv4_mapped() {
         Some(v4)
+    } else if seg[0..6] == [0, 0, 0, 0, 0xffff, 0] {
+        // IPv4-translated (SIIT, RFC 2765) ::ffff:0:a.b.c.d
+        Some(low32)
+    } else if seg[0..2] == [0x2001, 0] {
+        // Teredo 2001:0::/32 carries an obfuscated IPv4 address (the
+        // client's, the bitwise NOT of the last 32 bits) and reaches it
+        // through a relay: no webhook receiver needs one, so all refused.
+        return Some("Teredo");
+    } else if seg[0..3] == [0x64, 0xff9b, 1] {
+        // Local-use NAT64 64:ff9b:1::/48 (RFC 8215): its translator is on
+        // the local network and where the IPv4 address sits depends on the
+        // prefix length it uses, so the whole prefix is refused.
+        return Some("local-use NAT64");
+    } else if seg[4] & 0xfdff == 0 && seg[5] == 0x5efe {
+        // ISATAP interface identifier (RFC 5214) ::0:5efe:a.b.c.d or
+        // ::200:5efe:a.b.c.d under any prefix.
+        refusal_v4(low32).map(|_| low32)
     } else if seg[0..6] == [0, 0, 0, 0, 0, 0] && !(seg[6] == 0 && seg[7] <= 1) {
         // IPv4-compatible (deprecated) ::a.b.c.d
         Some(Ipv4Addr::new(
@@ -229,9 +252,12 @@ fn refusal_v6(ip: Ipv6Addr) -> Option<&'static str> {
         s if s & 0xffc0 == 0xfe80 => "link-local",
         s if s & 0xffc0 == 0xfec0 => "site-local",
         s if s & 0xff00 == 0xff00 => "multicast",
-        // 2001:db8::/32 documentation, 100::/64 discard.
+        // 2001:db8::/32 documentation, 2001:2::/48 benchmarking,
+        // 100::/64 discard, and the rest of ::/16 (never routed).
         0x2001 if seg[1] == 0x0db8 => "documentation",
+        0x2001 if seg[1..3] == [2, 0] => "benchmarking",
         0x0100 if seg[1..4] == [0, 0, 0] => "discard",
+        0 => "reserved",
         _ => return None,
     })
 }
@@ -301,10 +327,36 @@ mod tests {
             ("::10.0.0.1", "private"),
             ("64:ff9b::192.168.0.1", "private"),
             ("2002:7f00:1::", "loopback"),
+            // SIIT / IPv4-translated ::ffff:0:0/96
+            ("::ffff:0:7f00:1", "loopback"),
+            ("::ffff:0:a00:1", "private"),
+            // Local-use NAT64 64:ff9b:1::/48 (RFC 8215), any embedding
+            ("64:ff9b:1::a00:1", "local-use NAT64"),
+            ("64:ff9b:1:7f00:1::", "local-use NAT64"),
+            ("64:ff9b:1::8.8.8.8", "local-use NAT64"),
+            // Teredo 2001:0::/32, whatever the client address
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
+            ("2001:0:4136:e378:8000:63bf:80ff:fffe", "Teredo"),
+            ("2001::1", "Teredo"),
+            // ISATAP interface identifiers
+            ("2606:4700::5efe:7f00:1", "loopback"),
+            ("2606:4700::200:5efe:a00:1", "private"),
+            // Benchmarking, and the rest of ::/16
+            ("2001:2::1", "benchmarking"),
+            ("::1:0:0:7f00:1", "reserved"),
         ] {
             assert_eq!(v4(addr), Some(kind), "{addr}");
         }
-        for addr in ["2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::"] {
+        for addr in [
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "2002:808:808::",
+            "64:ff9b::8.8.8.8",
+            "::ffff:0:8.8.8.8",
+            "2606:4700::5efe:808:808",
+            "2001:4860:4860::8888",
+            "2001:1::1",
+        ] {
             assert_eq!(v4(addr), None, "{addr}");
         }
     }

@@ -3,8 +3,16 @@
 //! result is stored or a dead letter replayed, and by a timer for the next
 //! due attempt (at most [`IDLE`] apart, so deliveries another replica
 //! enqueued or a lease that ran out are picked up too).
+//!
+//! Fairness: at most [`PER_HOST`] attempts to one target host and port are
+//! in flight at once (per process), so one slow or dead receiver can hold
+//! only that many slots. A claimed delivery whose host is at its cap is
+//! given back uncounted, due again a little later ([`BUSY_RETRY`], or the
+//! attempt timeout for a host whose last attempt timed out), and the
+//! deliveries behind it are claimed in its place.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng as _;
@@ -21,6 +29,12 @@ use crate::store::DeliveryRecord;
 
 /// Attempts in flight at once.
 pub const CONCURRENCY: usize = 16;
+
+/// Attempts to one target host (and port) in flight at once.
+pub const PER_HOST: usize = 4;
+
+/// How much later a delivery given back for a busy host is due again.
+pub const BUSY_RETRY: Duration = Duration::from_millis(500);
 
 /// Longest sleep between looks at the outbox.
 pub const IDLE: Duration = Duration::from_secs(5);
@@ -53,11 +67,11 @@ enum Outcome {
 /// bounded by `webhooks.timeout`).
 pub async fn run(hooks: Webhooks, token: CancellationToken) {
     let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let hosts = Hosts::default();
     let in_flight = TaskTracker::new();
     let finished = Arc::new(Notify::new());
     loop {
         let free = slots.available_permits();
-        let mut saturated = free == 0;
         let mut wait = IDLE;
         if free > 0 {
             let now = now_ms();
@@ -65,12 +79,26 @@ pub async fn run(hooks: Webhooks, token: CancellationToken) {
             let limit = u32::try_from(free).unwrap_or(u32::MAX);
             match hooks.store.claim_deliveries(now, lease, limit).await {
                 Ok(claimed) => {
-                    saturated = claimed.len() >= free;
                     for delivery in claimed {
-                        let Ok(permit) = slots.clone().try_acquire_owned() else {
-                            break;
+                        let host = host_of(&delivery.url);
+                        let permit = match slots.clone().try_acquire_owned() {
+                            Ok(permit) => permit,
+                            Err(_) => {
+                                give_back(&hooks, &delivery, now, Duration::ZERO).await;
+                                continue;
+                            }
                         };
-                        in_flight.spawn(attempt(hooks.clone(), delivery, permit, finished.clone()));
+                        let Some(seat) = hosts.admit(&host) else {
+                            let later = hosts.busy_retry(&host, hooks.config.webhooks.timeout);
+                            give_back(&hooks, &delivery, now, later).await;
+                            continue;
+                        };
+                        in_flight.spawn(attempt(
+                            hooks.clone(),
+                            delivery,
+                            (permit, seat),
+                            finished.clone(),
+                        ));
                     }
                 }
                 Err(error) => {
@@ -92,7 +120,7 @@ pub async fn run(hooks: Webhooks, token: CancellationToken) {
             }
             Err(error) => tracing::warn!(%error, "cannot read the webhook outbox"),
         }
-        if saturated {
+        if slots.available_permits() == 0 {
             // Every slot is busy: the next look is when one frees.
             wait = IDLE;
         }
@@ -107,13 +135,112 @@ pub async fn run(hooks: Webhooks, token: CancellationToken) {
     in_flight.wait().await;
 }
 
+/// The target host and port of a callback URL: what [`PER_HOST`] counts.
+fn host_of(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(u) => format!(
+            "{}:{}",
+            super::target::host_key(&u).unwrap_or_default(),
+            u.port_or_known_default().unwrap_or(0)
+        ),
+        Err(_) => String::new(),
+    }
+}
+
+/// Gives a claimed delivery back without attempting it, due `later`.
+async fn give_back(hooks: &Webhooks, d: &DeliveryRecord, now: i64, later: Duration) {
+    if let Err(error) = hooks
+        .store
+        .delivery_release(&d.id, d.attempts, now + ms(later))
+        .await
+    {
+        // Its lease runs out and it is claimed again (one attempt counted).
+        tracing::warn!(delivery = %d.id, %error, "cannot give back a webhook claim");
+    }
+}
+
+/// Attempts in flight per target host, and whether its last one timed out.
+#[derive(Clone, Default)]
+struct Hosts(Arc<Mutex<HashMap<String, HostState>>>);
+
+#[derive(Default)]
+struct HostState {
+    in_flight: usize,
+    timed_out: bool,
+}
+
+/// One attempt's place in its host's count; gives it back when dropped.
+struct Seat {
+    hosts: Hosts,
+    host: String,
+    timed_out: bool,
+}
+
+impl Hosts {
+    fn admit(&self, host: &str) -> Option<Seat> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = map.entry(host.to_owned()).or_default();
+        if state.in_flight >= PER_HOST {
+            return None;
+        }
+        state.in_flight += 1;
+        Some(Seat {
+            hosts: self.clone(),
+            host: host.to_owned(),
+            timed_out: false,
+        })
+    }
+
+    /// When a delivery given back for `host` is due again: soon, unless
+    /// the host's last attempt timed out (then no seat frees sooner than
+    /// an attempt's timeout, most likely).
+    fn busy_retry(&self, host: &str, timeout: Duration) -> Duration {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match map.get(host) {
+            Some(s) if s.timed_out => timeout.max(BUSY_RETRY),
+            _ => BUSY_RETRY,
+        }
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut map = self
+            .hosts
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(state) = map.get_mut(&self.host) {
+            state.in_flight = state.in_flight.saturating_sub(1);
+            state.timed_out = self.timed_out;
+            if state.in_flight == 0 && !state.timed_out {
+                map.remove(&self.host);
+            }
+        }
+    }
+}
+
 async fn attempt(
     hooks: Webhooks,
     delivery: DeliveryRecord,
-    _slot: OwnedSemaphorePermit,
+    (_slot, mut seat): (OwnedSemaphorePermit, Seat),
     finished: Arc<Notify>,
 ) {
     let outcome = deliver_once(&hooks, &delivery).await;
+    seat.timed_out = matches!(
+        outcome,
+        Outcome::Failed {
+            result: "timeout",
+            ..
+        }
+    );
+    drop(seat);
     if let Err(error) = record(&hooks, &delivery, outcome).await {
         // The lease runs out and the attempt is made again: at least once.
         tracing::error!(delivery = %delivery.id, %error, "cannot record a webhook attempt");
@@ -232,7 +359,9 @@ async fn deliver_once(hooks: &Webhooks, d: &DeliveryRecord) -> Outcome {
     };
     let client = match client_for(&vetted, config.timeout) {
         Ok(c) => c,
-        Err(e) => return failed_transport(format!("client: {e}"), "transport_error"),
+        Err(e) => {
+            return failed_transport(format!("client: {}", e.without_url()), "transport_error")
+        }
     };
     let body = signing::body(
         &record,
@@ -252,8 +381,8 @@ async fn deliver_once(hooks: &Webhooks, d: &DeliveryRecord) -> Outcome {
         .await;
     let response = match sent {
         Ok(r) => r,
-        Err(e) if e.is_timeout() => return failed_transport(format!("timed out: {e}"), "timeout"),
-        Err(e) => return failed_transport(transport_reason(&e), "transport_error"),
+        Err(e) if e.is_timeout() => return failed_transport(transport_reason(e), "timeout"),
+        Err(e) => return failed_transport(transport_reason(e), "transport_error"),
     };
     let status = response.status().as_u16();
     match verdict(status) {
@@ -285,15 +414,18 @@ fn failed_transport(error: String, result: &'static str) -> Outcome {
     }
 }
 
-/// The error chain of a transport failure, without the URL (it may carry
-/// the receiver's token).
-fn transport_reason(e: &reqwest::Error) -> String {
-    let mut reason = if e.is_connect() {
+/// The error chain of a transport failure, without the URL (its query may
+/// carry the receiver's token): this goes to logs and dead letters.
+fn transport_reason(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut reason = if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
         "connection failed".to_owned()
     } else {
         "request failed".to_owned()
     };
-    let mut source = std::error::Error::source(e);
+    let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
         reason.push_str(": ");
         reason.push_str(&s.to_string());
