@@ -135,3 +135,48 @@ api_key_env = "MISTRAL_API_KEY"
     assert!(stdout.contains("****"));
     assert!(!stdout.contains("sk-live-upstream") && !stdout.contains("admin-secret-value"));
 }
+
+#[test]
+fn check_config_never_echoes_a_secret_from_the_environment_or_the_store_url() {
+    let text = r#"
+[store]
+url = "postgres://carpool@db.internal/carpool?password=hunter2-store&sslmode=disable"
+[[upstreams]]
+name = "mistral"
+dialect = "mistral"
+base_url = "https://api.mistral.ai"
+api_key_env = "MISTRAL_API_KEY"
+"#;
+    let cases: [(&str, &str, &str); 3] = [
+        // A numeric admin token used to become an integer and be echoed
+        // in the type error; a webhook secret list given as one string
+        // was echoed in "expected a sequence".
+        ("CARPOOL_SERVER__ADMIN_TOKEN", "73519846201", "73519846201"),
+        (
+            "CARPOOL_WEBHOOKS__SECRETS",
+            "whsec_VE9QU0VDUkVUVE9QU0VDUkVU",
+            "VE9QU0VDUkVUVE9QU0VDUkVU",
+        ),
+        ("CARPOOL_WEBHOOKS__SECRET", "[1, 2]", "[1, 2]"),
+    ];
+    for (name, value, needle) in cases {
+        let (_, stdout, stderr) = check_config(
+            text,
+            &[("MISTRAL_API_KEY", "sk-live-upstream"), (name, value)],
+        );
+        for out in [&stdout, &stderr] {
+            assert!(!out.contains(needle), "{name}: secret echoed:\n{out}");
+            assert!(
+                !out.contains("hunter2-store"),
+                "store password echoed:\n{out}"
+            );
+        }
+    }
+    // Without the env secrets the config is valid and the URL is shown masked.
+    let (ok, stdout, stderr) = check_config(text, &[("MISTRAL_API_KEY", "sk-live-upstream")]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("db.internal") && !stdout.contains("hunter2-store"),
+        "{stdout}"
+    );
+}

@@ -303,12 +303,12 @@ async fn a_deadline_in_the_past_is_refused_and_nothing_is_stored() {
 async fn query_strings_that_do_not_parse_get_openai_style_errors() {
     let (app, _sim) = managed("admin_token = \"tok\"").await;
     let cases = [
-        (format!("/v1/carpool/requests?limit=abc"), ALICE),
-        (format!("/admin/dead-letters?limit=-1"), "tok"),
+        ("/v1/carpool/requests?limit=abc", ALICE),
+        ("/admin/dead-letters?limit=-1", "tok"),
     ];
     for (path, key) in cases {
         let resp = client()
-            .get(app.url(&path))
+            .get(app.url(path))
             .bearer_auth(key)
             .send()
             .await

@@ -63,6 +63,15 @@ fn set_in(node: &mut Value, path: &[String], raw: &str) -> Result<(), String> {
         *node = convert(node, raw);
         return Ok(());
     };
+    if rest.is_empty() && is_secret_key(seg) {
+        let node = child(node, seg, false)?;
+        *node = if seg == "secrets" {
+            list_of_strings(raw)
+        } else {
+            Value::String(raw.to_owned())
+        };
+        return Ok(());
+    }
     let next_is_index = rest.first().is_some_and(|s| s.parse::<usize>().is_ok());
     set_in(child(node, seg, next_is_index)?, rest, raw)
 }
@@ -95,24 +104,38 @@ fn child<'v>(node: &'v mut Value, seg: &str, next_is_index: bool) -> Result<&'v 
     }
 }
 
+/// Keys whose values are secrets: an override of one is always a string,
+/// never read as a number or list, so an error about it has no value to echo.
+fn is_secret_key(key: &str) -> bool {
+    matches!(
+        key,
+        "admin_token" | "secret" | "secrets" | "api_key" | "password"
+    )
+}
+
 fn convert(existing: &Value, raw: &str) -> Value {
     let is_new = matches!(existing, Value::Table(t) if t.is_empty());
     match existing {
         Value::String(_) => Value::String(raw.to_owned()),
         Value::Array(_) => match parse_value(raw) {
             Some(v @ Value::Array(_)) => v,
-            _ => Value::Array(
-                raw.split(',')
-                    .map(|s| Value::String(s.trim().to_owned()))
-                    .filter(|v| v.as_str() != Some(""))
-                    .collect(),
-            ),
+            _ => list_of_strings(raw),
         },
         _ if is_new || !matches!(existing, Value::Table(_)) => {
             parse_value(raw).unwrap_or_else(|| Value::String(raw.to_owned()))
         }
         _ => Value::String(raw.to_owned()),
     }
+}
+
+/// A comma-separated list as an array of strings.
+fn list_of_strings(raw: &str) -> Value {
+    Value::Array(
+        raw.split(',')
+            .map(|s| Value::String(s.trim().to_owned()))
+            .filter(|v| v.as_str() != Some(""))
+            .collect(),
+    )
 }
 
 fn parse_value(raw: &str) -> Option<Value> {

@@ -155,9 +155,25 @@ fn section<T: DeserializeOwned + Default>(
     problems: &mut Vec<Problem>,
 ) -> T {
     T::deserialize(value).unwrap_or_else(|e| {
-        problems.push(Problem::new(key, e.message().trim().to_owned()));
+        problems.push(Problem::new(key, without_value(e.message().trim())));
         T::default()
     })
+}
+
+/// serde's "invalid type" and "invalid value" messages quote the value they
+/// refused, which may be a secret (a webhook secret or admin token set from
+/// the environment): the value is dropped, its kind kept.
+fn without_value(message: &str) -> String {
+    for lead in ["invalid type: ", "invalid value: "] {
+        let Some(start) = message.find(lead).map(|i| i + lead.len()) else {
+            continue;
+        };
+        let rest = &message[start..];
+        let end = rest.find(", expected").unwrap_or(rest.len());
+        let kind = rest[..end].split_whitespace().next().unwrap_or("value");
+        return format!("{}{kind}{}", &message[..start], &rest[end..]);
+    }
+    message.to_owned()
 }
 
 fn array<T: DeserializeOwned + Default>(

@@ -53,7 +53,7 @@ pub struct ServerConfig {
     pub max_connections: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct StoreConfig {
     #[serde(serialize_with = "ser_store_url")]
     pub url: String,
@@ -458,12 +458,34 @@ fn ser_store_url<S: Serializer>(u: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&redact_url(u))
 }
 
-pub fn redact_url(raw: &str) -> String {
-    match Url::parse(raw) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some(Secret::MASK));
-            url.to_string()
-        }
-        _ => raw.to_owned(),
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &redact_url(&self.url))
+            .field("backend", &self.backend)
+            .finish()
     }
+}
+
+/// The store URL with its secrets masked: a password in the userinfo, and
+/// the value of every query parameter (drivers take `password`,
+/// `sslpassword`, `sslkey` and more there; none is worth showing).
+pub fn redact_url(raw: &str) -> String {
+    let Ok(mut url) = Url::parse(raw) else {
+        // Not a URL we can take apart: show only its scheme.
+        return match raw.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://{}", Secret::MASK),
+            None => Secret::MASK.to_owned(),
+        };
+    };
+    if url.password().is_some() {
+        let _ = url.set_password(Some(Secret::MASK));
+    }
+    if url.query().is_some() {
+        let names: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        url.query_pairs_mut()
+            .clear()
+            .extend_pairs(names.iter().map(|k| (k.as_str(), Secret::MASK)));
+    }
+    url.to_string()
 }

@@ -186,6 +186,45 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `axum::extract::Query`, refusing a query string that does not parse with
+/// an OpenAI-style 400 naming the parameter where axum can tell, instead
+/// of axum's plain-text rejection.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection) => {
+                let detail = rejection.body_text();
+                // serde_urlencoded names the field as "<name>: <reason>".
+                let param = detail
+                    .rsplit_once("query string: ")
+                    .and_then(|(_, rest)| rest.split_once(':'))
+                    .map(|(name, _)| name.trim().to_owned())
+                    .filter(|name| {
+                        !name.is_empty()
+                            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    });
+                Err(ApiError::BadRequest {
+                    message: detail,
+                    param,
+                    code: "invalid_query",
+                })
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,44 +276,5 @@ mod tests {
         assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(timeout.blame(), Blame::Upstream);
         assert!(timeout.retryable());
-    }
-}
-
-/// `axum::extract::Query`, refusing a query string that does not parse with
-/// an OpenAI-style 400 naming the parameter where axum can tell, instead
-/// of axum's plain-text rejection.
-pub struct ApiQuery<T>(pub T);
-
-impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(value)) => Ok(Self(value)),
-            Err(rejection) => {
-                let detail = rejection.body_text();
-                // serde_urlencoded names the field as "<name>: <reason>".
-                let param = detail
-                    .rsplit_once("query string: ")
-                    .and_then(|(_, rest)| rest.split_once(':'))
-                    .map(|(name, _)| name.trim().to_owned())
-                    .filter(|name| {
-                        !name.is_empty()
-                            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                    });
-                Err(ApiError::BadRequest {
-                    message: detail,
-                    param,
-                    code: "invalid_query",
-                })
-            }
-        }
     }
 }
