@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::engine::{now_ms, BusyGuard, Deferral};
 use super::lease::{leased, LeaseLost};
 use super::policy;
-use crate::providers::{write_input_line, ProviderError};
+use crate::providers::{write_input_line, JobPhase, JobView, ProviderError};
+use crate::resolution::fallback::{job_failure, settle_unfinished};
 use crate::store::{FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,64 @@ pub enum SubmitError {
     NoKey(String),
     #[error(transparent)]
     LeaseLost(#[from] LeaseLost),
+}
+
+impl SubmitError {
+    /// Whether waiting cannot help: a provider client error other than 429
+    /// (400, 401, 403, 404, 422 …), a spend or quota limit, an answer that
+    /// cannot be read, or an upstream or key that is not there.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Provider(err) => err.is_permanent(),
+            Self::UnknownUpstream(_) | Self::NoKey(_) => true,
+            Self::Store(_) | Self::LeaseLost(_) => false,
+        }
+    }
+}
+
+/// Sends a window that cannot be submitted down the failure chain at once,
+/// with `reason` (the provider's message) as the job error, and finishes
+/// it `failed`.
+pub async fn fail_window(
+    deferral: &Deferral,
+    window: &WindowRecord,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let job = JobView {
+        id: format!("for window {}", window.id),
+        phase: JobPhase::Failed,
+        raw_status: "not_submitted".to_owned(),
+        output_file: None,
+        error_file: None,
+        errors: vec![reason.to_owned()],
+        total: 0,
+        succeeded: 0,
+        failed: 0,
+        window: Some(window.id.to_string()),
+        created_at: 0,
+    };
+    match deferral.upstream(&window.key.upstream) {
+        Some(upstream) => {
+            let key = upstream.key_for(window);
+            let tally = settle_unfinished(deferral, upstream, key, window, &job).await?;
+            if tally.unsettled {
+                return Ok(());
+            }
+        }
+        None => {
+            let (code, message) = job_failure(&job);
+            let failed = deferral
+                .store
+                .fail_unresolved(&window.id, &code, &message, now_ms())
+                .await?;
+            deferral.waiters.wake(&failed);
+        }
+    }
+    deferral
+        .store
+        .finish_window(&window.id, WindowOutcome::Failed, now_ms())
+        .await?;
+    Ok(())
 }
 
 /// How long the flusher sleeps when nothing is open.
@@ -116,10 +175,22 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
         deferral.clone().spawn(async move {
             let _guard = guard;
             let id = window.id.clone();
+            let record = window.clone();
             match submit_leased(&deferral, window).await {
                 Ok(true) => deferral.succeeded_attempt(&id),
                 // Another replica holds it; looked at again next pass.
                 Ok(false) => {}
+                Err(err) if err.is_permanent() => {
+                    tracing::warn!(window = %id, error = %err, "window submission failed for a reason that will not clear; failing the window");
+                    deferral.metrics.submit_failures.inc();
+                    if let Err(store) = fail_window(&deferral, &record, &err.to_string()).await {
+                        tracing::warn!(window = %id, error = %store, "could not fail the window; will retry");
+                        deferral.failed_attempt(&id);
+                    } else {
+                        deferral.succeeded_attempt(&id);
+                    }
+                    deferral.flush_wake.notify_one();
+                }
                 Err(err) => {
                     tracing::warn!(window = %id, error = %err, "window submission failed; will retry");
                     deferral.metrics.submit_failures.inc();

@@ -48,9 +48,27 @@ impl ProviderError {
     /// 429, 5xx and transport failures may pass; anything else will not.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            Self::Status { status, .. } => {
+                (*status == 429 || *status >= 500) && !self.is_permanent()
+            }
             Self::Transport { .. } => true,
             Self::Decode { .. } => false,
+        }
+    }
+
+    /// Whether waiting cannot help: a client error other than 429 (400,
+    /// 401, 403, 404, 422 …), a 429 for a quota or spend limit, or an answer
+    /// that cannot be read.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Status {
+                status, message, ..
+            } => {
+                (400..500).contains(status) && *status != 429 && *status != 408
+                    || *status == 429 && is_spend_limit(message)
+            }
+            Self::Transport { .. } => false,
+            Self::Decode { .. } => true,
         }
     }
 
@@ -81,6 +99,34 @@ impl ProviderError {
     }
 }
 
+/// Error codes (or types) saying a quota or spend limit was reached:
+/// waiting will not clear them.
+const SPEND_LIMIT_CODES: &[&str] = &[
+    "insufficient_quota",
+    "billing_hard_limit_reached",
+    "billing_not_active",
+    "spend_limit_reached",
+    "usage_limit_reached",
+];
+
+/// Whether an error message (prefixed with the body's code) names a spend limit.
+fn is_spend_limit(message: &str) -> bool {
+    SPEND_LIMIT_CODES.iter().any(|c| message.contains(c))
+}
+
+/// The body's error code or type when it is a spend limit.
+fn spend_limit_code(body: &[u8]) -> Option<&'static str> {
+    let v = serde_json::from_slice::<Value>(body).ok()?;
+    let error = v.get("error").unwrap_or(&v);
+    ["code", "type"].iter().find_map(|field| {
+        let given = error.get(*field)?.as_str()?;
+        SPEND_LIMIT_CODES.iter().copied().find(|c| *c == given)
+    })
+}
+
+/// Longest `Retry-After` honoured on files and batch calls.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
 /// Parses `Retry-After` given in seconds (the form providers use).
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
@@ -89,7 +135,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .parse::<f64>()
         .ok()
         .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .map(|s| Duration::from_secs_f64(s.min(MAX_RETRY_AFTER.as_secs_f64())))
 }
 
 /// The provider's error message from an error body, bounded.
@@ -126,10 +172,14 @@ async fn check(
     }
     let retry_after = retry_after(resp.headers());
     let body = resp.bytes().await.unwrap_or_default();
+    let mut message = error_message(&body);
+    if let Some(code) = spend_limit_code(&body) {
+        message = format!("{code}: {message}");
+    }
     Err(ProviderError::Status {
         operation,
         status: status.as_u16(),
-        message: error_message(&body),
+        message,
         retry_after,
     })
 }

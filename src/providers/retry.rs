@@ -75,7 +75,13 @@ impl RetryPolicy {
         loop {
             match call().await {
                 Ok(value) => return Ok(value),
-                Err(err) if err.is_retryable() && retry + 1 < self.max_attempts => {
+                // A wait longer than the policy's longest is left to the
+                // caller's own pacing rather than slept here.
+                Err(err)
+                    if err.is_retryable()
+                        && retry + 1 < self.max_attempts
+                        && err.retry_after().map_or(true, |w| w <= self.max_delay) =>
+                {
                     let wait = self.delay(retry, err.retry_after());
                     tracing::warn!(
                         operation,

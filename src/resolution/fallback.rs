@@ -331,8 +331,10 @@ async fn call(
                     .headers()
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                    // Capped: a caller whose deadline came is answered in seconds.
+                    .map(|s| Duration::from_secs_f64(s.min(pacing.max_delay.as_secs_f64())));
                 let retryable = status.as_u16() == 429 || status.is_server_error();
                 if !retryable || attempt >= ATTEMPTS {
                     let bytes = axum::body::to_bytes(relayed.response.into_body(), MAX_ANSWER)

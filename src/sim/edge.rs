@@ -52,7 +52,23 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
         r
     } else if let Some((status, retry_after)) = verdict.error {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError::injected(status, retry_after).into_response()
+        let error = ApiError::injected(status, retry_after);
+        let mut r = match &verdict.error_code {
+            Some(code) => {
+                let mut body = error.envelope();
+                body["error"]["type"] = code.clone().into();
+                body["error"]["code"] = code.clone().into();
+                (status, axum::Json(body)).into_response()
+            }
+            None => error.into_response(),
+        };
+        if let Some(raw) = &verdict.error_retry_after_raw {
+            if let Ok(value) = axum::http::HeaderValue::from_str(raw) {
+                r.headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, value);
+            }
+        }
+        r
     } else if credential.is_none() {
         ApiError::unauthorized().into_response()
     } else {

@@ -39,6 +39,14 @@ pub enum Fault {
         count: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after: Option<u64>,
+        /// The error body's `code` (and `type`) instead of the default
+        /// (e.g. `insufficient_quota`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+        /// A raw `Retry-After` header value, sent as given (wins over
+        /// `retry_after`), e.g. `1e30`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_raw: Option<String>,
     },
     /// Close the connection without any response.
     DropConnection {
@@ -96,6 +104,32 @@ impl Fault {
             status: 429,
             count,
             retry_after: Some(retry_after),
+            code: None,
+            retry_after_raw: None,
+        }
+    }
+
+    /// `count` responses of `status` whose error `code` and `type` are `code`.
+    pub fn status_with_code(route: &str, status: u16, count: u32, code: &str) -> Self {
+        Self::HttpError {
+            route: route.to_owned(),
+            status,
+            count,
+            retry_after: None,
+            code: Some(code.to_owned()),
+            retry_after_raw: None,
+        }
+    }
+
+    /// `count` 429s sending `Retry-After: raw` exactly as given.
+    pub fn rate_limited_raw(route: &str, count: u32, raw: &str) -> Self {
+        Self::HttpError {
+            route: route.to_owned(),
+            status: 429,
+            count,
+            retry_after: None,
+            code: None,
+            retry_after_raw: Some(raw.to_owned()),
         }
     }
 
@@ -106,6 +140,8 @@ impl Fault {
             status,
             count,
             retry_after: None,
+            code: None,
+            retry_after_raw: None,
         }
     }
 
@@ -173,6 +209,10 @@ impl Fault {
 pub struct RouteVerdict {
     pub extra_latency: Duration,
     pub error: Option<(u16, Option<u64>)>,
+    /// With `error`: the body's `code`/`type` to use instead of the default.
+    pub error_code: Option<String>,
+    /// With `error`: a raw `Retry-After` value to send as given.
+    pub error_retry_after_raw: Option<String>,
     pub drop_connection: bool,
     /// Handle the call, then hold the response until released.
     pub hold_response: bool,
@@ -247,12 +287,16 @@ impl FaultBook {
                     status,
                     count,
                     retry_after,
+                    code,
+                    retry_after_raw,
                 } => {
                     if verdict.error.is_none()
                         && !verdict.drop_connection
                         && route_matches(route, method, template, path)
                     {
                         verdict.error = Some((*status, *retry_after));
+                        verdict.error_code = code.clone();
+                        verdict.error_retry_after_raw = retry_after_raw.clone();
                         if take(count) {
                             spent.push(i);
                         }

@@ -1,0 +1,127 @@
+//! Provider errors that will not clear fail the window at once, through
+//! the HTTP surface against the simulator, in both dialects.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use carpool::sim::{self, Fault, SimHandle, SimOptions};
+use serde_json::{json, Value};
+use support::config::SimConfig;
+use support::{create_route, post_chat, settled, TestApp};
+
+const DIALECTS: [&str; 2] = ["mistral", "openai"];
+const ALICE: &str = "sk-alice";
+
+async fn setup(dialect: &str, batching: &str) -> (TestApp, SimHandle) {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let config = SimConfig::new(dialect, &sim)
+        .client("alice", ALICE)
+        .batching("max_wait = \"100ms\"\non_batch_failure = \"error\"")
+        .batching(batching);
+    let app = TestApp::start(&config.toml(), &[("UPSTREAM_KEY", "sk-upstream")]).await;
+    (app, sim)
+}
+
+fn chat(text: &str) -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 32})
+}
+
+/// An async call's handle id.
+async fn async_call(app: &TestApp, text: &str) -> String {
+    let resp = post_chat(app, ALICE, &[("carpool-mode", "async")], &chat(text)).await;
+    assert_eq!(resp.status().as_u16(), 202);
+    let body: Value = resp.json().await.unwrap();
+    body["id"].as_str().unwrap().to_owned()
+}
+
+async fn fails_with(dialect: &str, fault: Fault, needle: &str) {
+    let (app, sim) = setup(dialect, "").await;
+    sim.add_fault(fault);
+    let id = async_call(&app, "hello").await;
+    let object = settled(&app, ALICE, &id).await;
+    assert_eq!(object["status"], "failed", "{dialect}: {object}");
+    let message = object["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{dialect}: {object}");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn create_refused_400_forever_fails_the_window_with_the_message() {
+    for dialect in DIALECTS {
+        fails_with(
+            dialect,
+            Fault::status(create_route(dialect), 400, 0),
+            "simulated 400",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn upload_refused_401_forever_fails_the_window_with_the_message() {
+    for dialect in DIALECTS {
+        fails_with(
+            dialect,
+            Fault::status("POST /v1/files", 401, 0),
+            "simulated 401",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn insufficient_quota_429_is_not_retried() {
+    for dialect in DIALECTS {
+        fails_with(
+            dialect,
+            Fault::status_with_code("POST /v1/files", 429, 0, "insufficient_quota"),
+            "insufficient_quota",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn create_refused_500_twice_still_succeeds() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "").await;
+        sim.add_fault(Fault::status(create_route(dialect), 500, 2));
+        let id = async_call(&app, "hello").await;
+        let object = settled(&app, ALICE, &id).await;
+        assert_eq!(object["status"], "succeeded", "{dialect}: {object}");
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn huge_retry_after_is_parsed_without_a_panic() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "").await;
+        sim.add_fault(Fault::rate_limited_raw("POST /v1/files", 0, "1e30"));
+        let _id = async_call(&app, "hello").await;
+        // A panic in the submission task never counts the failure.
+        let counted = support::eventually(std::time::Duration::from_secs(60), || {
+            sim.calls()
+                .iter()
+                .any(|c| c.route == "/v1/files" && c.status == 429)
+        })
+        .await;
+        assert!(counted, "{dialect}");
+        let mut seen = false;
+        for _ in 0..600 {
+            let text = support::metrics(&app).await;
+            if support::metric(&text, "carpool_submit_failures_total") >= 1.0 {
+                seen = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            seen,
+            "{dialect}: the failed upload was counted, not a panic"
+        );
+        app.stop().await.unwrap();
+    }
+}
