@@ -17,6 +17,7 @@ use crate::proxy::forward::ForwarderError;
 use crate::proxy::health::Readiness;
 use crate::proxy::Forwarder;
 use crate::resolution::{deadline, janitor, poller, waiters};
+use crate::config::StoreBackend;
 use crate::store::{FlushReason, Store, StoreError};
 use crate::webhooks::{self, Webhooks};
 
@@ -129,8 +130,14 @@ pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> 
     }
     // Open windows are sealed so nothing waits on a max_wait that no
     // process is counting; sealed windows are submitted on the way out if
-    // the grace allows, else on the next start.
-    match flusher::seal_all(&state.deferral, FlushReason::Shutdown).await {
+    // the grace allows, else on the next start. On a shared Postgres store
+    // the other replicas go on counting, so a replica leaving (a rolling
+    // deploy) leaves the fleet's windows to them.
+    let sealing = match state.config.store.backend {
+        StoreBackend::Sqlite => flusher::seal_all(&state.deferral, FlushReason::Shutdown).await,
+        StoreBackend::Postgres => Ok(0),
+    };
+    match sealing {
         Ok(0) => {}
         Ok(n) => {
             tracing::info!(windows = n, "sealed open windows for shutdown");

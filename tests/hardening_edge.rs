@@ -319,3 +319,85 @@ async fn query_strings_that_do_not_parse_get_openai_style_errors() {
         assert_eq!(error["error"]["param"], "limit", "{path}: {error}");
     }
 }
+
+#[tokio::test]
+async fn an_sdk_retry_after_a_failure_is_a_new_request_and_while_queued_reattaches() {
+    let (app, sim) = managed("").await;
+    let body = chat("retry me");
+    sim.add_fault(carpool::sim::Fault::FailLines {
+        custom_ids: Vec::new(),
+        fraction: 1.0,
+        status: 500,
+    });
+    let call = |count: &'static str| {
+        post_chat(
+            &app,
+            ALICE,
+            &[("carpool-mode", "wait"), ("x-stainless-retry-count", count)],
+            &body,
+        )
+    };
+    let first = call("0").await;
+    assert_eq!(first.status(), 500);
+    let first_id = first.headers()["carpool-request-id"].to_str().unwrap().to_owned();
+    sim.clear_faults();
+    // The SDK retries the 500 byte for byte: it used to get the stored 500
+    // back at once, the same id, and never a second try.
+    let retry = call("1").await;
+    assert_eq!(retry.status(), 200);
+    let retry_id = retry.headers()["carpool-request-id"].to_str().unwrap().to_owned();
+    assert_ne!(retry_id, first_id, "the retry re-attached to the failed request");
+
+    // A retry of a request still queued re-attaches to it.
+    let queued = post_chat(&app, ALICE, &[("carpool-mode", "async")], &chat("queued")).await;
+    let queued_id = queued.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let again = post_chat(
+        &app,
+        ALICE,
+        &[("carpool-mode", "async"), ("x-stainless-retry-count", "1")],
+        &chat("queued"),
+    )
+    .await;
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], queued_id.as_str());
+}
+
+#[tokio::test]
+async fn the_sqlite_store_creates_its_missing_folder() {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data").join("nested").join("carpool.db");
+    let url = format!("sqlite://{}", db.display());
+    let config = SimConfig::new("openai", &sim).batching("max_wait = \"100ms\"");
+    let app = TestApp::start(
+        &config.toml(),
+        &[("UPSTREAM_KEY", "sk-upstream"), ("CARPOOL_STORE__URL", &url)],
+    )
+    .await;
+    let resp = post_chat(&app, "k", &[("carpool-mode", "wait")], &chat("dir")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(db.exists(), "no database at {}", db.display());
+}
+
+#[tokio::test]
+async fn window_gauges_are_exact_at_the_scrape() {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let config = SimConfig::new("openai", &sim).batching("max_wait = \"1h\"");
+    let app = TestApp::start(&config.toml(), &[("UPSTREAM_KEY", "sk-upstream")]).await;
+    // Let the flusher make its first pass over an empty store.
+    let _ = support::metrics(&app).await;
+    for n in 1..=3 {
+        let resp = post_chat(&app, "k", &[("carpool-mode", "async")], &chat(&format!("g{n}"))).await;
+        assert_eq!(resp.status(), 202);
+        // The scrape right after intake counts the request: the flusher's
+        // pass (every few seconds when idle) used to be the only refresh.
+        let text = support::metrics(&app).await;
+        assert_eq!(
+            support::metric(&text, "carpool_window_requests{model=\"m\"}"),
+            f64::from(n),
+            "{text}"
+        );
+    }
+}

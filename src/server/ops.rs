@@ -43,6 +43,15 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // The window gauges from the store as of this scrape, not the flusher's
+    // last pass (which may be minutes old after an idle spell). A store
+    // error leaves the last values in place rather than failing the scrape.
+    match state.deferral.store.open_windows().await {
+        Ok(open) => state
+            .metrics
+            .observe_open_windows(&open, crate::deferral::engine::now_ms()),
+        Err(error) => tracing::warn!(%error, "window gauges not refreshed for this scrape"),
+    }
     (
         [(
             header::CONTENT_TYPE,

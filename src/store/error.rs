@@ -29,6 +29,12 @@ pub enum StoreError {
     /// The SQLite writer task has stopped (the store is shutting down).
     #[error("the store writer has stopped")]
     WriterGone,
+    /// The folder of a SQLite database could not be created.
+    #[error("cannot create the store's folder {path}: {source}")]
+    CreateDir {
+        path: String,
+        source: std::io::Error,
+    },
     /// The SQLite writer's thread could not be started.
     #[error("cannot start the store writer thread: {0}")]
     WriterThread(std::io::Error),

@@ -73,7 +73,18 @@ impl SqliteStore {
                 scheme: "sqlite in-memory".to_owned(),
             });
         }
-        let connect = SqliteConnectOptions::from_str(url)?
+        let connect = SqliteConnectOptions::from_str(url)?;
+        // SQLite creates the file, not its folder: `sqlite://data/carpool.db`
+        // on a fresh checkout would fail with "unable to open database file".
+        if let Some(dir) = connect.get_filename().parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        let connect = connect
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)

@@ -154,7 +154,9 @@ macro_rules! write_ops {
 
 
         /// An earlier request this one repeats: same idempotency key (same
-        /// body, else a conflict), or an SDK retry of a live request.
+        /// body, else a conflict), or an SDK retry of a request that is live
+        /// or succeeded. A retry of one that failed, expired or was cancelled
+        /// is a new request: the SDK retries a 5xx to get another try.
         pub(crate) async fn existing(conn: &mut Conn, r: &NewRequest, horizon: i64) -> Result<Option<Accepted>, StoreError> {
             if let Some(key) = &r.idempotency_key {
                 let sql = concat!(
@@ -174,7 +176,8 @@ macro_rules! write_ops {
                 let sql = concat!(
                     "SELECT ", req_cols!(), " FROM requests \
                      WHERE retry_tag = $5 AND credential_hash = $1 AND body_hash = $2 AND endpoint = $3 \
-                     AND status <> 'cancelled' AND created_at >= $4 ORDER BY seq DESC LIMIT 1"
+                     AND status IN ('queued', 'submitted', 'succeeded') AND created_at >= $4 \
+                     ORDER BY seq DESC LIMIT 1"
                 );
                 let found = q(sql)
                     .bind(&r.credential_hash)
