@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::StoreBackend;
 use crate::config::{self, Config};
 use crate::deferral::{flusher, Deferral};
 use crate::metrics::{Metrics, MetricsError};
@@ -17,7 +18,6 @@ use crate::proxy::forward::ForwarderError;
 use crate::proxy::health::Readiness;
 use crate::proxy::Forwarder;
 use crate::resolution::{deadline, janitor, poller, waiters};
-use crate::config::StoreBackend;
 use crate::store::{FlushReason, Store, StoreError};
 use crate::webhooks::{self, Webhooks};
 

@@ -329,24 +329,27 @@ async fn an_sdk_retry_after_a_failure_is_a_new_request_and_while_queued_reattach
         fraction: 1.0,
         status: 500,
     });
-    let call = |count: &'static str| {
-        post_chat(
-            &app,
-            ALICE,
-            &[("carpool-mode", "wait"), ("x-stainless-retry-count", count)],
-            &body,
-        )
-    };
-    let first = call("0").await;
+    let retry_count =
+        |count: &'static str| [("carpool-mode", "wait"), ("x-stainless-retry-count", count)];
+    let first = post_chat(&app, ALICE, &retry_count("0"), &body).await;
     assert_eq!(first.status(), 500);
-    let first_id = first.headers()["carpool-request-id"].to_str().unwrap().to_owned();
+    let first_id = first.headers()["carpool-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     sim.clear_faults();
     // The SDK retries the 500 byte for byte: it used to get the stored 500
     // back at once, the same id, and never a second try.
-    let retry = call("1").await;
+    let retry = post_chat(&app, ALICE, &retry_count("1"), &body).await;
     assert_eq!(retry.status(), 200);
-    let retry_id = retry.headers()["carpool-request-id"].to_str().unwrap().to_owned();
-    assert_ne!(retry_id, first_id, "the retry re-attached to the failed request");
+    let retry_id = retry.headers()["carpool-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(
+        retry_id, first_id,
+        "the retry re-attached to the failed request"
+    );
 
     // A retry of a request still queued re-attaches to it.
     let queued = post_chat(&app, ALICE, &[("carpool-mode", "async")], &chat("queued")).await;
@@ -361,7 +364,10 @@ async fn an_sdk_retry_after_a_failure_is_a_new_request_and_while_queued_reattach
         &chat("queued"),
     )
     .await;
-    assert_eq!(again.json::<Value>().await.unwrap()["id"], queued_id.as_str());
+    assert_eq!(
+        again.json::<Value>().await.unwrap()["id"],
+        queued_id.as_str()
+    );
 }
 
 #[tokio::test]
@@ -373,7 +379,10 @@ async fn the_sqlite_store_creates_its_missing_folder() {
     let config = SimConfig::new("openai", &sim).batching("max_wait = \"100ms\"");
     let app = TestApp::start(
         &config.toml(),
-        &[("UPSTREAM_KEY", "sk-upstream"), ("CARPOOL_STORE__URL", &url)],
+        &[
+            ("UPSTREAM_KEY", "sk-upstream"),
+            ("CARPOOL_STORE__URL", &url),
+        ],
     )
     .await;
     let resp = post_chat(&app, "k", &[("carpool-mode", "wait")], &chat("dir")).await;
@@ -389,7 +398,13 @@ async fn window_gauges_are_exact_at_the_scrape() {
     // Let the flusher make its first pass over an empty store.
     let _ = support::metrics(&app).await;
     for n in 1..=3 {
-        let resp = post_chat(&app, "k", &[("carpool-mode", "async")], &chat(&format!("g{n}"))).await;
+        let resp = post_chat(
+            &app,
+            "k",
+            &[("carpool-mode", "async")],
+            &chat(&format!("g{n}")),
+        )
+        .await;
         assert_eq!(resp.status(), 202);
         // The scrape right after intake counts the request: the flusher's
         // pass (every few seconds when idle) used to be the only refresh.

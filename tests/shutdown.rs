@@ -38,9 +38,16 @@ async fn stopping_one_postgres_replica_leaves_the_fleets_open_windows_open() {
 
     leaving.stop().await.unwrap();
     let store = &staying.state.deferral.store;
-    assert_eq!(store.windows_in(&[WindowState::Open]).await.unwrap().len(), 1);
+    assert_eq!(
+        store.windows_in(&[WindowState::Open]).await.unwrap().len(),
+        1
+    );
     assert!(store
-        .windows_in(&[WindowState::Sealed, WindowState::Uploaded, WindowState::Creating])
+        .windows_in(&[
+            WindowState::Sealed,
+            WindowState::Uploaded,
+            WindowState::Creating
+        ])
         .await
         .unwrap()
         .is_empty());

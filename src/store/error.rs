@@ -64,6 +64,7 @@ impl StoreError {
             | Self::BadSchemaName { .. }
             | Self::Corrupt { .. }
             | Self::ReplyMismatch { .. }
+            | Self::CreateDir { .. }
             | Self::WriterThread(_) => false,
         }
     }
