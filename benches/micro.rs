@@ -98,6 +98,8 @@ fn new_request(n: u64) -> NewRequest {
         upstream: "sim".to_owned(),
         endpoint: "/v1/chat/completions".to_owned(),
         model: format!("bench-{}", n / 50_000),
+        scope: carpool::model::Scope::default(),
+        forward_headers: Vec::new(),
         body_hash: format!("{n:064x}"),
         body,
         idempotency_key: None,

@@ -81,6 +81,8 @@ fn request(i: usize, model: &str, cred: &str, max_requests: u64) -> NewRequest {
         upstream: "main".to_owned(),
         endpoint: "/v1/chat/completions".to_owned(),
         model: model.to_owned(),
+        scope: carpool::model::Scope::default(),
+        forward_headers: Vec::new(),
         body_hash: format!("{i:064x}"),
         body: Bytes::from(body),
         idempotency_key: None,

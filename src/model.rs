@@ -225,6 +225,17 @@ impl Dialect {
         }
     }
 
+    /// The request headers that scope a call to part of its key's account
+    /// (SPEC section 2), lowercase. Mistral has none: its keys belong to one
+    /// workspace, so headers of that name are only passed along on realtime
+    /// calls, like any other end-to-end header.
+    pub fn scoping_headers(self) -> &'static [&'static str] {
+        match self {
+            Self::Mistral => &[],
+            Self::Openai => &["openai-organization", "openai-project"],
+        }
+    }
+
     /// Requests per job and bytes per input file the provider accepts
     /// (reference sections A6 and B6: size windows to the smaller figure).
     pub fn limits(self) -> (u64, u64) {
@@ -235,9 +246,74 @@ impl Dialect {
     }
 }
 
+/// A call's scoping headers (SPEC section 2): which organization and project
+/// of the key the provider bills and limits it under. Part of the window key,
+/// so callers of two projects never share a batch, and sent on every files
+/// and batch call of the window. Names are lowercase, sorted; an empty scope
+/// is a call that sent none.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Scope(Vec<(String, String)>);
+
+impl Scope {
+    /// From `(name, value)` pairs; names are lowercased and sorted (values of
+    /// one name keep their order) so equal scopes compare and store equal.
+    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut pairs: Vec<(String, String)> = pairs
+            .into_iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), v))
+            .collect();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        Self(pairs)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The headers to send, as `(lowercase name, value)`.
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.0
+    }
+
+    /// The stored form: `""` for no scope (what rows stored before scopes
+    /// existed hold), else a JSON array of `[name, value]` pairs.
+    pub fn to_stored(&self) -> String {
+        if self.0.is_empty() {
+            return String::new();
+        }
+        serde_json::to_string(&self.0).unwrap_or_default()
+    }
+
+    /// Reads [`Self::to_stored`]'s form back; `None` if it is not that form.
+    pub fn from_stored(s: &str) -> Option<Self> {
+        if s.is_empty() {
+            return Some(Self::default());
+        }
+        serde_json::from_str(s).ok().map(Self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scope_is_canonical_and_round_trips_through_its_stored_form() {
+        let a = Scope::new([
+            ("OpenAI-Project".to_owned(), "proj_A".to_owned()),
+            ("openai-organization".to_owned(), "org_1".to_owned()),
+        ]);
+        let b = Scope::new([
+            ("openai-organization".to_owned(), "org_1".to_owned()),
+            ("openai-project".to_owned(), "proj_A".to_owned()),
+        ]);
+        assert_eq!(a, b);
+        assert_eq!(a.to_stored(), b.to_stored());
+        assert_eq!(Scope::from_stored(&a.to_stored()), Some(a));
+        assert_eq!(Scope::default().to_stored(), "");
+        assert_eq!(Scope::from_stored(""), Some(Scope::default()));
+        assert_eq!(Scope::from_stored("not json"), None);
+    }
 
     #[test]
     fn prefixed_hex_is_lowercase_hex_after_the_prefix() {

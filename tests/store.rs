@@ -74,6 +74,19 @@ impl Drop for Harness {
     }
 }
 
+fn project_scope(project: &str) -> carpool::model::Scope {
+    carpool::model::Scope::new([("openai-project".to_owned(), project.to_owned())])
+}
+
+/// Seals an open window and takes it to submitted as `job`.
+async fn submit_sealed(store: &Store, window: &WindowId, job: &str) {
+    assert!(store
+        .seal_window(window, FlushReason::MaxWait, T0)
+        .await
+        .unwrap());
+    submit(store, window, job).await;
+}
+
 fn limits(max_requests: u64, max_bytes: u64) -> WindowLimits {
     WindowLimits {
         max_requests,
@@ -88,6 +101,8 @@ fn new_request(cred: &str, model: &str, body: &str, now: i64) -> NewRequest {
         upstream: "main".to_owned(),
         endpoint: "/v1/chat/completions".to_owned(),
         model: model.to_owned(),
+        scope: carpool::model::Scope::default(),
+        forward_headers: Vec::new(),
         body: Bytes::from(body.to_owned()),
         body_hash: format!("hash:{body}"),
         idempotency_key: None,
@@ -235,6 +250,59 @@ mod cases {
             .map(|w| (w.key.credential_hash.clone(), w.key.model.clone()))
             .collect();
         assert_eq!(keys.len(), 4);
+    }
+
+    pub async fn keeps_scopes_in_separate_windows_and_requeues_within_them(h: &Harness) {
+        let store = h.open().await;
+        let scoped = |project: &str, body: &str| {
+            let mut r = new_request(CRED_A, "m", body, T0);
+            r.scope = project_scope(project);
+            r.forward_headers = vec![
+                ("openai-project".to_owned(), project.to_owned()),
+                ("x-request-id".to_owned(), format!("req-{body}")),
+            ];
+            r
+        };
+        let a1 = accept(&store, scoped("proj_A", "{\"a\":1}")).await;
+        let a2 = accept(&store, scoped("proj_A", "{\"a\":2}")).await;
+        let b = accept(&store, scoped("proj_B", "{\"b\":1}")).await;
+        let plain = accept(&store, new_request(CRED_A, "m", "{\"p\":1}", T0)).await;
+        let wa = a1.window.unwrap().id;
+        assert_eq!(a2.window.unwrap().id, wa);
+        let (wb, wp) = (b.window.unwrap().id, plain.window.unwrap().id);
+        assert!(wa != wb && wa != wp && wb != wp);
+        let open = store.open_windows().await.unwrap();
+        let scope_of = |w: &WindowId| {
+            open.iter()
+                .find(|o| &o.id == w)
+                .map(|o| o.key.scope.clone())
+                .unwrap()
+        };
+        assert_eq!(scope_of(&wa), project_scope("proj_A"));
+        assert_eq!(scope_of(&wb), project_scope("proj_B"));
+        assert!(scope_of(&wp).is_empty());
+        assert_eq!(
+            store.request_headers(&b.record.id).await.unwrap(),
+            vec![
+                ("openai-project".to_owned(), "proj_B".to_owned()),
+                ("x-request-id".to_owned(), "req-{\"b\":1}".to_owned()),
+            ]
+        );
+        assert!(store
+            .request_headers(&plain.record.id)
+            .await
+            .unwrap()
+            .is_empty());
+        // A's job fails: its requests go back to a window of A's scope only.
+        submit_sealed(&store, &wa, "job-a").await;
+        let moved = store.resubmit(&wa, 1, T0 + 40).await.unwrap();
+        assert_eq!(moved.len(), 2);
+        let again = store.get(&a1.record.id, CRED_A).await.unwrap().unwrap();
+        let w2 = again.window_id.unwrap();
+        assert!(w2 != wa && w2 != wb && w2 != wp);
+        let next = store.window(&w2).await.unwrap().unwrap();
+        assert_eq!(next.key.scope, project_scope("proj_A"));
+        assert_eq!(next.count, 2);
     }
 
     pub async fn idempotent_repeat_returns_the_same_request(h: &Harness) {
@@ -1406,6 +1474,7 @@ contract!(
     splits_windows_at_max_requests,
     splits_windows_at_max_bytes,
     keeps_models_and_credentials_in_separate_windows,
+    keeps_scopes_in_separate_windows_and_requeues_within_them,
     idempotent_repeat_returns_the_same_request,
     idempotency_key_with_another_body_conflicts,
     sdk_retry_reattaches_to_the_queued_request,

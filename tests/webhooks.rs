@@ -486,6 +486,8 @@ async fn a_host_name_resolving_to_loopback_is_refused_at_delivery() {
             upstream: "sim".into(),
             endpoint: CHAT.into(),
             model: "m".into(),
+            scope: carpool::model::Scope::default(),
+            forward_headers: Vec::new(),
             body_hash: "h".into(),
             body: Bytes::from(body),
             idempotency_key: None,

@@ -19,8 +19,9 @@ use super::engine::{now_ms, Deferral};
 use super::optin::{self, Answer};
 use super::{sse, sse_responses};
 use crate::config::{AuthMode, UpstreamConfig};
-use crate::model::{prefixed_hex, RequestId};
+use crate::model::{prefixed_hex, Dialect, RequestId, Scope};
 use crate::proxy::classify::CALLBACK_HEADER;
+use crate::proxy::headers;
 use crate::server::auth::{bearer, Caller};
 use crate::server::error::ApiError;
 use crate::store::{Accepted, DeliveryMode, NewRequest, RequestRecord, StoreError, WindowLimits};
@@ -33,7 +34,8 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::IdempotencyConflict => ApiError::Unprocessable {
-                message: "this Idempotency-Key was already used with a different request body"
+                message: "this Idempotency-Key was already used with a different request body \
+                          (or different OpenAI-Organization / OpenAI-Project headers)"
                     .to_owned(),
                 code: "idempotency_key_reused",
             },
@@ -57,11 +59,20 @@ pub struct Deferred<'a> {
     pub answer: Answer,
 }
 
-/// The request's fingerprint for retry detection: endpoint and exact body.
-pub fn body_hash(endpoint: &str, body: &[u8]) -> String {
+/// The request's fingerprint for retry detection and idempotent repeats:
+/// endpoint, scope and exact body. The scope is part of what the request
+/// is (the same body under another project is billed elsewhere), so an
+/// Idempotency-Key reused under another scope is a conflict and an SDK
+/// retry re-attaches only within its own scope; re-attaching stays keyed by
+/// credential and endpoint. No scope hashes as before scopes existed.
+pub fn body_hash(endpoint: &str, scope: &Scope, body: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(endpoint.as_bytes());
     h.update([0]);
+    if !scope.is_empty() {
+        h.update(scope.to_stored().as_bytes());
+        h.update([0]);
+    }
     h.update(body);
     prefixed_hex("", &h.finalize())
 }
@@ -111,6 +122,7 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Intake, Ap
         (None, _) => DeliveryMode::Async,
     };
     let upstream_key = window_key(&call);
+    let scope = scope(call.upstream.dialect, call.headers)?;
     let admission = deferral
         .gate
         .admit(&deferral.store, &call.caller.credential_hash)
@@ -124,7 +136,9 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Intake, Ap
             upstream: call.upstream.name.clone(),
             endpoint: call.endpoint.to_owned(),
             model: call.model.clone(),
-            body_hash: body_hash(call.endpoint, &call.body),
+            body_hash: body_hash(call.endpoint, &scope, &call.body),
+            scope,
+            forward_headers: headers::replayable(call.headers),
             body: call.body,
             idempotency_key,
             sdk_retry: optin::is_sdk_retry(call.headers),
@@ -301,6 +315,23 @@ fn callback(deferral: &Deferral, headers: &HeaderMap) -> Result<Option<String>, 
     Ok(Some(url.into()))
 }
 
+/// The caller's scoping headers for the upstream's dialect (SPEC section
+/// 2). They go on every batch call as they came, so they must be text.
+fn scope(dialect: Dialect, headers: &HeaderMap) -> Result<Scope, ApiError> {
+    let mut pairs = Vec::new();
+    for name in dialect.scoping_headers() {
+        for value in headers.get_all(*name) {
+            let text = value.to_str().map_err(|_| ApiError::BadRequest {
+                message: format!("the {name} header must be printable ASCII text"),
+                param: Some((*name).to_owned()),
+                code: "invalid_header",
+            })?;
+            pairs.push(((*name).to_owned(), text.to_owned()));
+        }
+    }
+    Ok(Scope::new(pairs))
+}
+
 /// The key the window's batch calls need from this caller: under
 /// passthrough auth the caller's own bearer key (kept on the window until it
 /// finishes, never on the request); under managed auth none, since carpool's
@@ -426,11 +457,23 @@ mod tests {
     use crate::store::{FlushReason, WindowSlot};
 
     #[test]
-    fn body_hash_depends_on_endpoint_and_exact_bytes() {
-        let a = body_hash("/v1/chat/completions", b"{\"model\":\"m\"}");
-        assert_eq!(a, body_hash("/v1/chat/completions", b"{\"model\":\"m\"}"));
-        assert_ne!(a, body_hash("/v1/embeddings", b"{\"model\":\"m\"}"));
-        assert_ne!(a, body_hash("/v1/chat/completions", b"{\"model\": \"m\"}"));
+    fn body_hash_depends_on_endpoint_scope_and_exact_bytes() {
+        let none = Scope::default();
+        let a = body_hash("/v1/chat/completions", &none, b"{\"model\":\"m\"}");
+        assert_eq!(
+            a,
+            body_hash("/v1/chat/completions", &none, b"{\"model\":\"m\"}")
+        );
+        assert_ne!(a, body_hash("/v1/embeddings", &none, b"{\"model\":\"m\"}"));
+        assert_ne!(
+            a,
+            body_hash("/v1/chat/completions", &none, b"{\"model\": \"m\"}")
+        );
+        let project = Scope::new([("openai-project".to_owned(), "proj_A".to_owned())]);
+        assert_ne!(
+            a,
+            body_hash("/v1/chat/completions", &project, b"{\"model\":\"m\"}")
+        );
     }
 
     fn accepted(count: u64, sealed: bool, sealed_previous: bool) -> Accepted {

@@ -39,7 +39,7 @@ pub use error::StoreError;
 pub use model::{DeliveryMode, FlushReason, ResolvedStatus, WindowOutcome, WindowState};
 pub use outbox::{event_type, DeliveryRecord, DeliveryState};
 
-use crate::model::{DeliveryId, RequestId, RequestStatus, ServedBy, WindowId};
+use crate::model::{DeliveryId, RequestId, RequestStatus, Scope, ServedBy, WindowId};
 use ops::{Op, Reply};
 use outbox::OutboxOp;
 
@@ -88,6 +88,8 @@ pub struct WindowLimits {
 pub struct WindowKey {
     pub upstream: String,
     pub credential_hash: String,
+    /// The provider's scoping headers: windows of two scopes never merge.
+    pub scope: Scope,
     pub endpoint: String,
     pub model: String,
 }
@@ -101,6 +103,11 @@ pub struct NewRequest {
     pub upstream: String,
     pub endpoint: String,
     pub model: String,
+    /// The caller's scoping headers (part of the window key).
+    pub scope: Scope,
+    /// The caller's end-to-end headers, as `(name, value)`, for a realtime
+    /// call made for this request (what a pass-through would have sent).
+    pub forward_headers: Vec<(String, String)>,
     /// The caller's JSON, verbatim.
     pub body: Bytes,
     pub body_hash: String,
@@ -125,6 +132,7 @@ impl NewRequest {
         WindowKey {
             upstream: self.upstream.clone(),
             credential_hash: self.credential_hash.clone(),
+            scope: self.scope.clone(),
             endpoint: self.endpoint.clone(),
             model: self.model.clone(),
         }
@@ -270,6 +278,7 @@ impl fmt::Debug for NewRequest {
             .field("upstream", &self.upstream)
             .field("endpoint", &self.endpoint)
             .field("model", &self.model)
+            .field("scope", &self.scope)
             .field("body_len", &self.body.len())
             .field("idempotency_key", &self.idempotency_key)
             .field("sdk_retry", &self.sdk_retry)
@@ -402,6 +411,15 @@ impl Store {
     /// credential check.
     pub async fn request_body(&self, id: &RequestId) -> Result<Option<Bytes>, StoreError> {
         dispatch!(self.request_body(id))
+    }
+
+    /// The caller's end-to-end headers stored with the request (for a
+    /// realtime fallback); empty for none. Internal: no credential check.
+    pub async fn request_headers(
+        &self,
+        id: &RequestId,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        dispatch!(self.request_headers(id))
     }
 
     /// Open (queued or submitted) requests whose deadline is at or before

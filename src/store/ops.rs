@@ -15,7 +15,7 @@ use super::{
     Resolution, StoreError, WindowKey, WindowLimits, WindowOutcome, WindowRecord, WindowSlot,
     WindowState, WindowSummary,
 };
-use crate::model::{RequestId, RequestStatus, ServedBy, WindowId};
+use crate::model::{RequestId, RequestStatus, Scope, ServedBy, WindowId};
 
 /// Rows fetched per page when streaming a window's lines.
 pub(crate) const LINES_PAGE: i64 = 256;
@@ -234,7 +234,35 @@ pub(crate) fn sane(limits: WindowLimits) -> WindowLimits {
 
 pub(crate) const INSERT_REQUEST: &str = "INSERT INTO requests (id, credential_hash, upstream, endpoint, \
     model, body, body_hash, idempotency_key, mode, deadline, callback_url, status, window_id, created_at, \
-    retry_tag) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12, $13, $14)";
+    retry_tag, scope, forward_headers) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12, $13, $14, $15, $16)";
+
+/// A request's end-to-end headers as stored: a JSON array of `[name,
+/// value]` pairs, NULL for none.
+pub(crate) fn headers_to_stored(headers: &[(String, String)]) -> Option<String> {
+    if headers.is_empty() {
+        return None;
+    }
+    serde_json::to_string(headers).ok()
+}
+
+/// [`headers_to_stored`]'s form read back.
+pub(crate) fn headers_from_stored(
+    value: Option<String>,
+) -> Result<Vec<(String, String)>, StoreError> {
+    match value {
+        None => Ok(Vec::new()),
+        Some(v) => serde_json::from_str(&v).map_err(|_| StoreError::Corrupt {
+            column: "forward_headers",
+            value: v,
+        }),
+    }
+}
+
+/// A stored scope read back.
+pub(crate) fn scope_from_stored(value: String) -> Result<Scope, StoreError> {
+    parsed("scope", value, Scope::from_stored)
+}
 
 /// What an SDK retry is looked up by: 63 bits of FNV-1a over credential,
 /// endpoint and body hash. An 8-byte key keeps the index cheap to maintain
@@ -308,7 +336,7 @@ macro_rules! window_cols {
     () => {
         "id, upstream, credential_hash, endpoint, model, state, count, bytes, max_requests, \
          max_bytes, opened_at, sealed_at, flush_reason, upstream_key, file_id, job_id, \
-         provider_status, submitted_at, finished_at"
+         provider_status, submitted_at, finished_at, scope"
     };
 }
 
@@ -329,6 +357,8 @@ mod tests {
             upstream: "u".into(),
             endpoint: "/v1/chat/completions".into(),
             model: "m".into(),
+            scope: Scope::default(),
+            forward_headers: Vec::new(),
             body: Bytes::new(),
             body_hash: "h".into(),
             idempotency_key: None,

@@ -30,6 +30,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/postgres_v1.sql"),
     include_str!("schema/postgres_v2.sql"),
     include_str!("schema/postgres_v3.sql"),
+    include_str!("schema/postgres_v4.sql"),
 ];
 
 /// Arbitrary but fixed: replicas starting together migrate one at a time.
@@ -212,6 +213,13 @@ impl PgStore {
 
     pub(crate) async fn request_body(&self, id: &RequestId) -> Result<Option<Bytes>, StoreError> {
         ops::request_body(&mut *self.inner.pool.acquire().await?, id).await
+    }
+
+    pub(crate) async fn request_headers(
+        &self,
+        id: &RequestId,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        ops::request_headers(&mut *self.inner.pool.acquire().await?, id).await
     }
 
     pub(crate) async fn due_requests(

@@ -55,6 +55,7 @@ macro_rules! read_ops {
             Ok(WindowKey {
                 upstream: row.try_get("upstream")?,
                 credential_hash: row.try_get("credential_hash")?,
+                scope: scope_from_stored(row.try_get("scope")?)?,
                 endpoint: row.try_get("endpoint")?,
                 model: row.try_get("model")?,
             })
@@ -137,6 +138,17 @@ macro_rules! read_ops {
                 .map(Bytes::from))
         }
 
+        pub(crate) async fn request_headers(conn: &mut Conn, id: &RequestId) -> Result<Vec<(String, String)>, StoreError> {
+            let stored = q("SELECT forward_headers FROM requests WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|row| row.try_get::<Option<String>, _>("forward_headers"))
+                .transpose()?
+                .flatten();
+            headers_from_stored(stored)
+        }
+
         pub(crate) async fn due_requests(conn: &mut Conn, before: i64, limit: u32) -> Result<Vec<RequestRecord>, StoreError> {
             let sql = concat!(
                 "SELECT ", req_cols!(), " FROM requests WHERE deadline IS NOT NULL AND deadline <= $1 \
@@ -164,7 +176,7 @@ macro_rules! read_ops {
         }
 
         pub(crate) async fn open_windows(conn: &mut Conn) -> Result<Vec<WindowSummary>, StoreError> {
-            let rows = q("SELECT w.id, w.upstream, w.credential_hash, w.endpoint, w.model, w.count, \
+            let rows = q("SELECT w.id, w.upstream, w.credential_hash, w.scope, w.endpoint, w.model, w.count, \
                           w.bytes, w.opened_at, (SELECT MIN(r.deadline) FROM requests r \
                           WHERE r.window_id = w.id AND r.status = 'queued' AND r.deadline IS NOT NULL) AS earliest_deadline \
                           FROM windows w WHERE w.state = 'open' ORDER BY w.opened_at")

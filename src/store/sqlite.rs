@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/sqlite_v1.sql"),
     include_str!("schema/sqlite_v2.sql"),
     include_str!("schema/sqlite_v3.sql"),
+    include_str!("schema/sqlite_v4.sql"),
 ];
 
 /// Commands waiting for the writer; intake beyond this waits (backpressure).
@@ -179,6 +180,13 @@ impl SqliteStore {
 
     pub(crate) async fn request_body(&self, id: &RequestId) -> Result<Option<Bytes>, StoreError> {
         ops::request_body(&mut *self.inner.read.acquire().await?, id).await
+    }
+
+    pub(crate) async fn request_headers(
+        &self,
+        id: &RequestId,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        ops::request_headers(&mut *self.inner.read.acquire().await?, id).await
     }
 
     pub(crate) async fn due_requests(

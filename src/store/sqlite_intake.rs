@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::Row as _;
 
-use super::ops::{filled, queued_record, reattach, refuses, retry_tag, sane, sqlite_ops};
+use super::ops::{
+    filled, headers_to_stored, queued_record, reattach, refuses, retry_tag, sane, sqlite_ops,
+};
 use super::sqlite_direct::direct;
 use super::{Accepted, FlushReason, NewRequest, StoreError, WindowKey, WindowSlot};
-use crate::model::WindowId;
+use crate::model::{Scope, WindowId};
 
 /// A window as this run fills it.
 struct Fill {
@@ -42,7 +44,7 @@ pub(crate) async fn accept_run(
     let mut fills: Vec<Fill> = Vec::new();
     // Each key's open window in `fills`, by the run's own strings: a key
     // is copied into a `WindowKey` only when it is first seen in the run.
-    let mut current: HashMap<(&str, &str, &str, &str), Option<usize>> = HashMap::new();
+    let mut current: HashMap<(&str, &str, &str, &str, &Scope), Option<usize>> = HashMap::new();
     let mut inserts: Vec<(usize, usize)> = Vec::new(); // (request, fill)
 
     for (i, r) in run.iter().enumerate() {
@@ -68,6 +70,7 @@ pub(crate) async fn accept_run(
             r.credential_hash.as_str(),
             r.endpoint.as_str(),
             r.model.as_str(),
+            &r.scope,
         );
         let slot_index = match current.get(&key) {
             Some(slot) => *slot,
@@ -191,12 +194,13 @@ async fn load_open(
     let row = sqlx::query(
         "SELECT id, count, bytes, opened_at, max_requests, max_bytes, upstream_key FROM windows \
          WHERE upstream = $1 AND credential_hash = $2 AND endpoint = $3 AND model = $4 \
-         AND state = 'open'",
+         AND scope = $5 AND state = 'open'",
     )
     .bind(&key.upstream)
     .bind(&key.credential_hash)
     .bind(&key.endpoint)
     .bind(&key.model)
+    .bind(key.scope.to_stored())
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else { return Ok(None) };
@@ -236,8 +240,8 @@ async fn write_fill(conn: &mut SqliteConnection, f: &Fill) -> Result<(), StoreEr
     } else {
         sqlx::query(
             "INSERT INTO windows (id, upstream, credential_hash, endpoint, model, state, count, \
-             bytes, max_requests, max_bytes, opened_at, sealed_at, flush_reason, upstream_key) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+             bytes, max_requests, max_bytes, opened_at, sealed_at, flush_reason, upstream_key, scope) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(f.id.as_str())
         .bind(&f.key.upstream)
@@ -253,6 +257,7 @@ async fn write_fill(conn: &mut SqliteConnection, f: &Fill) -> Result<(), StoreEr
         .bind(sealed_at)
         .bind(reason)
         .bind(f.upstream_key.as_deref())
+        .bind(f.key.scope.to_stored())
         .execute(&mut *conn)
         .await?;
     }
@@ -271,8 +276,8 @@ async fn insert_requests(
         let mut insert = db.prepare(
             "INSERT INTO requests (id, credential_hash, upstream, endpoint, model, body, \
              body_hash, idempotency_key, mode, deadline, callback_url, status, window_id, \
-             created_at, retry_tag) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
-             'queued', ?12, ?13, ?14)",
+             created_at, retry_tag, scope, forward_headers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+             ?8, ?9, ?10, ?11, 'queued', ?12, ?13, ?14, ?15, ?16)",
         )?;
         for &(i, f) in inserts {
             let r = run[i];
@@ -291,6 +296,8 @@ async fn insert_requests(
                 fills[f].id.as_str(),
                 r.now,
                 retry_tag(r),
+                r.scope.to_stored(),
+                headers_to_stored(&r.forward_headers),
             ])?;
         }
         Ok(())

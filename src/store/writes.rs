@@ -217,6 +217,8 @@ macro_rules! write_ops {
                 .bind(slot.id.as_str())
                 .bind(r.now)
                 .bind(retry_tag(r))
+                .bind(r.scope.to_stored())
+                .bind(headers_to_stored(&r.forward_headers))
                 .execute(&mut *conn)
                 .await?;
             let record = queued_record(r, &slot.id);
@@ -235,6 +237,7 @@ macro_rules! write_ops {
             now: i64,
         ) -> Result<(WindowSlot, Option<(WindowId, FlushReason)>), StoreError> {
             let limits = sane(limits);
+            let scope = key.scope.to_stored();
             let mut previous = None;
             // Postgres, read committed: a window another replica opened may
             // become visible between statements; never seal a window that
@@ -245,6 +248,7 @@ macro_rules! write_ops {
                 let row = q("UPDATE windows SET count = count + 1, bytes = bytes + $5, \
                              upstream_key = COALESCE(upstream_key, $8) \
                              WHERE upstream = $1 AND credential_hash = $2 AND endpoint = $3 AND model = $4 \
+                             AND scope = $9 \
                              AND state = 'open' AND count + 1 <= $6 AND (count = 0 OR bytes + $5 <= $7) \
                              RETURNING id, count, bytes, opened_at")
                     .bind(&key.upstream)
@@ -255,6 +259,7 @@ macro_rules! write_ops {
                     .bind(int(limits.max_requests))
                     .bind(int(limits.max_bytes))
                     .bind(upstream_key)
+                    .bind(&scope)
                     .fetch_optional(&mut *conn)
                     .await?;
                 if let Some(row) = row {
@@ -263,6 +268,7 @@ macro_rules! write_ops {
                 let sealed = q("UPDATE windows SET state = 'sealed', sealed_at = $5, \
                                 flush_reason = CASE WHEN count + 1 > $6 THEN 'max_requests' ELSE 'max_bytes' END \
                                 WHERE upstream = $1 AND credential_hash = $2 AND endpoint = $3 AND model = $4 \
+                                AND scope = $9 \
                                 AND state = 'open' AND (count + 1 > $6 OR (count > 0 AND bytes + $8 > $7)) \
                                 RETURNING id, flush_reason")
                     .bind(&key.upstream)
@@ -273,6 +279,7 @@ macro_rules! write_ops {
                     .bind(int(limits.max_requests))
                     .bind(int(limits.max_bytes))
                     .bind(len)
+                    .bind(&scope)
                     .fetch_optional(&mut *conn)
                     .await?;
                 if let Some(row) = sealed {
@@ -283,11 +290,12 @@ macro_rules! write_ops {
                     break None;
                 }
                 let open = q("SELECT id FROM windows WHERE upstream = $1 AND credential_hash = $2 \
-                              AND endpoint = $3 AND model = $4 AND state = 'open'")
+                              AND endpoint = $3 AND model = $4 AND scope = $5 AND state = 'open'")
                     .bind(&key.upstream)
                     .bind(&key.credential_hash)
                     .bind(&key.endpoint)
                     .bind(&key.model)
+                    .bind(&scope)
                     .fetch_optional(&mut *conn)
                     .await?;
                 if open.is_none() || rounds >= 3 {
@@ -306,8 +314,8 @@ macro_rules! write_ops {
                     // A racing insert of the key's open window fails on the
                     // unique index and the whole transaction is retried.
                     q("INSERT INTO windows (id, upstream, credential_hash, endpoint, model, state, count, \
-                       bytes, max_requests, max_bytes, opened_at, upstream_key) \
-                       VALUES ($1, $2, $3, $4, $5, 'open', 1, $6, $7, $8, $9, $10)")
+                       bytes, max_requests, max_bytes, opened_at, upstream_key, scope) \
+                       VALUES ($1, $2, $3, $4, $5, 'open', 1, $6, $7, $8, $9, $10, $11)")
                         .bind(id.as_str())
                         .bind(&key.upstream)
                         .bind(&key.credential_hash)
@@ -318,6 +326,7 @@ macro_rules! write_ops {
                         .bind(int(limits.max_bytes))
                         .bind(now)
                         .bind(upstream_key)
+                        .bind(&scope)
                         .execute(&mut *conn)
                         .await?;
                     (id, 1, len, now)
@@ -551,7 +560,7 @@ macro_rules! write_ops {
                     "UPDATE requests SET status = 'queued', batch_id = NULL, submitted_at = NULL, \
                      resubmits = resubmits + 1 \
                      WHERE id = $1 AND status IN ({}) \
-                     RETURNING upstream, credential_hash, endpoint, model, window_id, \
+                     RETURNING upstream, credential_hash, scope, endpoint, model, window_id, \
                      CAST(length(body) AS BIGINT) AS len",
                     request_from_sql(RequestStatus::Queued)
                 ))

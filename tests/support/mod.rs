@@ -38,6 +38,8 @@ pub fn async_request(model: &str, body: String, limits: WindowLimits) -> NewRequ
         upstream: "sim".to_owned(),
         endpoint: CHAT.to_owned(),
         model: model.to_owned(),
+        scope: carpool::model::Scope::default(),
+        forward_headers: Vec::new(),
         body_hash: format!("hash-{body}"),
         body: body.into(),
         idempotency_key: None,
