@@ -264,7 +264,7 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
         .key_for(&window)
         .ok_or_else(|| SubmitError::NoKey(window.id.to_string()))?
         .to_owned();
-    let client = &upstream.client;
+    let client = &upstream.client.scoped(&window.key.scope);
 
     if window.state == WindowState::Sealed {
         // One page of the window tells whether any member is still open;

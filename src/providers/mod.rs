@@ -19,7 +19,7 @@ pub use jobs::{JobPage, JobPhase, JobView, WINDOW_METADATA_KEY};
 pub use lines::{parse_result_line, write_input_line, LineError, LineFailure, LineOutcome};
 pub use retry::{RetryObserver, RetryPolicy};
 
-use crate::model::{Dialect, WindowId};
+use crate::model::{Dialect, Scope, WindowId};
 
 /// How an upstream files or jobs call failed.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +203,17 @@ pub struct BatchClient {
     base_url: String,
     dialect: Dialect,
     retry: RetryPolicy,
+    /// The window's scoping headers, sent on every call ([`Self::scoped`]).
+    scope: Scope,
+}
+
+/// Adds a window's scoping headers (SPEC section 2) to one of its calls,
+/// so the batch is billed where the synchronous calls would have been.
+fn with_scope(request: reqwest::RequestBuilder, scope: &Scope) -> reqwest::RequestBuilder {
+    scope
+        .pairs()
+        .iter()
+        .fold(request, |r, (name, value)| r.header(name, value))
 }
 
 impl BatchClient {
@@ -218,6 +229,15 @@ impl BatchClient {
             base_url: base_url.trim_end_matches('/').to_owned(),
             dialect,
             retry,
+            scope: Scope::default(),
+        }
+    }
+
+    /// This client for one window's calls: every call carries its scope.
+    pub fn scoped(&self, scope: &Scope) -> Self {
+        Self {
+            scope: scope.clone(),
+            ..self.clone()
         }
     }
 
@@ -249,6 +269,7 @@ impl BatchClient {
                     .file_name(filename.to_owned())
                     .mime_str("application/jsonl");
                 let http = self.http.clone();
+                let scope = self.scope.clone();
                 let url = self.url("/v1/files");
                 async move {
                     let part = part.map_err(|e| ProviderError::Decode {
@@ -258,9 +279,7 @@ impl BatchClient {
                     let form = reqwest::multipart::Form::new()
                         .text("purpose", "batch")
                         .part("file", part);
-                    let resp = http
-                        .post(url)
-                        .bearer_auth(key)
+                    let resp = with_scope(http.post(url).bearer_auth(key), &scope)
                         .multipart(form)
                         .send()
                         .await
@@ -295,10 +314,7 @@ impl BatchClient {
         const OP: &str = "create";
         let body = jobs::create_body(self.dialect, file_id, model, endpoint, window);
         let url = self.url(jobs::jobs_path(self.dialect));
-        let resp = self
-            .http
-            .post(&url)
-            .bearer_auth(key)
+        let resp = with_scope(self.http.post(&url).bearer_auth(key), &self.scope)
             .json(&body)
             .send()
             .await
@@ -324,10 +340,7 @@ impl BatchClient {
         let value = self
             .retry
             .run(OP, || async {
-                let resp = self
-                    .http
-                    .post(&url)
-                    .bearer_auth(key)
+                let resp = with_scope(self.http.post(&url).bearer_auth(key), &self.scope)
                     .send()
                     .await
                     .map_err(|e| ProviderError::transport(OP, e))?;
@@ -388,10 +401,7 @@ impl BatchClient {
         let resp = self
             .retry
             .run(OP, || async {
-                let resp = self
-                    .http
-                    .get(&url)
-                    .bearer_auth(key)
+                let resp = with_scope(self.http.get(&url).bearer_auth(key), &self.scope)
                     .send()
                     .await
                     .map_err(|e| ProviderError::transport(OP, e))?;
@@ -408,10 +418,7 @@ impl BatchClient {
         let url = self.url(&format!("/v1/files/{file_id}"));
         self.retry
             .run(OP, || async {
-                let resp = self
-                    .http
-                    .delete(&url)
-                    .bearer_auth(key)
+                let resp = with_scope(self.http.delete(&url).bearer_auth(key), &self.scope)
                     .send()
                     .await
                     .map_err(|e| ProviderError::transport(OP, e))?;
@@ -433,10 +440,7 @@ impl BatchClient {
     ) -> Result<Value, ProviderError> {
         self.retry
             .run(operation, || async {
-                let resp = self
-                    .http
-                    .get(url)
-                    .bearer_auth(key)
+                let resp = with_scope(self.http.get(url).bearer_auth(key), &self.scope)
                     .send()
                     .await
                     .map_err(|e| ProviderError::transport(operation, e))?;

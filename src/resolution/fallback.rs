@@ -27,6 +27,7 @@ use crate::deferral::engine::{now_ms, BatchUpstream, Deferral, FallbackGuard};
 use crate::deferral::lease::{leased, LeaseLost};
 use crate::model::{RequestId, ServedBy};
 use crate::pricing::TokenUsage;
+use crate::proxy::headers;
 use crate::providers::{JobPhase, JobView, RetryPolicy};
 use crate::server::auth::Caller;
 use crate::store::{Lease, Resolution, ResolvedStatus, StoreError, WindowRecord};
@@ -247,7 +248,10 @@ async fn answer(deferral: &Deferral, c: &Candidate<'_>) -> Result<bool, Realtime
         client_name: None,
         upstream_key: c.key.map(Secret::new),
     };
-    let called = call(deferral, c, &caller, realtime_body(body)).await;
+    // What a pass-through would have sent; the scoping headers are among
+    // them (stored with every end-to-end header at intake).
+    let headers = headers::from_pairs(&deferral.store.request_headers(c.id).await?);
+    let called = call(deferral, c, &caller, &headers, realtime_body(body)).await;
     let now = now_ms();
     let resolution = match called {
         Ok((status, body)) => {
@@ -300,6 +304,7 @@ async fn call(
     deferral: &Deferral,
     c: &Candidate<'_>,
     caller: &Caller,
+    headers: &HeaderMap,
     body: Bytes,
 ) -> Result<(u16, Bytes), String> {
     let pacing = RetryPolicy {
@@ -317,7 +322,7 @@ async fn call(
                 &c.upstream.config,
                 caller,
                 c.endpoint,
-                &HeaderMap::new(),
+                headers,
                 body.clone(),
                 "fallback",
             )

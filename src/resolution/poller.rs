@@ -67,7 +67,7 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
     let (Some(key), Some(job_id)) = (upstream.key_for(&window), window.job_id.as_deref()) else {
         return Ok(());
     };
-    let client = &upstream.client;
+    let client = &upstream.client.scoped(&window.key.scope);
     let job = client.get_job(key, job_id).await?;
     if window.provider_status.as_deref() != Some(job.raw_status.as_str()) {
         deferral

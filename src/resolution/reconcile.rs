@@ -146,7 +146,11 @@ async fn apply_file(
     tally: &mut Tally,
 ) -> Result<(), ReconcileError> {
     let started = Instant::now();
-    let stream = upstream.client.download(key, file_id).await?;
+    let stream = upstream
+        .client
+        .scoped(&window.key.scope)
+        .download(key, file_id)
+        .await?;
     let mut reader = LineReader::new(Box::pin(stream));
     let mut spool = Spool::fill(&mut reader, |skipped| {
         tally.unmatched_lines += 1;
