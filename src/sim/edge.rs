@@ -36,6 +36,12 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let credential = credential(req.headers());
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter(|(name, _)| *name != header::AUTHORIZATION)
+        .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+        .collect();
     let verdict = lock(&sim.faults).on_call(&method, &template, &path);
     let (latency, record) = {
         let opts = sim.options.read().unwrap_or_else(PoisonError::into_inner);
@@ -98,6 +104,7 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
             path,
             credential,
             status,
+            headers,
         });
     }
     if handled && verdict.hold_response {

@@ -31,6 +31,20 @@ pub struct CallRecord {
     pub job_id: Option<String>,
     /// The file the call uploaded or named.
     pub file_id: Option<String>,
+    /// The request's headers as `(lowercase name, value)`, Authorization
+    /// left out (see `credential`); values that are not text are skipped.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+}
+
+impl CallRecord {
+    /// The first value of a request header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// One batch job as the simulator sees it.
