@@ -27,8 +27,8 @@ use crate::deferral::engine::{now_ms, BatchUpstream, Deferral, FallbackGuard};
 use crate::deferral::lease::{leased, LeaseLost};
 use crate::model::{RequestId, ServedBy};
 use crate::pricing::TokenUsage;
-use crate::proxy::headers;
 use crate::providers::{JobPhase, JobView, RetryPolicy};
+use crate::proxy::headers;
 use crate::server::auth::Caller;
 use crate::store::{Lease, Resolution, ResolvedStatus, StoreError, WindowRecord};
 

@@ -40,7 +40,9 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
         .headers()
         .iter()
         .filter(|(name, _)| *name != header::AUTHORIZATION)
-        .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
         .collect();
     let verdict = lock(&sim.faults).on_call(&method, &template, &path);
     let (latency, record) = {
