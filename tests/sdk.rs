@@ -98,5 +98,33 @@ fallback_margin = "5s"
         carpool_jobs >= 2,
         "deferred SDK calls made {carpool_jobs} carpool jobs"
     );
+    // The client made with `project=` / `organization=` had a job of its
+    // own, and every batch call of it carried both headers.
+    let scoped: Vec<_> = sim
+        .calls()
+        .into_iter()
+        .filter(|c| c.header("openai-project") == Some("proj_sdk"))
+        .collect();
+    let create = scoped
+        .iter()
+        .find(|c| c.method == "POST" && c.route == "/v1/batches")
+        .expect("no batch job was created with the client's project");
+    let job = sim
+        .jobs()
+        .into_iter()
+        .find(|j| Some(&j.id) == create.job_id.as_ref())
+        .unwrap();
+    assert_eq!(job.custom_ids.len(), 1, "the project's job: {job:?}");
+    for (method, route) in [("POST", "/v1/files"), ("GET", "/v1/batches/{batch_id}")] {
+        assert!(
+            scoped
+                .iter()
+                .any(|c| c.method == method && c.route == route),
+            "no {method} {route} call carried the client's project"
+        );
+    }
+    assert!(scoped
+        .iter()
+        .all(|c| c.header("openai-organization") == Some("org_sdk")));
     app.stop().await.unwrap();
 }

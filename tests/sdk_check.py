@@ -289,6 +289,24 @@ def deferred_checks(state):
         answer = raw.parse()
         expect(answer.choices[0].message.content == state.get("openai_plain"), "deferred answer differs")
 
+    @check("carpool: an openai client with a project defers in a window and job of its own")
+    def _():
+        # tests/sdk.rs checks that the job's batch calls carried the project.
+        scoped = OpenAI(
+            base_url=BASE + "/v1",
+            api_key=KEY,
+            organization="org_sdk",
+            project="proj_sdk",
+            default_headers={"Carpool-Mode": "wait"},
+            max_retries=0,
+            timeout=TIMEOUT,
+        )
+        raw = scoped.chat.completions.with_raw_response.create(
+            model=OPENAI_MODEL, messages=messages("hello from openai")
+        )
+        expect(raw.headers.get("carpool-served-by") == "batch", f"headers {dict(raw.headers)}")
+        expect(raw.parse().choices[0].message.content == state.get("openai_plain"), "answer differs")
+
     @check("carpool: openai streamed chat through /defer/v1 adds up to the plain answer")
     def _():
         stream = oai_deferred.chat.completions.create(
