@@ -218,3 +218,28 @@ async fn fallback_carries_end_to_end_headers(dialect: &'static str) {
 async fn a_realtime_fallback_carries_the_callers_end_to_end_headers() {
     join_all(["openai", "mistral"].map(fallback_carries_end_to_end_headers)).await;
 }
+
+#[tokio::test]
+async fn a_scoping_header_that_is_not_text_is_refused_and_nothing_is_stored() {
+    let (app, sim) = setup("openai", "").await;
+    let resp = support::client()
+        .post(app.url(CHAT))
+        .bearer_auth(ALICE)
+        .header("carpool-mode", "async")
+        .header(
+            "openai-project",
+            reqwest::header::HeaderValue::from_bytes(b"proj_\xff").unwrap(),
+        )
+        .json(&chat("bad project"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let error: Value = resp.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "invalid_header");
+    assert_eq!(error["error"]["param"], "openai-project");
+    let windows = app.state.deferral.store.open_windows().await.unwrap();
+    assert!(windows.is_empty(), "{windows:?}");
+    assert!(sim.calls().is_empty());
+    app.stop().await.unwrap();
+}
