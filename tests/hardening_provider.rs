@@ -125,3 +125,33 @@ async fn huge_retry_after_is_parsed_without_a_panic() {
         app.stop().await.unwrap();
     }
 }
+
+/// The route a dialect polls one job on.
+fn poll_route(dialect: &str) -> &'static str {
+    match dialect {
+        "openai" => "GET /v1/batches/{id}",
+        _ => "GET /v1/batch/jobs/{id}",
+    }
+}
+
+#[tokio::test]
+async fn a_held_poll_and_a_download_stalled_mid_file_time_out_and_are_retried() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "call_timeout = \"1s\"\nidle_timeout = \"1s\"").await;
+        sim.add_fault(Fault::hold_response(poll_route(dialect), 1));
+        sim.add_fault(Fault::hold_body_after_lines(
+            "GET /v1/files/{id}/content",
+            1,
+            1,
+        ));
+        let first = async_call(&app, "one").await;
+        let second = async_call(&app, "two").await;
+        for id in [first, second] {
+            let object = settled(&app, ALICE, &id).await;
+            assert_eq!(object["status"], "succeeded", "{dialect}: {object}");
+        }
+        // Both faults fired: the held calls are still held, not released.
+        assert!(sim.faults().is_empty(), "{dialect}: {:?}", sim.faults());
+        app.stop().await.unwrap();
+    }
+}

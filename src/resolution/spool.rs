@@ -181,6 +181,7 @@ mod tests {
                 .chunks(7)
                 .map(|c| Ok(Bytes::copy_from_slice(c)))
                 .collect::<Vec<_>>(),
+            1 << 20,
         ))
     }
 
