@@ -155,3 +155,50 @@ async fn a_held_poll_and_a_download_stalled_mid_file_time_out_and_are_retried() 
         app.stop().await.unwrap();
     }
 }
+
+/// A held (wait mode) call and an async one against a provider that keeps
+/// refusing `fault`: both fail with the provider's message, the held
+/// caller with 502.
+async fn poll_half_fails_with(dialect: &str, fault: Fault, needle: &str) {
+    let (app, sim) = setup(dialect, "").await;
+    sim.add_fault(fault);
+    let id = async_call(&app, "hello").await;
+    let body = chat("held");
+    let held = post_chat(&app, ALICE, &[("carpool-mode", "wait")], &body);
+    let held = tokio::time::timeout(support::PATIENCE, held)
+        .await
+        .unwrap_or_else(|_| panic!("{dialect}: the held caller was never answered"));
+    assert_eq!(held.status().as_u16(), 502, "{dialect}");
+    let body: Value = held.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{dialect}: {body}");
+    let object = settled(&app, ALICE, &id).await;
+    assert_eq!(object["status"], "failed", "{dialect}: {object}");
+    let message = object["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{dialect}: {object}");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn poll_refused_404_forever_fails_the_window_with_the_message() {
+    for dialect in DIALECTS {
+        poll_half_fails_with(
+            dialect,
+            Fault::status(poll_route(dialect), 404, 0),
+            "simulated 404",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn result_download_refused_403_forever_fails_the_window_with_the_message() {
+    for dialect in DIALECTS {
+        poll_half_fails_with(
+            dialect,
+            Fault::status("GET /v1/files/{id}/content", 403, 0),
+            "simulated 403",
+        )
+        .await;
+    }
+}
