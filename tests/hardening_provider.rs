@@ -202,3 +202,33 @@ async fn result_download_refused_403_forever_fails_the_window_with_the_message()
         .await;
     }
 }
+
+#[tokio::test]
+async fn an_over_long_result_line_fails_only_its_request() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "max_result_line = \"64KB\"").await;
+        // Three requests, one window: line 2 of the output file is 2 MB.
+        sim.add_fault(Fault::pad_line(
+            "GET /v1/files/{id}/content",
+            2,
+            2_000_000,
+            0,
+        ));
+        let mut ids = Vec::new();
+        for text in ["one", "two", "three"] {
+            ids.push(async_call(&app, text).await);
+        }
+        let mut statuses = Vec::new();
+        for id in &ids {
+            let object = settled(&app, ALICE, id).await;
+            statuses.push((object["status"].clone(), object["error"]["code"].clone()));
+        }
+        let too_large = statuses
+            .iter()
+            .filter(|(s, c)| s == "failed" && c == "result_too_large")
+            .count();
+        let succeeded = statuses.iter().filter(|(s, _)| s == "succeeded").count();
+        assert_eq!((too_large, succeeded), (1, 2), "{dialect}: {statuses:?}");
+        app.stop().await.unwrap();
+    }
+}
