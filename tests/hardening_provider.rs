@@ -232,3 +232,71 @@ async fn an_over_long_result_line_fails_only_its_request() {
         app.stop().await.unwrap();
     }
 }
+
+/// The ids of the batch input files the simulator holds.
+async fn input_files(sim: &SimHandle) -> Vec<String> {
+    let list: Value = reqwest::Client::new()
+        .get(format!("{}/v1/files?purpose=batch", sim.base_url()))
+        .bearer_auth("sk-upstream")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Whether the simulator ends up holding no batch input file.
+async fn input_files_go(sim: &SimHandle) -> bool {
+    for _ in 0..600 {
+        if input_files(sim).await.is_empty() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn input_files_are_deleted_once_their_batch_is_finished() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "").await;
+        let id = async_call(&app, "hello").await;
+        let object = settled(&app, ALICE, &id).await;
+        assert_eq!(object["status"], "succeeded", "{dialect}: {object}");
+        assert!(
+            input_files_go(&sim).await,
+            "{dialect}: {:?}",
+            input_files(&sim).await
+        );
+        let deleted = sim
+            .calls()
+            .iter()
+            .any(|c| c.method == "DELETE" && c.route == "/v1/files/{file_id}" && c.status == 200);
+        assert!(deleted, "{dialect}: the sim saw the DELETE");
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_input_file_of_a_window_failed_at_polling_is_deleted() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "").await;
+        sim.add_fault(Fault::status(poll_route(dialect), 404, 0));
+        let id = async_call(&app, "hello").await;
+        let object = settled(&app, ALICE, &id).await;
+        assert_eq!(object["status"], "failed", "{dialect}: {object}");
+        assert!(
+            input_files_go(&sim).await,
+            "{dialect}: {:?}",
+            input_files(&sim).await
+        );
+        app.stop().await.unwrap();
+    }
+}

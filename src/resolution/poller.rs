@@ -106,7 +106,19 @@ async fn give_up(
     reason: &str,
 ) -> Result<(), ReconcileError> {
     tracing::warn!(window = %window.id, reason, "a batch job cannot be polled; failing its window");
-    Ok(fail_window(deferral, window, reason).await?)
+    fail_window(deferral, window, reason).await?;
+    let upstream = deferral.upstream(&window.key.upstream);
+    if let Some((upstream, key)) = upstream.and_then(|u| Some((u, u.key_for(window)?))) {
+        delete_files(
+            deferral,
+            upstream,
+            key,
+            window,
+            window.file_id.as_deref().into_iter(),
+        )
+        .await;
+    }
+    Ok(())
 }
 
 async fn poll_job(
@@ -162,17 +174,30 @@ async fn poll_job(
         spooling_ms = tally.spooling.as_millis() as u64, storing_ms = tally.storing.as_millis() as u64,
         "batch job reconciled"
     );
-    if deferral.config.batching.delete_files {
-        let files = [
-            window.file_id.as_deref(),
-            job.output_file.as_deref(),
-            job.error_file.as_deref(),
-        ];
-        for file in files.into_iter().flatten() {
-            if let Err(err) = client.delete_file(key, file).await {
-                tracing::warn!(window = %window.id, file, error = %err, "could not delete a provider file");
-            }
+    let files = [
+        window.file_id.as_deref(),
+        job.output_file.as_deref(),
+        job.error_file.as_deref(),
+    ];
+    delete_files(deferral, upstream, key, window, files.into_iter().flatten()).await;
+    Ok(())
+}
+
+/// Deletes a finished window's files at the provider when the config says
+/// so (`delete_files`): best effort, a failure is only logged.
+async fn delete_files<'a>(
+    deferral: &Deferral,
+    upstream: &BatchUpstream,
+    key: &str,
+    window: &WindowRecord,
+    files: impl Iterator<Item = &'a str>,
+) {
+    if !deferral.config.batching.delete_files {
+        return;
+    }
+    for file in files {
+        if let Err(err) = upstream.client.delete_file(key, file).await {
+            tracing::warn!(window = %window.id, file, error = %err, "could not delete a provider file");
         }
     }
-    Ok(())
 }
