@@ -121,6 +121,8 @@ async fn give_up(
     Ok(())
 }
 
+/// Asks the provider about `job_id`; once it ended, reconciles it,
+/// finishes the window and deletes its files.
 async fn poll_job(
     deferral: &Deferral,
     upstream: &BatchUpstream,
