@@ -125,3 +125,178 @@ async fn huge_retry_after_is_parsed_without_a_panic() {
         app.stop().await.unwrap();
     }
 }
+
+/// The route a dialect polls one job on.
+fn poll_route(dialect: &str) -> &'static str {
+    match dialect {
+        "openai" => "GET /v1/batches/{id}",
+        _ => "GET /v1/batch/jobs/{id}",
+    }
+}
+
+#[tokio::test]
+async fn a_held_poll_and_a_download_stalled_mid_file_time_out_and_are_retried() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "call_timeout = \"1s\"\nidle_timeout = \"1s\"").await;
+        sim.add_fault(Fault::hold_response(poll_route(dialect), 1));
+        sim.add_fault(Fault::hold_body_after_lines(
+            "GET /v1/files/{id}/content",
+            1,
+            1,
+        ));
+        let first = async_call(&app, "one").await;
+        let second = async_call(&app, "two").await;
+        for id in [first, second] {
+            let object = settled(&app, ALICE, &id).await;
+            assert_eq!(object["status"], "succeeded", "{dialect}: {object}");
+        }
+        // Both faults fired: the held calls are still held, not released.
+        assert!(sim.faults().is_empty(), "{dialect}: {:?}", sim.faults());
+        app.stop().await.unwrap();
+    }
+}
+
+/// A held (wait mode) call and an async one against a provider that keeps
+/// refusing `fault`: both fail with the provider's message, the held
+/// caller with 502.
+async fn poll_half_fails_with(dialect: &str, fault: Fault, needle: &str) {
+    let (app, sim) = setup(dialect, "").await;
+    sim.add_fault(fault);
+    let id = async_call(&app, "hello").await;
+    let body = chat("held");
+    let held = post_chat(&app, ALICE, &[("carpool-mode", "wait")], &body);
+    let held = tokio::time::timeout(support::PATIENCE, held)
+        .await
+        .unwrap_or_else(|_| panic!("{dialect}: the held caller was never answered"));
+    assert_eq!(held.status().as_u16(), 502, "{dialect}");
+    let body: Value = held.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{dialect}: {body}");
+    let object = settled(&app, ALICE, &id).await;
+    assert_eq!(object["status"], "failed", "{dialect}: {object}");
+    let message = object["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{dialect}: {object}");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn poll_refused_404_forever_fails_the_window_with_the_message() {
+    for dialect in DIALECTS {
+        poll_half_fails_with(
+            dialect,
+            Fault::status(poll_route(dialect), 404, 0),
+            "simulated 404",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn result_download_refused_403_forever_fails_the_window_with_the_message() {
+    for dialect in DIALECTS {
+        poll_half_fails_with(
+            dialect,
+            Fault::status("GET /v1/files/{id}/content", 403, 0),
+            "simulated 403",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn an_over_long_result_line_fails_only_its_request() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "max_result_line = \"64KB\"").await;
+        // Three requests, one window: line 2 of the output file is 2 MB.
+        sim.add_fault(Fault::pad_line(
+            "GET /v1/files/{id}/content",
+            2,
+            2_000_000,
+            0,
+        ));
+        let mut ids = Vec::new();
+        for text in ["one", "two", "three"] {
+            ids.push(async_call(&app, text).await);
+        }
+        let mut statuses = Vec::new();
+        for id in &ids {
+            let object = settled(&app, ALICE, id).await;
+            statuses.push((object["status"].clone(), object["error"]["code"].clone()));
+        }
+        let too_large = statuses
+            .iter()
+            .filter(|(s, c)| s == "failed" && c == "result_too_large")
+            .count();
+        let succeeded = statuses.iter().filter(|(s, _)| s == "succeeded").count();
+        assert_eq!((too_large, succeeded), (1, 2), "{dialect}: {statuses:?}");
+        app.stop().await.unwrap();
+    }
+}
+
+/// The ids of the batch input files the simulator holds.
+async fn input_files(sim: &SimHandle) -> Vec<String> {
+    let list: Value = reqwest::Client::new()
+        .get(format!("{}/v1/files?purpose=batch", sim.base_url()))
+        .bearer_auth("sk-upstream")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Whether the simulator ends up holding no batch input file.
+async fn input_files_go(sim: &SimHandle) -> bool {
+    for _ in 0..600 {
+        if input_files(sim).await.is_empty() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn input_files_are_deleted_once_their_batch_is_finished() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "").await;
+        let id = async_call(&app, "hello").await;
+        let object = settled(&app, ALICE, &id).await;
+        assert_eq!(object["status"], "succeeded", "{dialect}: {object}");
+        assert!(
+            input_files_go(&sim).await,
+            "{dialect}: {:?}",
+            input_files(&sim).await
+        );
+        let deleted = sim
+            .calls()
+            .iter()
+            .any(|c| c.method == "DELETE" && c.route == "/v1/files/{file_id}" && c.status == 200);
+        assert!(deleted, "{dialect}: the sim saw the DELETE");
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_input_file_of_a_window_failed_at_polling_is_deleted() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "").await;
+        sim.add_fault(Fault::status(poll_route(dialect), 404, 0));
+        let id = async_call(&app, "hello").await;
+        let object = settled(&app, ALICE, &id).await;
+        assert_eq!(object["status"], "failed", "{dialect}: {object}");
+        assert!(
+            input_files_go(&sim).await,
+            "{dialect}: {:?}",
+            input_files(&sim).await
+        );
+        app.stop().await.unwrap();
+    }
+}

@@ -88,6 +88,9 @@ pub struct RawBatching {
     pub fallback_margin: Option<Scalar>,
     pub results_ttl: Option<Scalar>,
     pub delete_files: Option<bool>,
+    pub call_timeout: Option<Scalar>,
+    pub idle_timeout: Option<Scalar>,
+    pub max_result_line: Option<Scalar>,
     pub max_pending: Option<Scalar>,
     pub max_pending_per_client: Option<Scalar>,
     #[serde(default)]

@@ -250,6 +250,20 @@ pub struct BatchingConfig {
     #[serde(serialize_with = "ser_duration")]
     pub results_ttl: Duration,
     pub delete_files: bool,
+    /// Longest wait for a files or batch call's answer (poll, list page,
+    /// create, cancel, delete, a download's opening, an upload's answer
+    /// after its last body chunk): past it the call counts as a timeout
+    /// and is retried.
+    #[serde(serialize_with = "ser_duration")]
+    pub call_timeout: Duration,
+    /// Longest pause between two chunks of a download's body before the
+    /// download counts as stalled (and is tried again).
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Longest result line read from a provider's result file; a longer
+    /// one fails its request (`result_too_large`) without being buffered.
+    #[serde(serialize_with = "ser_size")]
+    pub max_result_line: u64,
     /// Intake ceiling on pending (queued or submitted) deferred requests,
     /// all credentials together; past it, 429. `None`: no ceiling.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -579,6 +579,13 @@ fn batching(
             Duration::from_secs(7 * 24 * 3600),
         ),
         delete_files: raw.delete_files.unwrap_or(true),
+        call_timeout: positive(c, "batching.call_timeout", raw.call_timeout.as_ref()),
+        idle_timeout: positive(c, "batching.idle_timeout", raw.idle_timeout.as_ref()),
+        max_result_line: c.size(
+            "batching.max_result_line",
+            raw.max_result_line.as_ref(),
+            64 * 1024 * 1024,
+        ),
         max_pending: raw
             .max_pending
             .as_ref()
@@ -589,6 +596,15 @@ fn batching(
             .map(|v| c.count("batching.max_pending_per_client", Some(v), 1, 1)),
         models,
     }
+}
+
+/// A files and batch call timeout (default 60 s), which must not be zero.
+fn positive(c: &mut Check<'_>, key: &str, raw: Option<&Scalar>) -> Duration {
+    let timeout = c.duration(key, raw, Duration::from_secs(60));
+    if timeout.is_zero() {
+        c.fail(key, "must be greater than zero");
+    }
+    timeout
 }
 
 fn rules(

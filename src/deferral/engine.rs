@@ -13,7 +13,7 @@ use super::backpressure::IntakeGate;
 use crate::config::{AuthMode, Config, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::model::{RequestId, WindowId};
-use crate::providers::{BatchClient, RetryPolicy};
+use crate::providers::{BatchClient, CallLimits, RetryPolicy};
 use crate::proxy::Forwarder;
 use crate::resolution::waiters::Waiters;
 use crate::store::{Store, WindowRecord};
@@ -91,12 +91,21 @@ impl Deferral {
             observer: Some(metrics.upstream_retry_observer()),
             ..RetryPolicy::default()
         };
+        let limits = CallLimits {
+            call: config.batching.call_timeout,
+            idle: config.batching.idle_timeout,
+        };
         let upstreams = config
             .upstreams
             .iter()
             .map(|u| {
-                let client =
-                    BatchClient::new(http.clone(), u.base_url.as_str(), u.dialect, retry.clone());
+                let client = BatchClient::new(
+                    http.clone(),
+                    u.base_url.as_str(),
+                    u.dialect,
+                    retry.clone(),
+                    limits,
+                );
                 (
                     u.name.clone(),
                     BatchUpstream {

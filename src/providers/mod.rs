@@ -6,8 +6,12 @@
 
 pub mod jobs;
 pub mod lines;
+pub mod reader;
 pub mod retry;
 
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +21,7 @@ use serde_json::Value;
 
 pub use jobs::{JobPage, JobPhase, JobView, WINDOW_METADATA_KEY};
 pub use lines::{parse_result_line, write_input_line, LineError, LineFailure, LineOutcome};
+pub use reader::{LineReader, RESULT_TOO_LARGE};
 pub use retry::{RetryObserver, RetryPolicy};
 
 use crate::model::{Dialect, Scope, WindowId};
@@ -196,6 +201,103 @@ async fn json_of(operation: &'static str, resp: reqwest::Response) -> Result<Val
     })
 }
 
+/// How long files and batch calls may take, so a stalled provider answer
+/// fails (and is retried) instead of wedging its window.
+#[derive(Clone, Copy, Debug)]
+pub struct CallLimits {
+    /// Longest wait for an answer: a whole JSON call, the opening of a
+    /// download, an upload's answer after its last body chunk.
+    pub call: Duration,
+    /// Longest pause between two chunks of a download's body.
+    pub idle: Duration,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        Self {
+            call: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+fn timed_out(operation: &'static str, limit: Duration) -> ProviderError {
+    ProviderError::Transport {
+        operation,
+        detail: format!("no progress within {limit:?}"),
+        timeout: true,
+    }
+}
+
+/// `call`, failed as a timeout when it has not finished within `limit`.
+async fn bounded<T>(
+    operation: &'static str,
+    limit: Duration,
+    call: impl Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(timed_out(operation, limit)))
+}
+
+/// Milliseconds since `since`, for [`Progress`].
+fn millis_since(since: tokio::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// When a transfer last moved, shared between its body and a watchdog.
+#[derive(Clone)]
+struct Progress {
+    since: tokio::time::Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            since: tokio::time::Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn moved(&self) {
+        self.last_ms
+            .store(millis_since(self.since), Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `limit`.
+    async fn stalled(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let due = self.since + last + limit;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// A download body failed as a timeout when it pauses longer than `idle`.
+fn idle_bounded<S>(
+    operation: &'static str,
+    idle: Duration,
+    body: S,
+) -> impl Stream<Item = Result<Bytes, ProviderError>> + Send + 'static
+where
+    S: Stream<Item = Result<Bytes, ProviderError>> + Send + 'static,
+{
+    futures_util::stream::unfold(Some(Box::pin(body)), move |body| async move {
+        let mut body = body?;
+        match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(item)) => Some((item, Some(body))),
+            Ok(None) => None,
+            // A stalled body ends with the timeout.
+            Err(_) => Some((Err(timed_out(operation, idle)), None)),
+        }
+    })
+}
+
 /// One upstream's files and batch jobs. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct BatchClient {
@@ -205,6 +307,7 @@ pub struct BatchClient {
     retry: RetryPolicy,
     /// The window's scoping headers, sent on every call ([`Self::scoped`]).
     scope: Scope,
+    limits: CallLimits,
 }
 
 /// Adds a window's scoping headers (SPEC section 2) to one of its calls,
@@ -223,6 +326,7 @@ impl BatchClient {
         base_url: &str,
         dialect: Dialect,
         retry: RetryPolicy,
+        limits: CallLimits,
     ) -> Self {
         Self {
             http,
@@ -230,6 +334,7 @@ impl BatchClient {
             dialect,
             retry,
             scope: Scope::default(),
+            limits,
         }
     }
 
@@ -251,6 +356,9 @@ impl BatchClient {
 
     /// Uploads a JSONL batch input file, streamed: `body` is called again
     /// for each attempt, so nothing is buffered to make a retry possible.
+    /// An attempt times out when neither a body chunk was taken nor an
+    /// answer came for the call limit (a provider that stops reading or
+    /// never answers).
     pub async fn upload<F, S>(
         &self,
         key: &str,
@@ -265,13 +373,17 @@ impl BatchClient {
         let value = self
             .retry
             .run(OP, || {
-                let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(body()))
+                let progress = Progress::new();
+                let moved = progress.clone();
+                let chunks = body().inspect(move |_| moved.moved());
+                let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(chunks))
                     .file_name(filename.to_owned())
                     .mime_str("application/jsonl");
                 let http = self.http.clone();
                 let scope = self.scope.clone();
                 let url = self.url("/v1/files");
-                async move {
+                let limit = self.limits.call;
+                let call = async move {
                     let part = part.map_err(|e| ProviderError::Decode {
                         operation: OP,
                         detail: e.to_string(),
@@ -285,6 +397,12 @@ impl BatchClient {
                         .await
                         .map_err(|e| ProviderError::transport(OP, e))?;
                     json_of(OP, resp).await
+                };
+                async move {
+                    tokio::select! {
+                        answer = call => answer,
+                        () = progress.stalled(limit) => Err(timed_out(OP, limit)),
+                    }
                 }
             })
             .await?;
@@ -314,12 +432,15 @@ impl BatchClient {
         const OP: &str = "create";
         let body = jobs::create_body(self.dialect, file_id, model, endpoint, window);
         let url = self.url(jobs::jobs_path(self.dialect));
-        let resp = with_scope(self.http.post(&url).bearer_auth(key), &self.scope)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| ProviderError::transport(OP, e))?;
-        let value = json_of(OP, resp).await?;
+        let value = bounded(OP, self.limits.call, async {
+            let resp = with_scope(self.http.post(&url).bearer_auth(key), &self.scope)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| ProviderError::transport(OP, e))?;
+            json_of(OP, resp).await
+        })
+        .await?;
         self.job_from(OP, &value)
     }
 
@@ -339,12 +460,14 @@ impl BatchClient {
         ));
         let value = self
             .retry
-            .run(OP, || async {
-                let resp = with_scope(self.http.post(&url).bearer_auth(key), &self.scope)
-                    .send()
-                    .await
-                    .map_err(|e| ProviderError::transport(OP, e))?;
-                json_of(OP, resp).await
+            .run(OP, || {
+                bounded(OP, self.limits.call, async {
+                    let resp = with_scope(self.http.post(&url).bearer_auth(key), &self.scope)
+                        .send()
+                        .await
+                        .map_err(|e| ProviderError::transport(OP, e))?;
+                    json_of(OP, resp).await
+                })
             })
             .await?;
         self.job_from(OP, &value)
@@ -389,7 +512,8 @@ impl BatchClient {
     }
 
     /// Downloads a file's content as a stream of chunks. Only the opening
-    /// request is retried; a broken stream is the caller's to retry whole.
+    /// request is retried; a broken stream, or one that pauses longer than
+    /// the idle limit, is the caller's to retry whole.
     pub async fn download(
         &self,
         key: &str,
@@ -400,34 +524,39 @@ impl BatchClient {
         let url = self.url(&format!("/v1/files/{file_id}/content"));
         let resp = self
             .retry
-            .run(OP, || async {
-                let resp = with_scope(self.http.get(&url).bearer_auth(key), &self.scope)
-                    .send()
-                    .await
-                    .map_err(|e| ProviderError::transport(OP, e))?;
-                check(OP, resp).await
+            .run(OP, || {
+                bounded(OP, self.limits.call, async {
+                    let resp = with_scope(self.http.get(&url).bearer_auth(key), &self.scope)
+                        .send()
+                        .await
+                        .map_err(|e| ProviderError::transport(OP, e))?;
+                    check(OP, resp).await
+                })
             })
             .await?;
-        Ok(resp
+        let body = resp
             .bytes_stream()
-            .map_err(|e| ProviderError::transport(OP, e)))
+            .map_err(|e| ProviderError::transport(OP, e));
+        Ok(idle_bounded(OP, self.limits.idle, body))
     }
 
     pub async fn delete_file(&self, key: &str, file_id: &str) -> Result<(), ProviderError> {
         const OP: &str = "delete";
         let url = self.url(&format!("/v1/files/{file_id}"));
         self.retry
-            .run(OP, || async {
-                let resp = with_scope(self.http.delete(&url).bearer_auth(key), &self.scope)
-                    .send()
-                    .await
-                    .map_err(|e| ProviderError::transport(OP, e))?;
-                match check(OP, resp).await {
-                    Ok(_) => Ok(()),
-                    // Already gone is what we wanted.
-                    Err(ProviderError::Status { status: 404, .. }) => Ok(()),
-                    Err(err) => Err(err),
-                }
+            .run(OP, || {
+                bounded(OP, self.limits.call, async {
+                    let resp = with_scope(self.http.delete(&url).bearer_auth(key), &self.scope)
+                        .send()
+                        .await
+                        .map_err(|e| ProviderError::transport(OP, e))?;
+                    match check(OP, resp).await {
+                        Ok(_) => Ok(()),
+                        // Already gone is what we wanted.
+                        Err(ProviderError::Status { status: 404, .. }) => Ok(()),
+                        Err(err) => Err(err),
+                    }
+                })
             })
             .await
     }
@@ -439,12 +568,14 @@ impl BatchClient {
         url: &str,
     ) -> Result<Value, ProviderError> {
         self.retry
-            .run(operation, || async {
-                let resp = with_scope(self.http.get(url).bearer_auth(key), &self.scope)
-                    .send()
-                    .await
-                    .map_err(|e| ProviderError::transport(operation, e))?;
-                json_of(operation, resp).await
+            .run(operation, || {
+                bounded(operation, self.limits.call, async {
+                    let resp = with_scope(self.http.get(url).bearer_auth(key), &self.scope)
+                        .send()
+                        .await
+                        .map_err(|e| ProviderError::transport(operation, e))?;
+                    json_of(operation, resp).await
+                })
             })
             .await
     }
@@ -457,75 +588,9 @@ impl BatchClient {
     }
 }
 
-/// Splits a byte stream into lines without holding more than one line.
-pub struct LineReader<S> {
-    inner: S,
-    buf: Vec<u8>,
-    start: usize,
-    done: bool,
-}
-
-impl<S> LineReader<S>
-where
-    S: Stream<Item = Result<Bytes, ProviderError>> + Unpin,
-{
-    pub fn new(inner: S) -> Self {
-        Self {
-            inner,
-            buf: Vec::new(),
-            start: 0,
-            done: false,
-        }
-    }
-
-    /// The next non-empty line (without its newline), or `None` at the end.
-    pub async fn next_line(&mut self) -> Result<Option<Bytes>, ProviderError> {
-        loop {
-            if let Some(pos) = self.buf[self.start..].iter().position(|b| *b == b'\n') {
-                let line = &self.buf[self.start..self.start + pos];
-                self.start += pos + 1;
-                let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
-                if trimmed.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                return Ok(Some(Bytes::copy_from_slice(trimmed)));
-            }
-            if self.done {
-                let rest = &self.buf[self.start..];
-                self.start = self.buf.len();
-                if rest.iter().all(u8::is_ascii_whitespace) {
-                    return Ok(None);
-                }
-                return Ok(Some(Bytes::copy_from_slice(rest)));
-            }
-            self.buf.drain(..self.start);
-            self.start = 0;
-            match self.inner.next().await {
-                Some(chunk) => self.buf.extend_from_slice(&chunk?),
-                None => self.done = true,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn line_reader_joins_chunks_and_skips_blank_lines() {
-        let chunks: Vec<Result<Bytes, ProviderError>> = vec![
-            Ok(Bytes::from_static(b"{\"a\":1}\n{\"b\"")),
-            Ok(Bytes::from_static(b":2}\r\n\n")),
-            Ok(Bytes::from_static(b"{\"c\":3}")),
-        ];
-        let mut reader = LineReader::new(futures_util::stream::iter(chunks));
-        let mut lines = Vec::new();
-        while let Some(line) = reader.next_line().await.unwrap() {
-            lines.push(String::from_utf8(line.to_vec()).unwrap());
-        }
-        assert_eq!(lines, vec!["{\"a\":1}", "{\"b\":2}", "{\"c\":3}"]);
-    }
 
     #[test]
     fn error_message_prefers_the_openai_error_object() {

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::reconcile::{reconcile, ReconcileError};
-use crate::deferral::engine::{now_ms, BusyGuard, Deferral};
+use super::spool::SpoolError;
+use crate::deferral::engine::{now_ms, BatchUpstream, BusyGuard, Deferral};
+use crate::deferral::flusher::fail_window;
 use crate::deferral::lease::leased;
 use crate::providers::JobPhase;
 use crate::store::{Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
@@ -60,13 +62,74 @@ pub async fn poll_leased(
         .is_some())
 }
 
+/// Polls one window's job and reconciles it once it ended. A window that
+/// can never be polled (its upstream gone from the config, no key, no job
+/// id) or whose provider answers in a way that will not clear (a 4xx on
+/// the job or its files, an unreadable answer) goes down the failure chain
+/// with the reason instead of being polled again forever; transient
+/// errors are left for the next pass.
 async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), ReconcileError> {
     let Some(upstream) = deferral.upstream(&window.key.upstream) else {
-        return Ok(());
+        let reason = format!(
+            "upstream \"{}\" is no longer configured, so its batch job cannot be polled",
+            window.key.upstream
+        );
+        return give_up(deferral, &window, &reason).await;
     };
-    let (Some(key), Some(job_id)) = (upstream.key_for(&window), window.job_id.as_deref()) else {
-        return Ok(());
+    let Some(job_id) = window.job_id.as_deref() else {
+        return give_up(deferral, &window, "no batch job id was recorded").await;
     };
+    let Some(key) = upstream.key_for(&window) else {
+        let reason = "no upstream key to poll the batch job with";
+        return give_up(deferral, &window, reason).await;
+    };
+    match poll_job(deferral, upstream, key, job_id, &window).await {
+        Err(err) if is_permanent(&err) => give_up(deferral, &window, &err.to_string()).await,
+        done => done,
+    }
+}
+
+/// Whether a poll or reconciliation failed for a reason retrying cannot help.
+fn is_permanent(err: &ReconcileError) -> bool {
+    match err {
+        ReconcileError::Provider(err) | ReconcileError::Spool(SpoolError::Provider(err)) => {
+            err.is_permanent()
+        }
+        _ => false,
+    }
+}
+
+/// Fails the window's open requests down the failure chain with `reason`.
+async fn give_up(
+    deferral: &Deferral,
+    window: &WindowRecord,
+    reason: &str,
+) -> Result<(), ReconcileError> {
+    tracing::warn!(window = %window.id, reason, "a batch job cannot be polled; failing its window");
+    fail_window(deferral, window, reason).await?;
+    let upstream = deferral.upstream(&window.key.upstream);
+    if let Some((upstream, key)) = upstream.and_then(|u| Some((u, u.key_for(window)?))) {
+        delete_files(
+            deferral,
+            upstream,
+            key,
+            window,
+            window.file_id.as_deref().into_iter(),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Asks the provider about `job_id`; once it ended, reconciles it,
+/// finishes the window and deletes its files.
+async fn poll_job(
+    deferral: &Deferral,
+    upstream: &BatchUpstream,
+    key: &str,
+    job_id: &str,
+    window: &WindowRecord,
+) -> Result<(), ReconcileError> {
     let client = &upstream.client.scoped(&window.key.scope);
     let job = client.get_job(key, job_id).await?;
     if window.provider_status.as_deref() != Some(job.raw_status.as_str()) {
@@ -79,7 +142,7 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
         return Ok(());
     }
     let started = window.submitted_at.unwrap_or(window.opened_at);
-    let tally = reconcile(deferral, upstream, key, &window, &job).await?;
+    let tally = reconcile(deferral, upstream, key, window, &job).await?;
     if tally.chain.unsettled {
         tracing::info!(window = %window.id, "realtime fallbacks still in flight; the window finishes on a later pass");
         return Ok(());
@@ -113,17 +176,30 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
         spooling_ms = tally.spooling.as_millis() as u64, storing_ms = tally.storing.as_millis() as u64,
         "batch job reconciled"
     );
-    if deferral.config.batching.delete_files {
-        let files = [
-            window.file_id.as_deref(),
-            job.output_file.as_deref(),
-            job.error_file.as_deref(),
-        ];
-        for file in files.into_iter().flatten() {
-            if let Err(err) = client.delete_file(key, file).await {
-                tracing::warn!(window = %window.id, file, error = %err, "could not delete a provider file");
-            }
+    let files = [
+        window.file_id.as_deref(),
+        job.output_file.as_deref(),
+        job.error_file.as_deref(),
+    ];
+    delete_files(deferral, upstream, key, window, files.into_iter().flatten()).await;
+    Ok(())
+}
+
+/// Deletes a finished window's files at the provider when the config says
+/// so (`delete_files`): best effort, a failure is only logged.
+async fn delete_files<'a>(
+    deferral: &Deferral,
+    upstream: &BatchUpstream,
+    key: &str,
+    window: &WindowRecord,
+    files: impl Iterator<Item = &'a str>,
+) {
+    if !deferral.config.batching.delete_files {
+        return;
+    }
+    for file in files {
+        if let Err(err) = upstream.client.scoped(&window.key.scope).delete_file(key, file).await {
+            tracing::warn!(window = %window.id, file, error = %err, "could not delete a provider file");
         }
     }
-    Ok(())
 }

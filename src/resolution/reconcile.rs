@@ -151,7 +151,7 @@ async fn apply_file(
         .scoped(&window.key.scope)
         .download(key, file_id)
         .await?;
-    let mut reader = LineReader::new(Box::pin(stream));
+    let mut reader = LineReader::new(Box::pin(stream), deferral.config.batching.max_result_line);
     let mut spool = Spool::fill(&mut reader, |skipped| {
         tally.unmatched_lines += 1;
         tracing::warn!(window = %window.id, file = file_id, reason = %skipped.reason, "result line skipped");

@@ -176,12 +176,15 @@ mod tests {
     fn reader(
         text: &'static str,
     ) -> LineReader<impl Stream<Item = Result<Bytes, ProviderError>> + Unpin> {
-        LineReader::new(futures_util::stream::iter(
-            text.as_bytes()
-                .chunks(7)
-                .map(|c| Ok(Bytes::copy_from_slice(c)))
-                .collect::<Vec<_>>(),
-        ))
+        LineReader::new(
+            futures_util::stream::iter(
+                text.as_bytes()
+                    .chunks(7)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect::<Vec<_>>(),
+            ),
+            1 << 20,
+        )
     }
 
     #[tokio::test]

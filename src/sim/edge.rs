@@ -109,6 +109,10 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
             headers,
         });
     }
+    let response = match verdict.pad_line {
+        Some((line, bytes)) if handled => pad_line(response, line, bytes).await,
+        _ => response,
+    };
     if handled && verdict.hold_response {
         match verdict.hold_after_lines {
             Some(lines) => {
@@ -118,6 +122,29 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
         }
     }
     response
+}
+
+/// `response` with `bytes` spaces before the end of its `line`-th line
+/// (sim bodies are small, so it is read whole).
+async fn pad_line(response: Response, line: u64, bytes: u64) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let Ok(data) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let end = data
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(i, _)| i)
+        .nth(usize::try_from(line.saturating_sub(1)).unwrap_or(usize::MAX))
+        .unwrap_or(data.len());
+    let pad = usize::try_from(bytes).unwrap_or(0);
+    let mut out = Vec::with_capacity(data.len() + pad);
+    out.extend_from_slice(&data[..end]);
+    out.resize(end + pad, b' ');
+    out.extend_from_slice(&data[end..]);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(out))
 }
 
 /// The body up to and including its `lines`-th newline, then a hold, then

@@ -66,6 +66,16 @@ pub enum Fault {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after_lines: Option<u64>,
     },
+    /// Handle the call, then pad the body's `line`-th line (1-based) with
+    /// `bytes` spaces before its newline: a result line longer than a
+    /// client accepts, still valid JSON.
+    PadLine {
+        route: String,
+        line: u64,
+        bytes: u64,
+        #[serde(default = "one")]
+        count: u32,
+    },
     /// The next job(s) created end this way.
     NextJob {
         outcome: JobOutcome,
@@ -172,6 +182,16 @@ impl Fault {
         }
     }
 
+    /// `count` calls on `route` whose `line`-th body line gets `bytes` spaces.
+    pub fn pad_line(route: &str, line: u64, bytes: u64, count: u32) -> Self {
+        Self::PadLine {
+            route: route.to_owned(),
+            line,
+            bytes,
+            count,
+        }
+    }
+
     pub fn latency(extra: Duration) -> Self {
         Self::Latency {
             route: None,
@@ -218,6 +238,8 @@ pub struct RouteVerdict {
     pub hold_response: bool,
     /// With `hold_response`: send this many body lines before holding.
     pub hold_after_lines: Option<u64>,
+    /// Pad this line (1-based) of the handled body with this many spaces.
+    pub pad_line: Option<(u64, u64)>,
 }
 
 /// Which lines of a new job fail, captured when the job is created.
@@ -321,6 +343,19 @@ impl FaultBook {
                     if !verdict.hold_response && route_matches(route, method, template, path) {
                         verdict.hold_response = true;
                         verdict.hold_after_lines = *after_lines;
+                        if take(count) {
+                            spent.push(i);
+                        }
+                    }
+                }
+                Fault::PadLine {
+                    route,
+                    line,
+                    bytes,
+                    count,
+                } => {
+                    if verdict.pad_line.is_none() && route_matches(route, method, template, path) {
+                        verdict.pad_line = Some((*line, *bytes));
                         if take(count) {
                             spent.push(i);
                         }
