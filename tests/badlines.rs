@@ -73,7 +73,10 @@ async fn a_named_bad_line_fails_its_caller_only_and_the_rest_succeed_uncounted()
             assert_eq!(obj["status"], "failed", "{obj}");
             assert_eq!(obj["error"]["code"], "invalid_url", "{obj}");
             let message = obj["error"]["message"].as_str().unwrap();
-            assert!(message.contains("does not match the batch endpoint"), "{message}");
+            assert!(
+                message.contains("does not match the batch endpoint"),
+                "{message}"
+            );
             let (status, body) = result(&app, id).await;
             assert_eq!(status, 400, "{body}");
             assert_eq!(body["error"]["code"], "invalid_url");

@@ -70,7 +70,10 @@ mod tests {
         for empty in [&br#"{"model":""}"#[..], br#"{"model":"  "}"#] {
             assert!(matches!(
                 check("/v1/chat/completions", empty),
-                Err(ApiError::BadRequest { code: "missing_model", .. })
+                Err(ApiError::BadRequest {
+                    code: "missing_model",
+                    ..
+                })
             ));
         }
         for fine in [

@@ -152,7 +152,12 @@ async fn resubmit_rest(deferral: &Deferral, window: &WindowRecord) -> Result<u64
     let moved: HashSet<RequestId> = moved.into_iter().collect();
     let now = now_ms();
     for open in deferral.store.open_windows().await? {
-        if open.key == window.key && deferral.store.seal_window(&open.id, FlushReason::Resubmit, now).await? {
+        if open.key == window.key
+            && deferral
+                .store
+                .seal_window(&open.id, FlushReason::Resubmit, now)
+                .await?
+        {
             deferral
                 .metrics
                 .flushes
