@@ -966,19 +966,19 @@ async fn openai_batch_validation_rejects_each_bad_input_with_its_code() {
     );
     assert_eq!(
         openai_errors(&s, &jsonl(&[ok.clone(), openai_line("b", "other", "x")])).await,
-        ["model_mismatch"]
+        ["mismatched_model"]
     );
     let wrong_url = json!({"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": chat_body("m", "x")}).to_string();
     assert_eq!(
         openai_errors(&s, &jsonl(&[ok.clone(), wrong_url])).await,
-        ["url_mismatch"]
+        ["invalid_url"]
     );
     let mut streaming = chat_body("m", "x");
     streaming["stream"] = json!(true);
     let stream_line = json!({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": streaming}).to_string();
     assert_eq!(
         openai_errors(&s, &jsonl(&[stream_line])).await,
-        ["stream_not_supported"]
+        ["streaming_unsupported"]
     );
     let many: Vec<String> = (0..4)
         .map(|i| openai_line(&format!("r{i}"), "m", "x"))

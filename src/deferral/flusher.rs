@@ -67,6 +67,7 @@ pub async fn fail_window(
         output_file: None,
         error_file: None,
         errors: vec![reason.to_owned()],
+        named_lines: Vec::new(),
         total: 0,
         succeeded: 0,
         failed: 0,

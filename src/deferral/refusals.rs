@@ -12,6 +12,8 @@ use crate::server::error::ApiError;
 struct Probe {
     #[serde(default)]
     background: Option<Value>,
+    #[serde(default)]
+    model: Option<Value>,
 }
 
 /// `Ok` when the body may go to a batch line of `endpoint`.
@@ -20,14 +22,26 @@ struct Probe {
 /// the background and be polled for it, which a batch line cannot do.
 /// (`stream` is not refused: it is removed from the line, and a streamed
 /// wait-mode call is answered as a stream.)
+///
+/// Every endpoint: a `model` that is empty (or only spaces) is refused as
+/// missing; OpenAI's batch validation would refuse the line
+/// (`invalid_request` / `model_not_found`, reference section 0) and sink
+/// the batch with it.
 pub fn check(endpoint: &str, body: &[u8]) -> Result<(), ApiError> {
-    if endpoint != "/v1/responses" {
-        return Ok(());
-    }
     let Ok(probe) = serde_json::from_slice::<Probe>(body) else {
         // Not an object: the batch line builder reports it.
         return Ok(());
     };
+    if matches!(&probe.model, Some(Value::String(m)) if m.trim().is_empty()) {
+        return Err(ApiError::BadRequest {
+            message: "a deferred call needs a non-empty \"model\" in its body: the batch API refuses a line without one".to_owned(),
+            param: Some("model".to_owned()),
+            code: "missing_model",
+        });
+    }
+    if endpoint != "/v1/responses" {
+        return Ok(());
+    }
     if probe.background == Some(Value::Bool(true)) {
         return Err(ApiError::BadRequest {
             message: "`background: true` cannot be deferred: the batch API does not run background responses; send it with `Carpool-Mode: now`, or drop `background`".to_owned(),
@@ -53,6 +67,15 @@ mod tests {
             other => panic!("expected a 400, got {other:?}"),
         }
         assert!(check("/v1/chat/completions", bg).is_ok());
+        for empty in [&br#"{"model":""}"#[..], br#"{"model":"  "}"#] {
+            assert!(matches!(
+                check("/v1/chat/completions", empty),
+                Err(ApiError::BadRequest {
+                    code: "missing_model",
+                    ..
+                })
+            ));
+        }
         for fine in [
             &br#"{"model":"m","input":"hi","background":false}"#[..],
             br#"{"model":"m","input":"hi","stream":true}"#,

@@ -49,12 +49,45 @@ pub struct JobView {
     pub error_file: Option<String>,
     /// Job-level errors (input validation), as the provider worded them.
     pub errors: Vec<String>,
+    /// The errors that name an input line (OpenAI `errors.data[].line`):
+    /// the lines the provider refused the whole batch for.
+    pub named_lines: Vec<NamedLine>,
     pub total: u64,
     pub succeeded: u64,
     pub failed: u64,
     /// carpool's window id from the job metadata, if any.
     pub window: Option<String>,
     pub created_at: i64,
+}
+
+/// An input line a provider refused a batch for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedLine {
+    /// 1-based, in the input file.
+    pub line: u64,
+    pub code: String,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+/// The `errors.data[]` entries of an OpenAI batch that carry a line.
+fn named_lines(v: &Value) -> Vec<NamedLine> {
+    v.pointer("/errors/data")
+        .and_then(Value::as_array)
+        .map(|errors| {
+            errors
+                .iter()
+                .filter_map(|e| {
+                    Some(NamedLine {
+                        line: e.get("line").and_then(Value::as_u64).filter(|l| *l >= 1)?,
+                        code: text(e, "code").unwrap_or_else(|| "invalid_request".to_owned()),
+                        message: text(e, "message").unwrap_or_default(),
+                        param: text(e, "param"),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub fn jobs_path(dialect: Dialect) -> &'static str {
@@ -131,6 +164,8 @@ pub fn parse_job(dialect: Dialect, v: &Value) -> Option<JobView> {
                 .and_then(Value::as_array)
                 .map(|errors| errors.iter().filter_map(|e| text(e, "message")).collect())
                 .unwrap_or_default(),
+            // Mistral's job errors are `{message, count}`: no line named.
+            named_lines: Vec::new(),
             total: count(v, "total_requests"),
             succeeded: count(v, "succeeded_requests"),
             failed: count(v, "failed_requests"),
@@ -162,6 +197,7 @@ pub fn parse_job(dialect: Dialect, v: &Value) -> Option<JobView> {
                             .collect()
                     })
                     .unwrap_or_default(),
+                named_lines: named_lines(v),
                 total: count(&counts, "total"),
                 succeeded: count(&counts, "completed"),
                 failed: count(&counts, "failed"),

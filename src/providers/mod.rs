@@ -19,7 +19,7 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde_json::Value;
 
-pub use jobs::{JobPage, JobPhase, JobView, WINDOW_METADATA_KEY};
+pub use jobs::{JobPage, JobPhase, JobView, NamedLine, WINDOW_METADATA_KEY};
 pub use lines::{parse_result_line, write_input_line, LineError, LineFailure, LineOutcome};
 pub use reader::{LineReader, RESULT_TOO_LARGE};
 pub use retry::{RetryObserver, RetryPolicy};

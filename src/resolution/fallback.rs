@@ -406,6 +406,7 @@ mod tests {
             output_file: None,
             error_file: None,
             errors: vec!["line 1: model not found".into()],
+            named_lines: Vec::new(),
             total: 1,
             succeeded: 0,
             failed: 0,

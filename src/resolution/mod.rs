@@ -1,9 +1,11 @@
 //! Resolution: polling submitted jobs, reconciling their result files into
 //! stored results, and waking the callers that wait on them; when a job
 //! ends badly or a deadline comes first, the failure chain ([`fallback`]:
-//! resubmit, realtime, error) and the deadline worker ([`deadline`]); and
+//! resubmit, realtime, error; [`badlines`] when the provider named the bad
+//! lines) and the deadline worker ([`deadline`]); and
 //! purging results once `results_ttl` has passed ([`janitor`]).
 
+pub mod badlines;
 pub mod deadline;
 pub mod fallback;
 pub mod janitor;

@@ -306,6 +306,13 @@ pub async fn reconcile(
         apply_file(deferral, upstream, key, window, job, file, &mut tally).await?;
     }
     if job.phase != JobPhase::Completed {
+        // Refused for named lines: only those fail, the rest go again.
+        if let Some(chain) =
+            super::badlines::settle_named_lines(deferral, upstream, key, window, job).await?
+        {
+            tally.chain = chain;
+            return Ok(tally);
+        }
         tally.chain =
             fallback::settle_unfinished(deferral, upstream, Some(key), window, job).await?;
         tally.missing = tally.chain.failed;

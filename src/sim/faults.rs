@@ -82,6 +82,17 @@ pub enum Fault {
         #[serde(default = "one")]
         count: u32,
     },
+    /// The next job(s) created fail validation at their `line`-th input line
+    /// (1-based) with `code` (`invalid_url`, `mismatched_model`, ...), as if
+    /// that line were bad: OpenAI names the line in `errors.data[]`, Mistral
+    /// only words it. A job with fewer lines is not touched. The line is
+    /// bad only to the provider: carpool's intake cannot see it.
+    InvalidLine {
+        line: usize,
+        code: String,
+        #[serde(default = "one")]
+        count: u32,
+    },
     /// Lines of jobs created while this is set fail with `status`: those
     /// whose `custom_id` is listed, plus a deterministic `fraction` of all.
     FailLines {
@@ -196,6 +207,15 @@ impl Fault {
         Self::Latency {
             route: None,
             ms: u64::try_from(extra.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The next job's `line`-th input line (1-based) refused with `code`.
+    pub fn invalid_line(line: usize, code: &str) -> Self {
+        Self::InvalidLine {
+            line,
+            code: code.to_owned(),
+            count: 1,
         }
     }
 
@@ -361,7 +381,7 @@ impl FaultBook {
                         }
                     }
                 }
-                Fault::NextJob { .. } | Fault::FailLines { .. } => {}
+                Fault::NextJob { .. } | Fault::FailLines { .. } | Fault::InvalidLine { .. } => {}
             }
         }
         for i in spent.into_iter().rev() {
@@ -384,6 +404,22 @@ impl FaultBook {
             self.faults.remove(pos);
         }
         Some(outcome)
+    }
+
+    /// Consume a pending invalid line for a job of `lines` lines being
+    /// created: its line number and code.
+    pub fn take_invalid_line(&mut self, lines: usize) -> Option<(usize, String)> {
+        let pos = self.faults.iter().position(
+            |f| matches!(f, Fault::InvalidLine { line, .. } if (1..=lines).contains(line)),
+        )?;
+        let Fault::InvalidLine { line, code, count } = &mut self.faults[pos] else {
+            return None;
+        };
+        let picked = (*line, code.clone());
+        if take(count) {
+            self.faults.remove(pos);
+        }
+        Some(picked)
     }
 
     /// The line failures in force now (all `FailLines` faults merged).

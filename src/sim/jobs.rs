@@ -33,25 +33,25 @@ pub struct Line {
 /// A job-level input problem (OpenAI `errors.data[]`, Mistral `errors[]`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct InputError {
-    pub code: &'static str,
+    pub code: String,
     pub line: Option<usize>,
     pub message: String,
     pub param: Option<String>,
 }
 
 impl InputError {
-    fn at(code: &'static str, line: usize, message: impl Into<String>) -> Self {
+    fn at(code: &str, line: usize, message: impl Into<String>) -> Self {
         Self {
-            code,
+            code: code.to_owned(),
             line: Some(line),
             message: message.into(),
             param: None,
         }
     }
 
-    pub fn job(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn job(code: &str, message: impl Into<String>) -> Self {
         Self {
-            code,
+            code: code.to_owned(),
             line: None,
             message: message.into(),
             param: None,
@@ -508,6 +508,52 @@ fn expired_line(dialect: Dialect, job_id: &str, custom_id: &str) -> Value {
     }
 }
 
+impl InputError {
+    /// A line refused with `code` by [`Fault::InvalidLine`](super::Fault),
+    /// worded and with the `param` OpenAI's validation gives that code
+    /// (reference section 0).
+    pub fn injected(code: &str, line: usize) -> Self {
+        let (param, message) = match code {
+            "invalid_url" => (
+                Some("url"),
+                "The URL provided for this request does not match the batch endpoint.",
+            ),
+            "mismatched_model" => (
+                Some("body.model"),
+                "The model provided for this request does not match the other requests in the batch.",
+            ),
+            "streaming_unsupported" => (
+                Some("body.stream"),
+                "Streaming is not supported in batch requests.",
+            ),
+            "invalid_request" => (Some("body.model"), "The request is missing a model."),
+            "model_not_found" => (
+                Some("body.model"),
+                "The model provided for this request does not exist or you do not have access to it.",
+            ),
+            "missing_required_parameter" => (Some("custom_id"), "Missing required parameter."),
+            "duplicate_custom_id" => (
+                Some("custom_id"),
+                "The custom_id for this request is a duplicate of another request.",
+            ),
+            _ => (None, "This line of the input file is invalid."),
+        };
+        Self {
+            code: code.to_owned(),
+            line: Some(line),
+            message: format!("Line {line}: {message}"),
+            param: param.map(str::to_owned),
+        }
+    }
+}
+
+/// OpenAI's validation stops at the first bad line: only the earliest
+/// error is reported (errors without a line, about the whole file, last).
+pub fn first_error_only(errors: &mut Vec<InputError>) {
+    errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    errors.truncate(1);
+}
+
 /// Checks shared by both dialects on a list of `(line number, custom_id,
 /// body)`: unique custom ids, no `stream`, request-count cap.
 pub fn check_common(
@@ -526,7 +572,7 @@ pub fn check_common(
         }
         if body.get("stream").and_then(Value::as_bool) == Some(true) {
             let mut e = InputError::at(
-                "stream_not_supported",
+                "streaming_unsupported",
                 *n,
                 "Streaming is not supported in batch requests (`body.stream` must not be true).",
             );

@@ -142,7 +142,7 @@ pub async fn create(
     for (n, item) in items {
         let Some(custom_id) = item.get("custom_id").and_then(Value::as_str) else {
             errors.push(InputError {
-                code: "missing_custom_id",
+                code: "missing_custom_id".to_owned(),
                 line: Some(n),
                 message: format!("Line {n}: `custom_id` is required."),
                 param: Some("custom_id".to_owned()),
@@ -151,7 +151,7 @@ pub async fn create(
         };
         let Some(mut body) = item.get("body").filter(|b| b.is_object()).cloned() else {
             errors.push(InputError {
-                code: "invalid_body",
+                code: "invalid_body".to_owned(),
                 line: Some(n),
                 message: format!("Line {n}: `body` must be a JSON object."),
                 param: Some("body".to_owned()),
@@ -177,11 +177,18 @@ pub async fn create(
             injected: None,
         })
         .collect();
-    let (outcome, failures) = {
+    let (outcome, failures, invalid) = {
         let mut book = lock(&sim.faults);
-        (book.take_job_outcome(), book.line_failures())
+        (
+            book.take_job_outcome(),
+            book.line_failures(),
+            book.take_invalid_line(lines.len()),
+        )
     };
     mark_failures(&mut lines, &failures);
+    if let Some((line, code)) = invalid {
+        errors.push(InputError::injected(&code, line));
+    }
     if outcome == Some(JobOutcome::Failed) && errors.is_empty() {
         errors.push(InputError::job(
             "simulated_failure",

@@ -2,7 +2,8 @@
 //! `POST /v1/batches/{id}/cancel`, in OpenAI's object shape.
 //!
 //! Input problems do not refuse the create call: the batch is accepted in
-//! `validating` and then ends `failed` with `errors.data` (reference B4).
+//! `validating` and then ends `failed`, nothing run, with one entry in
+//! `errors.data` for the first bad line (reference section 0, B4).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +20,10 @@ use super::answers::ENDPOINTS;
 use super::edge::credential;
 use super::error::ApiError;
 use super::files::{parse_num, FileKind};
-use super::jobs::{check_common, mark_failures, parse_jsonl, InputError, Job, JobSpec, Line, View};
+use super::jobs::{
+    check_common, first_error_only, mark_failures, parse_jsonl, InputError, Job, JobSpec, Line,
+    View,
+};
 use super::state::{lock, random_hex, CallIds, Sim};
 use super::sync_api::parse_body;
 use crate::model::Dialect;
@@ -70,12 +74,20 @@ pub async fn create(
 
     let opts = sim.opts();
     let (mut lines, errors, model) = validate(&file.data, endpoint, opts.max_requests_per_job);
-    let (outcome, failures) = {
+    let (outcome, failures, invalid) = {
         let mut book = lock(&sim.faults);
-        (book.take_job_outcome(), book.line_failures())
+        (
+            book.take_job_outcome(),
+            book.line_failures(),
+            book.take_invalid_line(lines.len()),
+        )
     };
     mark_failures(&mut lines, &failures);
     let mut errors = errors;
+    if let Some((line, code)) = invalid {
+        errors.push(InputError::injected(&code, line));
+    }
+    first_error_only(&mut errors);
     if outcome == Some(super::faults::JobOutcome::Failed) && errors.is_empty() {
         errors.push(InputError::job(
             "simulated_failure",
@@ -141,7 +153,7 @@ fn validate(
         let url = obj.get("url").and_then(Value::as_str).unwrap_or_default();
         if url != endpoint {
             errors.push(line_error(
-                "url_mismatch",
+                "invalid_url",
                 n,
                 "url",
                 &format!("The url '{url}' does not match the batch endpoint '{endpoint}'."),
@@ -164,17 +176,24 @@ fn validate(
                 "Background responses are not supported in batch requests (`body.background` must not be true).",
             ));
         }
-        if let Some(m) = body.get("model").and_then(Value::as_str) {
-            match &model {
-                None => model = Some(m.to_owned()),
-                Some(first) if first != m => errors.push(line_error(
-                    "model_mismatch",
-                    n,
-                    "body.model",
-                    &format!("The model '{m}' differs from '{first}': one model per batch file."),
-                )),
-                Some(_) => {}
-            }
+        let Some(m) = body.get("model").and_then(Value::as_str) else {
+            errors.push(line_error(
+                "invalid_request",
+                n,
+                "body.model",
+                "The request is missing a model (`body.model`).",
+            ));
+            continue;
+        };
+        match &model {
+            None => model = Some(m.to_owned()),
+            Some(first) if first != m => errors.push(line_error(
+                "mismatched_model",
+                n,
+                "body.model",
+                &format!("The model '{m}' differs from '{first}': one model per batch file."),
+            )),
+            Some(_) => {}
         }
         items.push((n, custom_id.to_owned(), body.clone()));
     }
@@ -190,9 +209,9 @@ fn validate(
     (lines, errors, model)
 }
 
-fn line_error(code: &'static str, line: usize, param: &str, message: &str) -> InputError {
+fn line_error(code: &str, line: usize, param: &str, message: &str) -> InputError {
     InputError {
-        code,
+        code: code.to_owned(),
         line: Some(line),
         message: message.to_owned(),
         param: Some(param.to_owned()),

@@ -665,7 +665,29 @@ impl Store {
         ids: Vec<RequestId>,
         now: i64,
     ) -> Result<Vec<RequestId>, StoreError> {
-        self.write(Op::Requeue { ids, now }).await?.ids()
+        self.write(Op::Requeue {
+            ids,
+            now,
+            counted: true,
+        })
+        .await?
+        .ids()
+    }
+
+    /// [`Store::requeue`] without counting a resubmission: for requests
+    /// whose batch was refused for another request's line.
+    pub async fn requeue_uncounted(
+        &self,
+        ids: Vec<RequestId>,
+        now: i64,
+    ) -> Result<Vec<RequestId>, StoreError> {
+        self.write(Op::Requeue {
+            ids,
+            now,
+            counted: false,
+        })
+        .await?
+        .ids()
     }
 
     // ---- failure policies: resubmission, openness, pending counts ----

@@ -76,16 +76,19 @@ pub enum FlushReason {
     Deadline,
     Operator,
     Shutdown,
+    /// Requests put back after their batch was refused for other lines.
+    Resubmit,
 }
 
 impl FlushReason {
-    pub const ALL: [FlushReason; 6] = [
+    pub const ALL: [FlushReason; 7] = [
         Self::MaxRequests,
         Self::MaxBytes,
         Self::MaxWait,
         Self::Deadline,
         Self::Operator,
         Self::Shutdown,
+        Self::Resubmit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +99,7 @@ impl FlushReason {
             Self::Deadline => "deadline",
             Self::Operator => "operator",
             Self::Shutdown => "shutdown",
+            Self::Resubmit => "resubmit",
         }
     }
 

@@ -114,6 +114,8 @@ pub(crate) enum Op {
     Requeue {
         ids: Vec<RequestId>,
         now: i64,
+        /// Whether each move counts against `resubmit_limit`.
+        counted: bool,
     },
     Purge {
         older_than: i64,

@@ -117,7 +117,7 @@ macro_rules! write_ops {
                     }
                     Reply::Ids(ids)
                 }
-                Op::Requeue { ids, now } => Reply::Ids(requeue(conn, ids, *now).await?),
+                Op::Requeue { ids, now, counted } => Reply::Ids(requeue(conn, ids, *now, *counted).await?),
                 Op::Resubmit { window, limit, now } => {
                     Reply::Ids(resubmit(conn, window, *limit, *now).await?)
                 }
@@ -553,18 +553,19 @@ macro_rules! write_ops {
             Ok(())
         }
 
-        async fn requeue(conn: &mut Conn, ids: &[RequestId], now: i64) -> Result<Vec<RequestId>, StoreError> {
+        async fn requeue(conn: &mut Conn, ids: &[RequestId], now: i64, counted: bool) -> Result<Vec<RequestId>, StoreError> {
             let mut moved = Vec::new();
             for id in ids {
                 let row = q(&format!(
                     "UPDATE requests SET status = 'queued', batch_id = NULL, submitted_at = NULL, \
-                     resubmits = resubmits + 1 \
+                     resubmits = resubmits + $2 \
                      WHERE id = $1 AND status IN ({}) \
                      RETURNING upstream, credential_hash, scope, endpoint, model, window_id, \
                      CAST(length(body) AS BIGINT) AS len",
                     request_from_sql(RequestStatus::Queued)
                 ))
                 .bind(id.as_str())
+                .bind(i64::from(counted))
                 .fetch_optional(&mut *conn)
                 .await?;
                 let Some(row) = row else { continue };
@@ -618,7 +619,7 @@ macro_rules! write_ops {
                 .iter()
                 .map(|row| Ok(RequestId::from_stored(row.try_get("id")?)))
                 .collect::<Result<Vec<_>, StoreError>>()?;
-            requeue(conn, &ids, now).await
+            requeue(conn, &ids, now, true).await
         }
     };
 }
