@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::engine::{now_ms, BusyGuard, Deferral};
 use super::lease::{leased, LeaseLost};
 use super::policy;
+use super::quota;
 use crate::providers::{write_input_line, JobPhase, JobView, ProviderError};
 use crate::resolution::fallback::{job_failure, settle_unfinished};
 use crate::store::{FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
@@ -164,8 +165,9 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
         WindowState::Uploaded,
         WindowState::Creating,
     ];
+    let waiting = quota::waiting(deferral).await?;
     for window in deferral.store.windows_in(&states).await? {
-        if deferral.backing_off(&window.id) {
+        if deferral.backing_off(&window.id) || waiting.contains(&window.id) {
             continue;
         }
         let Some(guard) = BusyGuard::try_take(deferral, &window.id) else {
@@ -228,14 +230,23 @@ pub async fn submit_sealed(deferral: &Deferral) {
         WindowState::Uploaded,
         WindowState::Creating,
     ];
-    let windows = match deferral.store.windows_in(&states).await {
-        Ok(w) => w,
+    let listed = match quota::waiting(deferral).await {
+        Ok(waiting) => deferral
+            .store
+            .windows_in(&states)
+            .await
+            .map(|windows| (windows, waiting)),
+        Err(err) => Err(err),
+    };
+    let (windows, waiting) = match listed {
+        Ok(listed) => listed,
         Err(err) => {
             tracing::error!(error = %err, "cannot list sealed windows");
             return;
         }
     };
-    for window in windows {
+    // Windows waiting for quota stay sealed for the next start.
+    for window in windows.into_iter().filter(|w| !waiting.contains(&w.id)) {
         let Some(_guard) = BusyGuard::try_take(deferral, &window.id) else {
             continue;
         };
@@ -325,7 +336,7 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
             job
         }
         None => {
-            client
+            let created = client
                 .create_job(
                     &key,
                     &file_id,
@@ -333,7 +344,15 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
                     &window.key.endpoint,
                     &window.id,
                 )
-                .await?
+                .await;
+            match created {
+                Ok(job) => job,
+                Err(err) if err.is_enqueued_token_limit() => {
+                    quota::back_to_waiting(deferral, upstream, &key, &window).await?;
+                    return Ok(());
+                }
+                Err(err) => return Err(err.into()),
+            }
         }
     };
     if !deferral

@@ -49,7 +49,9 @@ impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Status { status, .. } => {
-                (*status == 429 || *status >= 500) && !self.is_permanent()
+                (*status == 429 || *status >= 500)
+                    && !self.is_permanent()
+                    && !self.is_enqueued_token_limit()
             }
             Self::Transport { .. } => true,
             Self::Decode { .. } => false,
@@ -70,6 +72,13 @@ impl ProviderError {
             Self::Transport { .. } => false,
             Self::Decode { .. } => true,
         }
+    }
+
+    /// A refusal for the provider's enqueued-token limit
+    /// (`token_limit_exceeded`): it clears when batches finish, not by
+    /// retrying the call, so the deferral waits for quota instead.
+    pub fn is_enqueued_token_limit(&self) -> bool {
+        matches!(self, Self::Status { message, .. } if message.contains("token_limit_exceeded"))
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
