@@ -95,7 +95,14 @@ pub async fn create(
     };
     let job = Job::new(spec, lines, errors, outcome, &opts);
     let id = job.id.clone();
-    let job = sim.add_job(job);
+    let job = match super::quota::add_within_limit(&sim, job) {
+        Ok(job) => job,
+        Err((mut job, refused)) => {
+            let error = refused.as_job_error(job.spec.model.as_deref());
+            job.errors.push(error);
+            sim.add_job(job)
+        }
+    };
     let rendered = {
         let mut job = lock(&job);
         let view = job.advance(&sim, Instant::now());
