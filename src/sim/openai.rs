@@ -99,7 +99,7 @@ pub async fn create(
         Ok(job) => job,
         Err((mut job, refused)) => {
             let error = refused.as_job_error(job.spec.model.as_deref());
-            job.errors.push(error);
+            job.refuse(error);
             sim.add_job(job)
         }
     };
