@@ -159,7 +159,11 @@ async fn a_window_past_max_enqueued_tokens_waits_for_the_batch_in_flight() {
             assert_eq!(object["served_by"], "batch", "{dialect}");
         }
         assert_eq!(creates(&sim, dialect), vec![200, 200], "{dialect}");
-        assert_eq!(sim.quota_refusals(), 0, "{dialect}: a create went past the limit");
+        assert_eq!(
+            sim.quota_refusals(),
+            0,
+            "{dialect}: a create went past the limit"
+        );
         let text = until_metrics(&app, |t| metric(t, WAITING) == 0.0).await;
         assert_eq!(metric(&text, WAITING), 0.0, "{dialect}");
     }

@@ -98,7 +98,12 @@ fn cap_for(deferral: &Deferral, key: QuotaKey<'_>) -> Option<u64> {
 /// Whether any quota can hold a window back now (else nothing is listed).
 fn any_gate(deferral: &Deferral) -> bool {
     !deferral.quota_holds.is_empty()
-        || deferral.config.batching.defaults.max_enqueued_tokens.is_some()
+        || deferral
+            .config
+            .batching
+            .defaults
+            .max_enqueued_tokens
+            .is_some()
         || deferral
             .config
             .batching
@@ -165,12 +170,7 @@ fn plan(deferral: &Deferral, windows: &[WindowRecord], now: Instant) -> HashSet<
 
 /// Whether a refused window's hold still stands: its backoff has not
 /// passed and every batch it waits on is still in flight.
-fn held(
-    deferral: &Deferral,
-    id: &WindowId,
-    in_flight: &HashSet<&WindowId>,
-    now: Instant,
-) -> bool {
+fn held(deferral: &Deferral, id: &WindowId, in_flight: &HashSet<&WindowId>, now: Instant) -> bool {
     deferral.quota_holds.get(id).is_some_and(|hold| {
         now < hold.until && {
             // With nothing to wait on, only the backoff releases it.

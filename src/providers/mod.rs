@@ -186,8 +186,8 @@ async fn check(
     let body = resp.bytes().await.unwrap_or_default();
     let mut message = error_message(&body);
     // Codes that decide what to do next are kept in front of the message.
-    if let Some(code) = known_code(&body, SPEND_LIMIT_CODES)
-        .or_else(|| known_code(&body, &[ENQUEUED_LIMIT_CODE]))
+    if let Some(code) =
+        known_code(&body, SPEND_LIMIT_CODES).or_else(|| known_code(&body, &[ENQUEUED_LIMIT_CODE]))
     {
         message = format!("{code}: {message}");
     }

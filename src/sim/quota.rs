@@ -64,12 +64,11 @@ pub fn add_within_limit(sim: &Sim, job: Job) -> Result<Arc<Mutex<Job>>, (Job, Re
         .iter()
         .filter_map(|other| {
             let mut other = lock(other);
-            let same = other.spec.credential == job.spec.credential
-                && other.spec.model == job.spec.model;
+            let same =
+                other.spec.credential == job.spec.credential && other.spec.model == job.spec.model;
             // Jobs refused at validation run nothing and hold no quota.
-            let running = same
-                && other.errors.is_empty()
-                && !other.advance(sim, now).stage.is_terminal();
+            let running =
+                same && other.errors.is_empty() && !other.advance(sim, now).stage.is_terminal();
             running.then(|| job_tokens(&other))
         })
         .sum();
