@@ -49,13 +49,27 @@ async fn slow_sim(limit: Option<u64>) -> SimHandle {
 /// carpool in front of `sim`: one request per window (sealed at intake),
 /// no resubmission and failures to the caller, so only waiting can pass.
 async fn start(dialect: &str, sim: &SimHandle, batching: &str) -> TestApp {
+    start_on(dialect, sim, batching, None).await
+}
+
+/// [`start`], with the store at `store_url` when given (else in memory).
+async fn start_on(
+    dialect: &str,
+    sim: &SimHandle,
+    batching: &str,
+    store_url: Option<&str>,
+) -> TestApp {
     let config = SimConfig::new(dialect, sim)
         .client("alice", ALICE)
         .batching(
             "max_requests = 1\nmax_wait = \"1m\"\non_batch_failure = \"error\"\nresubmit_limit = 0",
         )
         .batching(batching);
-    TestApp::start(&config.toml(), &[("UPSTREAM_KEY", "sk-upstream")]).await
+    let mut vars = vec![("UPSTREAM_KEY", "sk-upstream")];
+    if let Some(url) = store_url {
+        vars.push(("CARPOOL_STORE__URL", url));
+    }
+    TestApp::start(&config.toml(), &vars).await
 }
 
 /// Two async calls; their handle ids.
@@ -172,32 +186,51 @@ async fn a_window_past_max_enqueued_tokens_waits_for_the_batch_in_flight() {
 #[tokio::test]
 async fn a_batch_the_provider_refuses_for_its_token_limit_waits_and_then_succeeds() {
     for dialect in DIALECTS {
-        let sim = slow_sim(Some(just_above_one_window())).await;
-        // No cap of carpool's own: both windows go, the provider refuses one.
-        let app = start(dialect, &sim, "").await;
-        let ids = two_async_calls(&app).await;
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while sim.quota_refusals() == 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{dialect}: no refusal"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // The refused window waits for quota rather than failing.
-        let text = until_metrics(&app, |t| metric(t, WAITING) == 1.0).await;
-        assert_eq!(metric(&text, WAITING), 1.0, "{dialect}: {text}");
-        for id in &ids {
-            let object = request_object(&app, ALICE, id).await;
-            assert_ne!(object["status"], "failed", "{dialect}: {object}");
-        }
-
-        // resubmit_limit = 0 and on_batch_failure = "error": only waiting
-        // lets both succeed.
-        for object in finish_all(&app, &sim, &ids).await {
-            assert_eq!(object["status"], "succeeded", "{dialect}: {object}");
-            assert_eq!(object["served_by"], "batch", "{dialect}");
-        }
-        assert!(sim.quota_refusals() >= 1);
+        refused_batch_waits_then_succeeds(dialect, None).await;
     }
+}
+
+/// The same on Postgres, whose store takes the refused window back to
+/// sealed by its own SQL.
+#[tokio::test]
+async fn on_postgres_a_refused_batch_waits_and_then_succeeds() {
+    if support::pg::skipped() {
+        return;
+    }
+    for dialect in DIALECTS {
+        let schema = support::pg::Schema::create().await;
+        refused_batch_waits_then_succeeds(dialect, Some(&schema.url())).await;
+    }
+}
+
+/// Two windows at once, no cap of carpool's own: the provider refuses one
+/// for its limit; it waits, then succeeds.
+async fn refused_batch_waits_then_succeeds(dialect: &str, store_url: Option<&str>) {
+    let sim = slow_sim(Some(just_above_one_window())).await;
+    // No cap of carpool's own: both windows go, the provider refuses one.
+    let app = start_on(dialect, &sim, "", store_url).await;
+    let ids = two_async_calls(&app).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while sim.quota_refusals() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{dialect}: no refusal"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The refused window waits for quota rather than failing.
+    let text = until_metrics(&app, |t| metric(t, WAITING) == 1.0).await;
+    assert_eq!(metric(&text, WAITING), 1.0, "{dialect}: {text}");
+    for id in &ids {
+        let object = request_object(&app, ALICE, id).await;
+        assert_ne!(object["status"], "failed", "{dialect}: {object}");
+    }
+
+    // resubmit_limit = 0 and on_batch_failure = "error": only waiting
+    // lets both succeed.
+    for object in finish_all(&app, &sim, &ids).await {
+        assert_eq!(object["status"], "succeeded", "{dialect}: {object}");
+        assert_eq!(object["served_by"], "batch", "{dialect}");
+    }
+    assert!(sim.quota_refusals() >= 1);
 }

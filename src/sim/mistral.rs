@@ -205,7 +205,8 @@ pub async fn create(
     let job = Job::new(spec, lines, errors, outcome, &opts);
     let id = job.id.clone();
     let first_file = job.spec.input_file_ids.first().cloned();
-    let job = super::quota::add_within_limit(&sim, job).map_err(|(job, refused)| {
+    let job = super::quota::add_within_limit(&sim, job).map_err(|refused| {
+        let (job, refused) = *refused;
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",

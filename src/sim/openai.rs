@@ -97,7 +97,8 @@ pub async fn create(
     let id = job.id.clone();
     let job = match super::quota::add_within_limit(&sim, job) {
         Ok(job) => job,
-        Err((mut job, refused)) => {
+        Err(refused) => {
+            let (mut job, refused) = *refused;
             let error = refused.as_job_error(job.spec.model.as_deref());
             job.refuse(error);
             sim.add_job(job)

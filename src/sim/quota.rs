@@ -53,7 +53,7 @@ fn job_tokens(job: &Job) -> u64 {
 /// Adds `job` when its key's unfinished jobs of its model leave room for
 /// it (or no limit is set); else hands it back with the refusal. Checks
 /// and adds under one lock, so two creates never both take the last room.
-pub fn add_within_limit(sim: &Sim, job: Job) -> Result<Arc<Mutex<Job>>, (Job, Refused)> {
+pub fn add_within_limit(sim: &Sim, job: Job) -> Result<Arc<Mutex<Job>>, Box<(Job, Refused)>> {
     let Some(limit) = sim.opts().enqueued_token_limit else {
         return Ok(sim.add_job(job));
     };
@@ -75,14 +75,14 @@ pub fn add_within_limit(sim: &Sim, job: Job) -> Result<Arc<Mutex<Job>>, (Job, Re
     let tokens = job_tokens(&job);
     if enqueued + tokens > limit {
         sim.quota_refusals.fetch_add(1, Ordering::Relaxed);
-        return Err((
+        return Err(Box::new((
             job,
             Refused {
                 limit,
                 enqueued,
                 tokens,
             },
-        ));
+        )));
     }
     Ok(sim.add_job(job))
 }
