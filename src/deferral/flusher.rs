@@ -160,14 +160,15 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
             }
         }
     }
-    let states = [
-        WindowState::Sealed,
-        WindowState::Uploaded,
-        WindowState::Creating,
-    ];
-    let waiting = quota::waiting(deferral).await?;
-    for window in deferral.store.windows_in(&states).await? {
-        if deferral.backing_off(&window.id) || waiting.contains(&window.id) {
+    // One listing for the quota decision and the work, so a window sealed
+    // in between is not submitted unchecked.
+    let listed = deferral.store.windows_in(&quota::QUEUED).await?;
+    let waiting = quota::waiting_among(deferral, &listed);
+    for window in listed {
+        if window.state == WindowState::Submitted
+            || deferral.backing_off(&window.id)
+            || waiting.contains(&window.id)
+        {
             continue;
         }
         let Some(guard) = BusyGuard::try_take(deferral, &window.id) else {
@@ -225,28 +226,19 @@ pub async fn seal_all(deferral: &Deferral, reason: FlushReason) -> Result<usize,
 
 /// Submits every sealed window now, one after another (used at shutdown).
 pub async fn submit_sealed(deferral: &Deferral) {
-    let states = [
-        WindowState::Sealed,
-        WindowState::Uploaded,
-        WindowState::Creating,
-    ];
-    let listed = match quota::waiting(deferral).await {
-        Ok(waiting) => deferral
-            .store
-            .windows_in(&states)
-            .await
-            .map(|windows| (windows, waiting)),
-        Err(err) => Err(err),
-    };
-    let (windows, waiting) = match listed {
-        Ok(listed) => listed,
+    let windows = match deferral.store.windows_in(&quota::QUEUED).await {
+        Ok(w) => w,
         Err(err) => {
             tracing::error!(error = %err, "cannot list sealed windows");
             return;
         }
     };
     // Windows waiting for quota stay sealed for the next start.
-    for window in windows.into_iter().filter(|w| !waiting.contains(&w.id)) {
+    let waiting = quota::waiting_among(deferral, &windows);
+    let due = windows
+        .into_iter()
+        .filter(|w| w.state != WindowState::Submitted && !waiting.contains(&w.id));
+    for window in due {
         let Some(_guard) = BusyGuard::try_take(deferral, &window.id) else {
             continue;
         };

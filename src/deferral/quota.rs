@@ -112,26 +112,42 @@ fn any_gate(deferral: &Deferral) -> bool {
             .any(|m| m.max_enqueued_tokens.is_some())
 }
 
-/// The sealed windows that must wait for quota now, from the store as it
-/// stands; also sets `carpool_windows_waiting_for_quota` from that answer,
-/// so the gauge is exact at each flusher pass and each scrape.
+/// The states whose windows count against a quota or wait for one.
+pub const QUEUED: [WindowState; 4] = [
+    WindowState::Sealed,
+    WindowState::Uploaded,
+    WindowState::Creating,
+    WindowState::Submitted,
+];
+
+/// The sealed windows that must wait for quota now, from a fresh listing
+/// of the store (for a scrape); sets the gauge as [`waiting_among`] does.
 pub async fn waiting(deferral: &Deferral) -> Result<HashSet<WindowId>, StoreError> {
-    let waiting = if any_gate(deferral) {
-        let states = [
-            WindowState::Sealed,
-            WindowState::Uploaded,
-            WindowState::Creating,
-            WindowState::Submitted,
-        ];
-        let windows = deferral.store.windows_in(&states).await?;
-        let waiting = plan(deferral, &windows, Instant::now());
-        observe(deferral, &windows, &waiting);
-        waiting
-    } else {
+    if !any_gate(deferral) {
         deferral.metrics.windows_waiting_for_quota.reset();
-        HashSet::new()
-    };
-    Ok(waiting)
+        return Ok(HashSet::new());
+    }
+    let windows = deferral.store.windows_in(&QUEUED).await?;
+    Ok(waiting_among(deferral, &windows))
+}
+
+/// The sealed windows among `windows` (one listing of the [`QUEUED`]
+/// states, so the decision and the caller's work see the same snapshot)
+/// that must wait for quota now. Also sets
+/// `carpool_windows_waiting_for_quota` from that answer, so the gauge is
+/// exact at each flusher pass and each scrape.
+pub fn waiting_among(deferral: &Deferral, windows: &[WindowRecord]) -> HashSet<WindowId> {
+    if !any_gate(deferral) {
+        deferral.metrics.windows_waiting_for_quota.reset();
+        return HashSet::new();
+    }
+    // A held window that finished some other way (its members answered
+    // realtime, failed for good) needs its hold no more.
+    let listed: HashSet<&WindowId> = windows.iter().map(|w| &w.id).collect();
+    deferral.quota_holds.retain(|id, _| listed.contains(id));
+    let waiting = plan(deferral, windows, Instant::now());
+    observe(deferral, windows, &waiting);
+    waiting
 }
 
 /// Walks each quota's sealed windows oldest first (the store lists them
