@@ -105,6 +105,10 @@ pub struct Metrics {
     pub window_requests: IntGaugeVec,
     pub window_bytes: IntGaugeVec,
     pub window_oldest_age: IntGaugeVec,
+    /// `carpool_windows_waiting_for_quota{upstream, model}`: sealed windows
+    /// held back by `max_enqueued_tokens` or a provider's enqueued-token
+    /// refusal (`deferral::quota`), set at each flusher pass and scrape.
+    pub windows_waiting_for_quota: IntGaugeVec,
     /// `carpool_flushes_total{reason}`.
     pub flushes: IntCounterVec,
     /// `carpool_batch_jobs_total{upstream, model, status}`: jobs submitted
@@ -220,6 +224,13 @@ impl Metrics {
                 "Age of the oldest request in an open window, by model.",
             ),
             &["model"],
+        )?;
+        let windows_waiting_for_quota = IntGaugeVec::new(
+            Opts::new(
+                "carpool_windows_waiting_for_quota",
+                "Sealed windows waiting for enqueued-token quota, by upstream and model.",
+            ),
+            &["upstream", "model"],
         )?;
         let flushes = IntCounterVec::new(
             Opts::new(
@@ -337,6 +348,7 @@ impl Metrics {
         registry.register(Box::new(window_requests.clone()))?;
         registry.register(Box::new(window_bytes.clone()))?;
         registry.register(Box::new(window_oldest_age.clone()))?;
+        registry.register(Box::new(windows_waiting_for_quota.clone()))?;
         registry.register(Box::new(flushes.clone()))?;
         registry.register(Box::new(batch_jobs.clone()))?;
         registry.register(Box::new(batch_turnaround.clone()))?;
@@ -368,6 +380,7 @@ impl Metrics {
             window_requests,
             window_bytes,
             window_oldest_age,
+            windows_waiting_for_quota,
             flushes,
             batch_jobs,
             batch_turnaround,

@@ -93,6 +93,7 @@ pub struct RawBatching {
     pub max_result_line: Option<Scalar>,
     pub max_pending: Option<Scalar>,
     pub max_pending_per_client: Option<Scalar>,
+    pub max_enqueued_tokens: Option<Scalar>,
     #[serde(default)]
     pub models: Vec<RawModelBatching>,
 }
@@ -108,6 +109,7 @@ pub struct RawModelBatching {
     pub on_batch_failure: Option<String>,
     pub resubmit_limit: Option<Scalar>,
     pub fallback_margin: Option<Scalar>,
+    pub max_enqueued_tokens: Option<Scalar>,
 }
 
 /// `[[rules]]`: a default mode for calls matching every given condition.

@@ -241,3 +241,34 @@ fn upstream_urls_are_the_base_path_then_the_callers_path_and_query() {
         assert_eq!(built.host(), parsed.host());
     }
 }
+
+#[test]
+fn max_enqueued_tokens_is_unset_by_default_overridden_per_model_and_validated() {
+    let vars = [("MISTRAL_API_KEY", "k")];
+    let c = from_toml_str(MINIMAL, &env(&vars)).unwrap();
+    assert_eq!(
+        c.batching
+            .policy_for("any", Dialect::Mistral)
+            .max_enqueued_tokens,
+        None
+    );
+    let text = format!(
+        "{MINIMAL}\n[batching]\nmax_enqueued_tokens = 1000\n[[batching.models]]\nmodel = \"big-*\"\nmax_enqueued_tokens = 50\n[[batching.models]]\nmodel = \"other\"\nmax_wait = \"1m\"\n"
+    );
+    let c = from_toml_str(&text, &env(&vars)).unwrap();
+    let cap = |model: &str| {
+        c.batching
+            .policy_for(model, Dialect::Mistral)
+            .max_enqueued_tokens
+    };
+    assert_eq!(cap("big-1"), Some(50));
+    assert_eq!(cap("other"), Some(1000));
+    let text = format!("{MINIMAL}\n[[batching.models]]\nmodel = \"m\"\nmax_enqueued_tokens = 0\n");
+    let found = problems(&text, &vars);
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("batching.models[0].max_enqueued_tokens:")),
+        "{found:?}"
+    );
+}

@@ -239,6 +239,10 @@ pub struct WindowPolicy {
     pub resubmit_limit: u32,
     #[serde(serialize_with = "ser_duration")]
     pub fallback_margin: Duration,
+    /// Cap on the estimated input tokens in unfinished batches of one
+    /// upstream, credential and model (`deferral::quota`); `None`: no cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_enqueued_tokens: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -299,6 +303,8 @@ pub struct ModelBatching {
         serialize_with = "ser_opt_duration"
     )]
     pub fallback_margin: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_enqueued_tokens: Option<u64>,
 }
 
 impl BatchingConfig {
@@ -323,6 +329,7 @@ impl BatchingConfig {
             p.on_batch_failure = o.on_batch_failure.unwrap_or(p.on_batch_failure);
             p.resubmit_limit = o.resubmit_limit.unwrap_or(p.resubmit_limit);
             p.fallback_margin = o.fallback_margin.unwrap_or(p.fallback_margin);
+            p.max_enqueued_tokens = o.max_enqueued_tokens.or(p.max_enqueued_tokens);
         }
         let (max_requests, max_bytes) = dialect.limits();
         p.max_requests = p.max_requests.min(max_requests);

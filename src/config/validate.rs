@@ -510,6 +510,10 @@ fn batching(
             raw.fallback_margin.as_ref(),
             Duration::from_secs(300),
         ),
+        max_enqueued_tokens: raw
+            .max_enqueued_tokens
+            .as_ref()
+            .map(|v| c.count("batching.max_enqueued_tokens", Some(v), 1, 1)),
     };
     let poll_interval = c.duration(
         "batching.poll_interval",
@@ -554,6 +558,10 @@ fn batching(
                 .fallback_margin
                 .as_ref()
                 .map(|v| c.duration(&format!("{k}.fallback_margin"), Some(v), Duration::ZERO)),
+            max_enqueued_tokens: m
+                .max_enqueued_tokens
+                .as_ref()
+                .map(|v| c.count(&format!("{k}.max_enqueued_tokens"), Some(v), 1, 1)),
         };
         models.push(entry);
     }

@@ -62,6 +62,9 @@ pub struct Inner {
     pub fallbacks: DashSet<RequestId>,
     /// Intake ceilings (`max_pending`, `max_pending_per_client`).
     pub gate: IntakeGate,
+    /// Windows the provider refused for its enqueued-token limit, held
+    /// back until quota frees ([`super::quota`]).
+    pub quota_holds: DashMap<WindowId, super::quota::Hold>,
     /// The app's task tracker (shared with `AppState::tasks`).
     pub tasks: TaskTracker,
 }
@@ -135,6 +138,7 @@ impl Deferral {
                 deadline_wake: Notify::new(),
                 fallbacks: DashSet::new(),
                 gate,
+                quota_holds: DashMap::new(),
                 tasks,
             }),
         }

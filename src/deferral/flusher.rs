@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::engine::{now_ms, BusyGuard, Deferral};
 use super::lease::{leased, LeaseLost};
 use super::policy;
+use super::quota;
 use crate::providers::{write_input_line, JobPhase, JobView, ProviderError};
 use crate::resolution::fallback::{job_failure, settle_unfinished};
 use crate::store::{FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
@@ -160,13 +161,15 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
             }
         }
     }
-    let states = [
-        WindowState::Sealed,
-        WindowState::Uploaded,
-        WindowState::Creating,
-    ];
-    for window in deferral.store.windows_in(&states).await? {
-        if deferral.backing_off(&window.id) {
+    // One listing for the quota decision and the work, so a window sealed
+    // in between is not submitted unchecked.
+    let listed = deferral.store.windows_in(&quota::QUEUED).await?;
+    let waiting = quota::waiting_among(deferral, &listed);
+    for window in listed {
+        if window.state == WindowState::Submitted
+            || deferral.backing_off(&window.id)
+            || waiting.contains(&window.id)
+        {
             continue;
         }
         let Some(guard) = BusyGuard::try_take(deferral, &window.id) else {
@@ -224,19 +227,19 @@ pub async fn seal_all(deferral: &Deferral, reason: FlushReason) -> Result<usize,
 
 /// Submits every sealed window now, one after another (used at shutdown).
 pub async fn submit_sealed(deferral: &Deferral) {
-    let states = [
-        WindowState::Sealed,
-        WindowState::Uploaded,
-        WindowState::Creating,
-    ];
-    let windows = match deferral.store.windows_in(&states).await {
+    let windows = match deferral.store.windows_in(&quota::QUEUED).await {
         Ok(w) => w,
         Err(err) => {
             tracing::error!(error = %err, "cannot list sealed windows");
             return;
         }
     };
-    for window in windows {
+    // Windows waiting for quota stay sealed for the next start.
+    let waiting = quota::waiting_among(deferral, &windows);
+    let due = windows
+        .into_iter()
+        .filter(|w| w.state != WindowState::Submitted && !waiting.contains(&w.id));
+    for window in due {
         let Some(_guard) = BusyGuard::try_take(deferral, &window.id) else {
             continue;
         };
@@ -326,7 +329,7 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
             job
         }
         None => {
-            client
+            let created = client
                 .create_job(
                     &key,
                     &file_id,
@@ -334,7 +337,15 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
                     &window.key.endpoint,
                     &window.id,
                 )
-                .await?
+                .await;
+            match created {
+                Ok(job) => job,
+                Err(err) if err.is_enqueued_token_limit() => {
+                    quota::back_to_waiting(deferral, upstream, &key, &window).await?;
+                    return Ok(());
+                }
+                Err(err) => return Err(err.into()),
+            }
         }
     };
     if !deferral

@@ -2,7 +2,8 @@
 //!
 //! Owns: deciding whether a call is deferred ([`optin`]), storing it and
 //! answering it ([`intake`], [`answer`], [`handles`]), when a window is due
-//! ([`policy`]), and turning sealed windows into batch jobs ([`flusher`]).
+//! ([`policy`]), and turning sealed windows into batch jobs ([`flusher`])
+//! as enqueued-token quotas allow ([`quota`]).
 //! Results come back through [`crate::resolution`].
 
 pub mod answer;
@@ -14,6 +15,7 @@ pub mod intake;
 pub mod lease;
 pub mod optin;
 pub mod policy;
+pub mod quota;
 pub mod refusals;
 pub mod sse;
 pub mod sse_responses;

@@ -54,7 +54,9 @@ impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Status { status, .. } => {
-                (*status == 429 || *status >= 500) && !self.is_permanent()
+                (*status == 429 || *status >= 500)
+                    && !self.is_permanent()
+                    && !self.is_enqueued_token_limit()
             }
             Self::Transport { .. } => true,
             Self::Decode { .. } => false,
@@ -75,6 +77,13 @@ impl ProviderError {
             Self::Transport { .. } => false,
             Self::Decode { .. } => true,
         }
+    }
+
+    /// A refusal for the provider's enqueued-token limit
+    /// (`token_limit_exceeded`): it clears when batches finish, not by
+    /// retrying the call, so the deferral waits for quota instead.
+    pub fn is_enqueued_token_limit(&self) -> bool {
+        matches!(self, Self::Status { message, .. } if message.contains(ENQUEUED_LIMIT_CODE))
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -119,13 +128,16 @@ fn is_spend_limit(message: &str) -> bool {
     SPEND_LIMIT_CODES.iter().any(|c| message.contains(c))
 }
 
-/// The body's error code or type when it is a spend limit.
-fn spend_limit_code(body: &[u8]) -> Option<&'static str> {
+/// The code of a refusal for the provider's enqueued-token limit.
+const ENQUEUED_LIMIT_CODE: &str = "token_limit_exceeded";
+
+/// The body's error code or type when it is one of `codes`.
+fn known_code(body: &[u8], codes: &[&'static str]) -> Option<&'static str> {
     let v = serde_json::from_slice::<Value>(body).ok()?;
     let error = v.get("error").unwrap_or(&v);
     ["code", "type"].iter().find_map(|field| {
         let given = error.get(*field)?.as_str()?;
-        SPEND_LIMIT_CODES.iter().copied().find(|c| *c == given)
+        codes.iter().copied().find(|c| *c == given)
     })
 }
 
@@ -178,7 +190,10 @@ async fn check(
     let retry_after = retry_after(resp.headers());
     let body = resp.bytes().await.unwrap_or_default();
     let mut message = error_message(&body);
-    if let Some(code) = spend_limit_code(&body) {
+    // Codes that decide what to do next are kept in front of the message.
+    if let Some(code) =
+        known_code(&body, SPEND_LIMIT_CODES).or_else(|| known_code(&body, &[ENQUEUED_LIMIT_CODE]))
+    {
         message = format!("{code}: {message}");
     }
     Err(ProviderError::Status {

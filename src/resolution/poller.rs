@@ -138,7 +138,9 @@ async fn poll_job(
             .record_job_status(&window.id, &job.raw_status)
             .await?;
     }
-    if !job.phase.is_terminal() {
+    if !job.phase.is_terminal()
+        || crate::deferral::quota::on_terminal_job(deferral, upstream, key, &window, &job).await?
+    {
         return Ok(());
     }
     let started = window.submitted_at.unwrap_or(window.opened_at);

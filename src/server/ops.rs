@@ -52,6 +52,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             .observe_open_windows(&open, crate::deferral::engine::now_ms()),
         Err(error) => tracing::warn!(%error, "window gauges not refreshed for this scrape"),
     }
+    if let Err(error) = crate::deferral::quota::waiting(&state.deferral).await {
+        tracing::warn!(%error, "quota gauge not refreshed for this scrape");
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -199,6 +199,13 @@ impl Job {
         }
     }
 
+    /// Fails the job at once with `error`, as a provider does with a create
+    /// it refuses at admission (an enqueued-token limit).
+    pub fn refuse(&mut self, error: InputError) {
+        self.errors.push(error);
+        self.validate_end = Duration::ZERO;
+    }
+
     fn unix_at(&self, offset: Duration) -> u64 {
         self.created_at + offset.as_secs()
     }

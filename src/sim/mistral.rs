@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, RawQuery, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
@@ -212,7 +212,15 @@ pub async fn create(
     let job = Job::new(spec, lines, errors, outcome, &opts);
     let id = job.id.clone();
     let first_file = job.spec.input_file_ids.first().cloned();
-    let job = sim.add_job(job);
+    let job = super::quota::add_within_limit(&sim, job).map_err(|refused| {
+        let (job, refused) = *refused;
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            refused.message(job.spec.model.as_deref()),
+        )
+        .code(super::quota::CODE)
+    })?;
     let rendered = {
         let mut job = lock(&job);
         let view = job.advance(&sim, Instant::now());

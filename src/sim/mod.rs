@@ -28,6 +28,7 @@ mod files;
 mod jobs;
 mod mistral;
 mod openai;
+mod quota;
 mod responses;
 mod state;
 mod sync_api;
@@ -84,6 +85,10 @@ pub struct SimOptions {
     pub faults: Vec<Fault>,
     /// Keep a record of every call (turn off for long benchmarks).
     pub record_calls: bool,
+    /// Input tokens (four bytes of each line's body) one key may have in
+    /// unfinished jobs of one model; a create past it is refused with
+    /// `token_limit_exceeded` (`sim::quota`). `None`: no limit.
+    pub enqueued_token_limit: Option<u64>,
 }
 
 impl Default for SimOptions {
@@ -100,6 +105,7 @@ impl Default for SimOptions {
             stream_chunks: 4,
             faults: Vec::new(),
             record_calls: true,
+            enqueued_token_limit: None,
         }
     }
 }
@@ -152,6 +158,13 @@ impl SimHandle {
     /// Every job, brought up to now.
     pub fn jobs(&self) -> Vec<JobRecord> {
         control::job_records(&self.sim)
+    }
+
+    /// Creates refused so far for [`SimOptions::enqueued_token_limit`].
+    pub fn quota_refusals(&self) -> u64 {
+        self.sim
+            .quota_refusals
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Make every pending job step due now (stuck jobs stay stuck).

@@ -107,7 +107,15 @@ pub async fn create(
     };
     let job = Job::new(spec, lines, errors, outcome, &opts);
     let id = job.id.clone();
-    let job = sim.add_job(job);
+    let job = match super::quota::add_within_limit(&sim, job) {
+        Ok(job) => job,
+        Err(refused) => {
+            let (mut job, refused) = *refused;
+            let error = refused.as_job_error(job.spec.model.as_deref());
+            job.refuse(error);
+            sim.add_job(job)
+        }
+    };
     let rendered = {
         let mut job = lock(&job);
         let view = job.advance(&sim, Instant::now());

@@ -88,6 +88,10 @@ pub struct Sim {
     /// Bumped to let every held response go.
     pub release: watch::Sender<u64>,
     seq: AtomicU64,
+    /// Held while a create is checked against the enqueued-token limit.
+    pub quota_lock: Mutex<()>,
+    /// Creates refused for the enqueued-token limit so far.
+    pub quota_refusals: AtomicU64,
 }
 
 impl Sim {
@@ -107,6 +111,8 @@ impl Sim {
             held: AtomicUsize::new(0),
             release,
             seq: AtomicU64::new(0),
+            quota_lock: Mutex::new(()),
+            quota_refusals: AtomicU64::new(0),
         })
     }
 

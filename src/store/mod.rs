@@ -584,6 +584,16 @@ impl Store {
         .applied()
     }
 
+    /// creating or submitted → sealed: the provider refused the window's
+    /// job for its enqueued-token quota, so no job runs; the file and job
+    /// ids are forgotten and its submitted requests are queued again, to
+    /// be submitted once quota allows. Not a resubmission.
+    pub async fn return_to_sealed(&self, id: &WindowId) -> Result<bool, StoreError> {
+        self.write(Op::ReturnToSealed { id: id.clone() })
+            .await?
+            .applied()
+    }
+
     /// The provider's last reported status of a submitted window's job.
     pub async fn record_job_status(
         &self,

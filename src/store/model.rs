@@ -65,6 +65,11 @@ impl WindowState {
     pub fn is_final(self) -> bool {
         matches!(self, Self::Completed | Self::Failed)
     }
+
+    /// The states a window goes back to `Sealed` from when the provider
+    /// refused its job for its own enqueued-token quota: no job runs, so the
+    /// window waits for quota and is submitted again (`deferral::quota`).
+    pub const RETURNED_FROM: [WindowState; 2] = [Self::Creating, Self::Submitted];
 }
 
 /// Why a window was sealed (SPEC section 3); recorded on the window.
@@ -189,6 +194,11 @@ pub(crate) fn sql_list<I: IntoIterator<Item = &'static str>>(items: I) -> String
 
 pub(crate) fn request_from_sql(to: RequestStatus) -> String {
     sql_list(request_allowed_from(to).iter().map(|s| s.as_str()))
+}
+
+/// [`WindowState::RETURNED_FROM`] as an SQL list.
+pub(crate) fn returned_from_sql() -> String {
+    sql_list(WindowState::RETURNED_FROM.iter().map(|s| s.as_str()))
 }
 
 pub(crate) fn window_from_sql(to: WindowState) -> String {

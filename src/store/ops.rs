@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
 
-use super::model::{request_from_sql, window_from_sql};
+use super::model::{request_from_sql, returned_from_sql, window_from_sql};
 use super::outbox::{DeliveryRecord, OutboxOp};
 use super::{
     Accepted, CancelOutcome, DeliveryMode, FlushReason, Lease, NewRequest, RequestRecord,
@@ -94,6 +94,9 @@ pub(crate) enum Op {
     RecordJobStatus {
         id: WindowId,
         status: String,
+    },
+    ReturnToSealed {
+        id: WindowId,
     },
     Finish {
         id: WindowId,

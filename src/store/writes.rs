@@ -63,6 +63,7 @@ macro_rules! write_ops {
                 Op::RecordJob { id, job_id, now } => {
                     Reply::Applied(record_job(conn, id, job_id, *now).await?)
                 }
+                Op::ReturnToSealed { id } => Reply::Applied(return_to_sealed(conn, id).await?),
                 Op::RecordJobStatus { id, status } => Reply::Applied(
                     q("UPDATE windows SET provider_status = $2 WHERE id = $1 AND state = 'submitted'")
                         .bind(id.as_str())
@@ -432,6 +433,29 @@ macro_rules! write_ops {
                 .bind(id.as_str())
                 .bind(job_id)
                 .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            }
+            Ok(moved)
+        }
+
+        /// creating or submitted → sealed, forgetting the file and job the
+        /// provider refused; its submitted requests become queued again.
+        async fn return_to_sealed(conn: &mut Conn, id: &WindowId) -> Result<bool, StoreError> {
+            let moved = q(&format!(
+                "UPDATE windows SET state = 'sealed', file_id = NULL, job_id = NULL, \
+                 submitted_at = NULL, provider_status = NULL WHERE id = $1 AND state IN ({})",
+                returned_from_sql()
+            ))
+            .bind(id.as_str())
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+                == 1;
+            if moved {
+                q("UPDATE requests SET status = 'queued', batch_id = NULL, submitted_at = NULL \
+                   WHERE window_id = $1 AND status = 'submitted'")
+                .bind(id.as_str())
                 .execute(&mut *conn)
                 .await?;
             }
