@@ -86,6 +86,7 @@ pub struct RawBatching {
     pub on_batch_failure: Option<String>,
     pub resubmit_limit: Option<Scalar>,
     pub fallback_margin: Option<Scalar>,
+    pub expected_turnaround: Option<Scalar>,
     pub results_ttl: Option<Scalar>,
     pub delete_files: Option<bool>,
     pub max_pending: Option<Scalar>,
@@ -105,6 +106,7 @@ pub struct RawModelBatching {
     pub on_batch_failure: Option<String>,
     pub resubmit_limit: Option<Scalar>,
     pub fallback_margin: Option<Scalar>,
+    pub expected_turnaround: Option<Scalar>,
 }
 
 /// `[[rules]]`: a default mode for calls matching every given condition.

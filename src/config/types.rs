@@ -239,6 +239,9 @@ pub struct WindowPolicy {
     pub resubmit_limit: u32,
     #[serde(serialize_with = "ser_duration")]
     pub fallback_margin: Duration,
+    /// The batch turnaround assumed until jobs of the model have been seen.
+    #[serde(serialize_with = "ser_duration")]
+    pub expected_turnaround: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -285,6 +288,11 @@ pub struct ModelBatching {
         serialize_with = "ser_opt_duration"
     )]
     pub fallback_margin: Option<Duration>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub expected_turnaround: Option<Duration>,
 }
 
 impl BatchingConfig {
@@ -309,6 +317,7 @@ impl BatchingConfig {
             p.on_batch_failure = o.on_batch_failure.unwrap_or(p.on_batch_failure);
             p.resubmit_limit = o.resubmit_limit.unwrap_or(p.resubmit_limit);
             p.fallback_margin = o.fallback_margin.unwrap_or(p.fallback_margin);
+            p.expected_turnaround = o.expected_turnaround.unwrap_or(p.expected_turnaround);
         }
         let (max_requests, max_bytes) = dialect.limits();
         p.max_requests = p.max_requests.min(max_requests);

@@ -510,6 +510,11 @@ fn batching(
             raw.fallback_margin.as_ref(),
             Duration::from_secs(300),
         ),
+        expected_turnaround: c.duration(
+            "batching.expected_turnaround",
+            raw.expected_turnaround.as_ref(),
+            Duration::ZERO,
+        ),
     };
     let poll_interval = c.duration(
         "batching.poll_interval",
@@ -554,6 +559,9 @@ fn batching(
                 .fallback_margin
                 .as_ref()
                 .map(|v| c.duration(&format!("{k}.fallback_margin"), Some(v), Duration::ZERO)),
+            expected_turnaround: m.expected_turnaround.as_ref().map(|v| {
+                c.duration(&format!("{k}.expected_turnaround"), Some(v), Duration::ZERO)
+            }),
         };
         models.push(entry);
     }

@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
 use super::backpressure::IntakeGate;
+use super::turnaround::Turnarounds;
 use crate::config::{AuthMode, Config, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::model::{RequestId, WindowId};
@@ -62,6 +63,8 @@ pub struct Inner {
     pub fallbacks: DashSet<RequestId>,
     /// Intake ceilings (`max_pending`, `max_pending_per_client`).
     pub gate: IntakeGate,
+    /// Batch turnarounds seen per upstream and model.
+    pub turnarounds: Turnarounds,
     /// The app's task tracker (shared with `AppState::tasks`).
     pub tasks: TaskTracker,
 }
@@ -126,6 +129,7 @@ impl Deferral {
                 deadline_wake: Notify::new(),
                 fallbacks: DashSet::new(),
                 gate,
+                turnarounds: Turnarounds::default(),
                 tasks,
             }),
         }

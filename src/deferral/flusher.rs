@@ -134,12 +134,25 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
             .config
             .batching
             .policy_for(&window.key.model, upstream.config.dialect);
+        let earliest_fallback = window
+            .earliest_deadline
+            .zip(window.earliest_midpoint)
+            .map(|(deadline, midpoint)| {
+                policy::earliest_fallback(deadline, midpoint, policy.fallback_margin)
+            });
         let age = policy::WindowAge {
             age_ms: now - window.opened_at,
-            until_deadline_ms: window.earliest_deadline.map(|d| d - now),
+            until_fallback_ms: earliest_fallback.map(|f| f - now),
         };
-        let turnaround = deferral.config.batching.poll_interval;
-        match policy::due(age, policy.max_wait, policy.fallback_margin, turnaround) {
+        let turnaround = policy::Turnaround {
+            expected: deferral.turnarounds.expected(
+                &window.key.upstream,
+                &window.key.model,
+                policy.expected_turnaround,
+            ),
+            poll_interval: deferral.config.batching.poll_interval,
+        };
+        match policy::due(age, policy.max_wait, turnaround) {
             Some(reason) => {
                 if deferral.store.seal_window(&window.id, reason, now).await? {
                     deferral
@@ -149,14 +162,7 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
                         .inc();
                 }
             }
-            None => {
-                next = next.min(policy::next_check(
-                    age,
-                    policy.max_wait,
-                    policy.fallback_margin,
-                    turnaround,
-                ))
-            }
+            None => next = next.min(policy::next_check(age, policy.max_wait, turnaround)),
         }
     }
     let states = [

@@ -17,5 +17,6 @@ pub mod policy;
 pub mod refusals;
 pub mod sse;
 pub mod sse_responses;
+pub mod turnaround;
 
 pub use engine::Deferral;
