@@ -22,6 +22,7 @@ use super::engine::{now_ms, BusyGuard, Deferral};
 use super::lease::{leased, LeaseLost};
 use super::policy;
 use crate::providers::{write_input_line, JobPhase, JobView, ProviderError};
+use crate::resolution::deadline::answer_too_late;
 use crate::resolution::fallback::{job_failure, settle_unfinished};
 use crate::store::{FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
 
@@ -273,11 +274,14 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
     let client = &upstream.client;
 
     if window.state == WindowState::Sealed {
+        if !answer_too_late(deferral, upstream, &window).await? {
+            return Ok(());
+        }
         // One page of the window tells whether any member is still open;
         // listing every id would cost memory in proportion to the window.
         let first = deferral.store.window_lines(&window.id).next().await;
         if first.transpose()?.is_none() {
-            // Every member was cancelled: nothing to submit.
+            // Every member was cancelled or answered realtime: nothing to submit.
             deferral
                 .store
                 .finish_window(&window.id, WindowOutcome::Completed, now_ms())

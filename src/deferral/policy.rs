@@ -58,28 +58,37 @@ pub fn batch_in_time(until_fallback_ms: i64, turnaround: Duration) -> bool {
 
 /// Returns why the window must be flushed now, if it must.
 ///
-/// Deadline pressure: a member's fallback is one expected turnaround (and a
-/// poll) away, so waiting longer would only push that caller to realtime.
-/// A member already too late for any batch is not a reason to seal: the
-/// deadline worker answers it realtime, out of the window.
+/// Deadline pressure: a window waits for company no longer than it leaves
+/// its batch before the earliest member's fallback, and never past the
+/// point where that batch needs all the rest (one expected turnaround and
+/// a poll). A member already too late for any batch is not a reason to
+/// seal: the deadline worker answers it realtime, out of the window.
 pub fn due(window: WindowAge, max_wait: Duration, turnaround: Turnaround) -> Option<FlushReason> {
     if window.age_ms >= millis(max_wait) {
         return Some(FlushReason::MaxWait);
     }
     match window.until_fallback_ms {
-        Some(left) if left <= turnaround.lead() && batch_in_time(left, turnaround.expected) => {
-            Some(FlushReason::Deadline)
-        }
+        Some(left) if pressed(window.age_ms, left, turnaround) => Some(FlushReason::Deadline),
         _ => None,
     }
+}
+
+/// Deadline pressure on a window whose earliest fallback is `left` away:
+/// it has waited for company as long as it would leave its batch, or its
+/// batch needs all the time that is left. Never for a member too late for
+/// any batch.
+fn pressed(age_ms: i64, left: i64, turnaround: Turnaround) -> bool {
+    (age_ms >= left || left <= turnaround.lead()) && batch_in_time(left, turnaround.expected)
 }
 
 /// When the flusher should look again if nothing wakes it sooner.
 pub fn next_check(window: WindowAge, max_wait: Duration, turnaround: Turnaround) -> Duration {
     let by_age = millis(max_wait).saturating_sub(window.age_ms);
-    let by_deadline = window
-        .until_fallback_ms
-        .map_or(i64::MAX, |left| left.saturating_sub(turnaround.lead()));
+    // The fallback draws nearer as the window ages: they meet halfway.
+    let by_deadline = window.until_fallback_ms.map_or(i64::MAX, |left| {
+        let meet = left.saturating_sub(window.age_ms) / 2;
+        meet.min(left.saturating_sub(turnaround.lead()))
+    });
     Duration::from_millis(by_age.min(by_deadline).max(1) as u64)
 }
 
@@ -128,7 +137,13 @@ mod tests {
         };
         assert_eq!(due(pressed, wait, t), Some(FlushReason::Deadline));
         assert_eq!(due(relaxed, wait, t), None);
-        assert_eq!(next_check(relaxed, wait, t), Duration::from_secs(55));
+        // Young and relaxed: it seals when age and time left meet, at 30 s.
+        assert_eq!(next_check(relaxed, wait, t), Duration::from_secs(30));
+        let halfway = WindowAge {
+            age_ms: 30_000,
+            until_fallback_ms: Some(30_000),
+        };
+        assert_eq!(due(halfway, wait, t), Some(FlushReason::Deadline));
     }
 
     #[test]

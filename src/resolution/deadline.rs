@@ -9,10 +9,12 @@
 //!   any batch file: it is answered realtime at its fallback time, or at
 //!   once when its fallback is nearer than the model's expected batch
 //!   turnaround (no batch could answer it in time);
-//! - one whose line is already in a batch is answered realtime only while a
-//!   caller held by this process still waits for it (each replica answers
-//!   its own held callers); every such answer is counted in
-//!   `carpool_double_paid_total`. Nobody waiting: the batch answers it.
+//! - one whose line is already in a batch is answered realtime only while
+//!   someone still waits for it: an async or callback caller that named its
+//!   deadline, or a `wait` caller still held by this process (each replica
+//!   answers its own held callers). Every such answer is counted in
+//!   `carpool_double_paid_total`. A `wait` caller that went away leaves its
+//!   request to the batch (its SDK's retry re-attaches to it).
 //!
 //! Nothing here lives only in memory: due requests are read from the store
 //! each pass, a page at a time by (deadline, id), so requests a pass leaves
@@ -27,10 +29,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::fallback::{self, Candidate, FallbackReason};
-use crate::deferral::engine::{ms, now_ms, Deferral};
+use crate::deferral::engine::{ms, now_ms, BatchUpstream, Deferral};
 use crate::deferral::policy;
+use crate::model::RequestId;
 use crate::store::{
-    DueCursor, DueRequest, RequestRecord, Resolution, ResolvedStatus, StoreError, WindowState,
+    DeliveryMode, DueCursor, DueRequest, RequestRecord, Resolution, ResolvedStatus, StoreError,
+    WindowRecord, WindowState,
 };
 
 /// Longest sleep between passes when nothing wakes the worker.
@@ -133,8 +137,8 @@ fn consider(
     if fire_at > now {
         return Some(Duration::from_millis((fire_at - now) as u64));
     }
-    if in_batch && !deferral.waiters.is_waited(&request.id) {
-        // Its batch line is paid for; nobody here waits: the batch answers.
+    if in_batch && !still_waited(deferral, &request) {
+        // Its batch line is paid for and its caller is gone: the batch answers.
         return None;
     }
     if deferral.fallbacks.contains(&request.id) {
@@ -154,6 +158,13 @@ fn consider(
         }
     });
     None
+}
+
+/// Whether someone still waits for the request's answer: an async or
+/// callback caller that named a deadline (it reads its handle or webhook
+/// then), or a caller held on this process's connection.
+fn still_waited(deferral: &Deferral, request: &RequestRecord) -> bool {
+    request.mode != DeliveryMode::Wait || deferral.waiters.is_waited(&request.id)
 }
 
 /// Whether the request's line is (or may be, mid-upload) in a batch file:
@@ -240,4 +251,61 @@ async fn expire(deferral: &Deferral, request: &RequestRecord) -> Result<(), Stor
         tracing::info!(request = %request.id, "expired at its deadline");
     }
     Ok(())
+}
+
+/// Before a sealed window is uploaded: answers realtime every member whose
+/// fallback is nearer than the batch's expected turnaround, so it is never
+/// put in a batch it cannot wait for and paid again. True when the window
+/// may be uploaded now; false while such a member is still being answered
+/// by another task (the next pass tries again).
+pub async fn answer_too_late(
+    deferral: &Deferral,
+    upstream: &BatchUpstream,
+    window: &WindowRecord,
+) -> Result<bool, StoreError> {
+    let policy = deferral
+        .config
+        .batching
+        .policy_for(&window.key.model, upstream.config.dialect);
+    let turnaround = deferral.turnarounds.expected(
+        &window.key.upstream,
+        &window.key.model,
+        policy.expected_turnaround,
+    );
+    let now = now_ms();
+    let late: Vec<RequestId> = deferral
+        .store
+        .queued_deadlines(&window.id)
+        .await?
+        .into_iter()
+        .filter(|m| {
+            let fallback_at = policy::fallback_at(m.created_at, m.deadline, policy.fallback_margin);
+            !policy::batch_in_time(fallback_at - now, turnaround)
+        })
+        .map(|m| m.id)
+        .collect();
+    if late.is_empty() {
+        return Ok(true);
+    }
+    let key = upstream.key_for(window);
+    for id in &late {
+        let answered = fallback::realtime(
+            deferral,
+            Candidate {
+                id,
+                upstream,
+                endpoint: &window.key.endpoint,
+                model: &window.key.model,
+                key,
+                reason: FallbackReason::Deadline,
+                context: "the deadline left no time for a batch and the realtime call failed",
+            },
+        )
+        .await?;
+        if !answered && deferral.store.is_open(id).await? {
+            return Ok(false);
+        }
+    }
+    tracing::info!(window = %window.id, requests = late.len(), "answered realtime before upload: too late for a batch");
+    Ok(true)
 }

@@ -230,6 +230,14 @@ pub struct DueRequest {
     pub window: Option<WindowState>,
 }
 
+/// A queued window member with a deadline (Unix ms).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedDeadline {
+    pub id: RequestId,
+    pub created_at: i64,
+    pub deadline: i64,
+}
+
 /// Where a page of [`Store::due_requests`] ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DueCursor {
@@ -433,6 +441,14 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<DueRequest>, StoreError> {
         dispatch!(self.due_requests(before, after, limit))
+    }
+
+    /// The queued members of a window that have a deadline, earliest first.
+    pub async fn queued_deadlines(
+        &self,
+        window: &WindowId,
+    ) -> Result<Vec<QueuedDeadline>, StoreError> {
+        dispatch!(self.queued_deadlines(window))
     }
 
     /// Ids of the still open requests of a window.

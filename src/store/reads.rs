@@ -167,6 +167,23 @@ macro_rules! read_ops {
                 .collect()
         }
 
+        pub(crate) async fn queued_deadlines(conn: &mut Conn, window: &WindowId) -> Result<Vec<QueuedDeadline>, StoreError> {
+            let rows = q("SELECT id, created_at, deadline FROM requests WHERE window_id = $1 \
+                          AND status = 'queued' AND deadline IS NOT NULL ORDER BY deadline")
+                .bind(window.as_str())
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(QueuedDeadline {
+                        id: RequestId::from_stored(row.try_get("id")?),
+                        created_at: row.try_get("created_at")?,
+                        deadline: row.try_get("deadline")?,
+                    })
+                })
+                .collect()
+        }
+
         pub(crate) async fn open_request_ids(conn: &mut Conn, window: &WindowId) -> Result<Vec<RequestId>, StoreError> {
             let rows = q("SELECT id FROM requests WHERE window_id = $1 \
                           AND status IN ('queued', 'submitted') ORDER BY seq")

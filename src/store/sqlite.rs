@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply};
 use super::{sqlite_checkpoint, sqlite_intake, sqlite_resolve};
 use super::{
-    DueCursor, DueRequest, NewRequest, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary,
+    DueCursor, DueRequest, QueuedDeadline, NewRequest, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary,
 };
 use crate::model::{RequestId, RequestStatus, WindowId};
 
@@ -188,6 +188,13 @@ impl SqliteStore {
         limit: u32,
     ) -> Result<Vec<DueRequest>, StoreError> {
         ops::due_requests(&mut *self.inner.read.acquire().await?, before, after, limit).await
+    }
+
+    pub(crate) async fn queued_deadlines(
+        &self,
+        window: &WindowId,
+    ) -> Result<Vec<QueuedDeadline>, StoreError> {
+        ops::queued_deadlines(&mut *self.inner.read.acquire().await?, window).await
     }
 
     pub(crate) async fn open_request_ids(
