@@ -52,12 +52,18 @@ async fn wait_call(app: &TestApp, seconds: &str, body: &Value) -> (u16, Option<S
     let id = header("carpool-request-id").unwrap_or_default();
     let status = resp.status().as_u16();
     let answer: Value = resp.json().await.unwrap();
-    assert_eq!(answer, sim::expected_response(CHAT, body), "{status}: {answer}");
+    assert_eq!(
+        answer,
+        sim::expected_response(CHAT, body),
+        "{status}: {answer}"
+    );
     (status, served_by, id)
 }
 
 fn in_a_job(sim: &SimHandle, id: &str) -> bool {
-    sim.jobs().iter().any(|j| j.custom_ids.iter().any(|c| c == id))
+    sim.jobs()
+        .iter()
+        .any(|j| j.custom_ids.iter().any(|c| c == id))
 }
 
 fn realtime_calls(sim: &SimHandle) -> usize {
@@ -98,7 +104,10 @@ async fn learned_turnaround(dialect: &'static str) {
     let (status, served_by, short) = wait_call(&app, "3", &chat("in three seconds")).await;
     assert_eq!(status, 200, "{dialect}");
     assert_eq!(served_by.as_deref(), Some("realtime"), "{dialect}");
-    assert!(!in_a_job(&sim, &short), "{dialect}: a hopeless request went into a batch");
+    assert!(
+        !in_a_job(&sim, &short),
+        "{dialect}: a hopeless request went into a batch"
+    );
 
     // Fallback at 10 s: room for a 2 s batch.
     let (status, served_by, long) = wait_call(&app, "15", &chat("in fifteen seconds")).await;
@@ -108,7 +117,11 @@ async fn learned_turnaround(dialect: &'static str) {
 
     assert_eq!(realtime_calls(&sim), 1, "{dialect}: one realtime call");
     let text = metrics(&app).await;
-    assert_eq!(metric(&text, "carpool_double_paid_total{"), 0.0, "{dialect}");
+    assert_eq!(
+        metric(&text, "carpool_double_paid_total{"),
+        0.0,
+        "{dialect}"
+    );
     app.stop().await.unwrap();
 }
 
@@ -134,7 +147,9 @@ async fn expected_turnaround_keeps_even_a_full_window_from_submitting_a_hopeless
         assert_eq!(served_by.as_deref(), Some("realtime"), "{dialect}");
         assert!(!in_a_job(&sim, &id), "{dialect}");
         assert!(
-            !sim.calls().iter().any(|c| c.method == "POST" && c.route == "/v1/files"),
+            !sim.calls()
+                .iter()
+                .any(|c| c.method == "POST" && c.route == "/v1/files"),
             "{dialect}: nothing uploaded"
         );
         app.stop().await.unwrap();
@@ -187,7 +202,12 @@ async fn requests_the_deadline_worker_cannot_serve_do_not_hide_the_ones_behind_t
         outcome: JobOutcome::Stuck,
         count: 0,
     });
-    let app = start("openai", &sim, "max_wait = \"100ms\"\nfallback_margin = \"1s\"").await;
+    let app = start(
+        "openai",
+        &sim,
+        "max_wait = \"100ms\"\nfallback_margin = \"1s\"",
+    )
+    .await;
     // More than a page of due requests of an upstream no longer configured,
     // all due before ours.
     let store = &app.state.deferral.store;

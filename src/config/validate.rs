@@ -559,9 +559,10 @@ fn batching(
                 .fallback_margin
                 .as_ref()
                 .map(|v| c.duration(&format!("{k}.fallback_margin"), Some(v), Duration::ZERO)),
-            expected_turnaround: m.expected_turnaround.as_ref().map(|v| {
-                c.duration(&format!("{k}.expected_turnaround"), Some(v), Duration::ZERO)
-            }),
+            expected_turnaround: m
+                .expected_turnaround
+                .as_ref()
+                .map(|v| c.duration(&format!("{k}.expected_turnaround"), Some(v), Duration::ZERO)),
         };
         models.push(entry);
     }

@@ -135,12 +135,13 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
             .config
             .batching
             .policy_for(&window.key.model, upstream.config.dialect);
-        let earliest_fallback = window
-            .earliest_deadline
-            .zip(window.earliest_midpoint)
-            .map(|(deadline, midpoint)| {
-                policy::earliest_fallback(deadline, midpoint, policy.fallback_margin)
-            });
+        let earliest_fallback =
+            window
+                .earliest_deadline
+                .zip(window.earliest_midpoint)
+                .map(|(deadline, midpoint)| {
+                    policy::earliest_fallback(deadline, midpoint, policy.fallback_margin)
+                });
         let age = policy::WindowAge {
             age_ms: now - window.opened_at,
             until_fallback_ms: earliest_fallback.map(|f| f - now),

@@ -174,7 +174,11 @@ mod tests {
         );
         // The window's lower bound agrees when one member holds both minima.
         assert_eq!(
-            earliest_fallback(deadline, (accepted + deadline) / 2, Duration::from_secs(300)),
+            earliest_fallback(
+                deadline,
+                (accepted + deadline) / 2,
+                Duration::from_secs(300)
+            ),
             accepted + 30_000
         );
     }

@@ -103,7 +103,10 @@ async fn poll_one(deferral: &Deferral, window: WindowRecord) -> Result<(), Recon
         ])
         .inc();
     let took = Duration::from_millis((now_ms() - started).max(0) as u64);
-    deferral.metrics.batch_turnaround.observe(took.as_secs_f64());
+    deferral
+        .metrics
+        .batch_turnaround
+        .observe(took.as_secs_f64());
     if job.phase == JobPhase::Completed {
         deferral
             .turnarounds

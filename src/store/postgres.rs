@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::error::is_retryable_db;
 use super::ops::{pg_migrate, pg_ops as ops, retry_tag, Op, Reply};
 use super::{
-    CancelOutcome, DueCursor, DueRequest, QueuedDeadline, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState,
-    WindowSummary,
+    CancelOutcome, DueCursor, DueRequest, QueuedDeadline, RequestRecord, StoreError, StoreOptions,
+    WindowRecord, WindowState, WindowSummary,
 };
 use crate::model::{RequestId, RequestStatus, WindowId};
 

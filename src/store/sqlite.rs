@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply};
 use super::{sqlite_checkpoint, sqlite_intake, sqlite_resolve};
 use super::{
-    DueCursor, DueRequest, QueuedDeadline, NewRequest, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary,
+    DueCursor, DueRequest, NewRequest, QueuedDeadline, RequestRecord, StoreError, StoreOptions,
+    WindowRecord, WindowState, WindowSummary,
 };
 use crate::model::{RequestId, RequestStatus, WindowId};
 
