@@ -134,6 +134,10 @@ pub struct Metrics {
     /// `carpool_fallbacks_total{reason}`: deferred requests sent as realtime
     /// calls (`deadline`, or the batch `failed` / `expired` / `cancelled`).
     pub fallbacks: IntCounterVec,
+    /// `carpool_double_paid_total{upstream, model}`: requests answered
+    /// realtime while their line was in a live batch (the batch line is
+    /// billed too): only callers still waiting at their fallback time.
+    pub double_paid: IntCounterVec,
     /// `carpool_resubmissions_total{reason}`: requests put back in a window
     /// after their batch `failed` / `expired` / `cancelled`.
     pub resubmissions: IntCounterVec,
@@ -289,6 +293,13 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let double_paid = IntCounterVec::new(
+            Opts::new(
+                "carpool_double_paid_total",
+                "Requests answered realtime while their line was in a live batch (paid twice), by upstream and model.",
+            ),
+            &["upstream", "model"],
+        )?;
         let resubmissions = IntCounterVec::new(
             Opts::new(
                 "carpool_resubmissions_total",
@@ -311,6 +322,7 @@ impl Metrics {
             &["scope"],
         )?;
         registry.register(Box::new(fallbacks.clone()))?;
+        registry.register(Box::new(double_paid.clone()))?;
         registry.register(Box::new(resubmissions.clone()))?;
         registry.register(Box::new(requests_expired.clone()))?;
         registry.register(Box::new(intake_refused.clone()))?;
@@ -392,6 +404,7 @@ impl Metrics {
             upstream_retries,
             savings,
             fallbacks,
+            double_paid,
             resubmissions,
             requests_expired,
             intake_refused,

@@ -12,9 +12,9 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use carpool::model::{DeliveryId, RequestId, RequestStatus, ServedBy, WindowId};
 use carpool::store::{
-    Accepted, CancelOutcome, DeliveryMode, DeliveryState, FlushReason, Lease, NewRequest,
-    Resolution, ResolvedStatus, Store, StoreError, StoreOptions, WindowLimits, WindowOutcome,
-    WindowState,
+    Accepted, CancelOutcome, DeliveryMode, DeliveryState, DueCursor, FlushReason, Lease,
+    NewRequest, Resolution, ResolvedStatus, Store, StoreError, StoreOptions, WindowLimits,
+    WindowOutcome, WindowState,
 };
 use futures_util::TryStreamExt;
 
@@ -728,11 +728,29 @@ mod cases {
         }
         let open = store.open_windows().await.unwrap();
         assert_eq!(open[0].earliest_deadline, Some(T0 + 5_000));
-        let due = store.due_requests(T0 + 7_000, 10).await.unwrap();
-        let deadlines: Vec<_> = due.iter().map(|r| r.deadline).collect();
+        assert_eq!(open[0].earliest_midpoint, Some(T0 + 2_500));
+        let due = store.due_requests(T0 + 7_000, None, 10).await.unwrap();
+        let deadlines: Vec<_> = due.iter().map(|r| r.record.deadline).collect();
         assert_eq!(deadlines, vec![Some(T0 + 5_000), Some(T0 + 7_000)]);
-        let body = store.request_body(&due[0].id).await.unwrap().unwrap();
+        assert!(due.iter().all(|r| r.window == Some(WindowState::Open)));
+        let body = store
+            .request_body(&due[0].record.id)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(&body[..], format!("{{\"d\":{}}}", T0 + 5_000).as_bytes());
+        // Paged by (deadline, id): the next page starts after the last one.
+        let first = store.due_requests(T0 + 9_000, None, 1).await.unwrap();
+        let cursor = DueCursor {
+            deadline: first[0].record.deadline.unwrap(),
+            id: first[0].record.id.clone(),
+        };
+        let rest = store
+            .due_requests(T0 + 9_000, Some(&cursor), 10)
+            .await
+            .unwrap();
+        let deadlines: Vec<_> = rest.iter().map(|r| r.record.deadline).collect();
+        assert_eq!(deadlines, vec![Some(T0 + 7_000), Some(T0 + 9_000)]);
     }
 
     pub async fn purge_removes_only_results_past_their_ttl(h: &Harness) {

@@ -86,6 +86,7 @@ pub struct RawBatching {
     pub on_batch_failure: Option<String>,
     pub resubmit_limit: Option<Scalar>,
     pub fallback_margin: Option<Scalar>,
+    pub expected_turnaround: Option<Scalar>,
     pub results_ttl: Option<Scalar>,
     pub delete_files: Option<bool>,
     pub call_timeout: Option<Scalar>,
@@ -110,6 +111,7 @@ pub struct RawModelBatching {
     pub resubmit_limit: Option<Scalar>,
     pub fallback_margin: Option<Scalar>,
     pub max_enqueued_tokens: Option<Scalar>,
+    pub expected_turnaround: Option<Scalar>,
 }
 
 /// `[[rules]]`: a default mode for calls matching every given condition.

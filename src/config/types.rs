@@ -243,6 +243,9 @@ pub struct WindowPolicy {
     /// upstream, credential and model (`deferral::quota`); `None`: no cap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_enqueued_tokens: Option<u64>,
+    /// The batch turnaround assumed until jobs of the model have been seen.
+    #[serde(serialize_with = "ser_duration")]
+    pub expected_turnaround: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -305,6 +308,11 @@ pub struct ModelBatching {
     pub fallback_margin: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_enqueued_tokens: Option<u64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub expected_turnaround: Option<Duration>,
 }
 
 impl BatchingConfig {
@@ -330,6 +338,7 @@ impl BatchingConfig {
             p.resubmit_limit = o.resubmit_limit.unwrap_or(p.resubmit_limit);
             p.fallback_margin = o.fallback_margin.unwrap_or(p.fallback_margin);
             p.max_enqueued_tokens = o.max_enqueued_tokens.or(p.max_enqueued_tokens);
+            p.expected_turnaround = o.expected_turnaround.unwrap_or(p.expected_turnaround);
         }
         let (max_requests, max_bytes) = dialect.limits();
         p.max_requests = p.max_requests.min(max_requests);

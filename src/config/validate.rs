@@ -514,6 +514,11 @@ fn batching(
             .max_enqueued_tokens
             .as_ref()
             .map(|v| c.count("batching.max_enqueued_tokens", Some(v), 1, 1)),
+        expected_turnaround: c.duration(
+            "batching.expected_turnaround",
+            raw.expected_turnaround.as_ref(),
+            Duration::ZERO,
+        ),
     };
     let poll_interval = c.duration(
         "batching.poll_interval",
@@ -562,6 +567,10 @@ fn batching(
                 .max_enqueued_tokens
                 .as_ref()
                 .map(|v| c.count(&format!("{k}.max_enqueued_tokens"), Some(v), 1, 1)),
+            expected_turnaround: m
+                .expected_turnaround
+                .as_ref()
+                .map(|v| c.duration(&format!("{k}.expected_turnaround"), Some(v), Duration::ZERO)),
         };
         models.push(entry);
     }

@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
 use super::backpressure::IntakeGate;
+use super::turnaround::Turnarounds;
 use crate::config::{AuthMode, Config, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::model::{RequestId, WindowId};
@@ -65,6 +66,8 @@ pub struct Inner {
     /// Windows the provider refused for its enqueued-token limit, held
     /// back until quota frees ([`super::quota`]).
     pub quota_holds: DashMap<WindowId, super::quota::Hold>,
+    /// Batch turnarounds seen per upstream and model.
+    pub turnarounds: Turnarounds,
     /// The app's task tracker (shared with `AppState::tasks`).
     pub tasks: TaskTracker,
 }
@@ -139,6 +142,7 @@ impl Deferral {
                 fallbacks: DashSet::new(),
                 gate,
                 quota_holds: DashMap::new(),
+                turnarounds: Turnarounds::default(),
                 tasks,
             }),
         }

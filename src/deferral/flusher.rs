@@ -23,6 +23,7 @@ use super::lease::{leased, LeaseLost};
 use super::policy;
 use super::quota;
 use crate::providers::{write_input_line, JobPhase, JobView, ProviderError};
+use crate::resolution::deadline::answer_too_late;
 use crate::resolution::fallback::{job_failure, settle_unfinished};
 use crate::store::{FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
 
@@ -136,12 +137,26 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
             .config
             .batching
             .policy_for(&window.key.model, upstream.config.dialect);
+        let earliest_fallback =
+            window
+                .earliest_deadline
+                .zip(window.earliest_midpoint)
+                .map(|(deadline, midpoint)| {
+                    policy::earliest_fallback(deadline, midpoint, policy.fallback_margin)
+                });
         let age = policy::WindowAge {
             age_ms: now - window.opened_at,
-            until_deadline_ms: window.earliest_deadline.map(|d| d - now),
+            until_fallback_ms: earliest_fallback.map(|f| f - now),
         };
-        let turnaround = deferral.config.batching.poll_interval;
-        match policy::due(age, policy.max_wait, policy.fallback_margin, turnaround) {
+        let turnaround = policy::Turnaround {
+            expected: deferral.turnarounds.expected(
+                &window.key.upstream,
+                &window.key.model,
+                policy.expected_turnaround,
+            ),
+            poll_interval: deferral.config.batching.poll_interval,
+        };
+        match policy::due(age, policy.max_wait, turnaround) {
             Some(reason) => {
                 if deferral.store.seal_window(&window.id, reason, now).await? {
                     deferral
@@ -151,14 +166,7 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
                         .inc();
                 }
             }
-            None => {
-                next = next.min(policy::next_check(
-                    age,
-                    policy.max_wait,
-                    policy.fallback_margin,
-                    turnaround,
-                ))
-            }
+            None => next = next.min(policy::next_check(age, policy.max_wait, turnaround)),
         }
     }
     // One listing for the quota decision and the work, so a window sealed
@@ -271,11 +279,14 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
     let client = &upstream.client.scoped(&window.key.scope);
 
     if window.state == WindowState::Sealed {
+        if !answer_too_late(deferral, upstream, &window).await? {
+            return Ok(());
+        }
         // One page of the window tells whether any member is still open;
         // listing every id would cost memory in proportion to the window.
         let first = deferral.store.window_lines(&window.id).next().await;
         if first.transpose()?.is_none() {
-            // Every member was cancelled: nothing to submit.
+            // Every member was cancelled or answered realtime: nothing to submit.
             deferral
                 .store
                 .finish_window(&window.id, WindowOutcome::Completed, now_ms())

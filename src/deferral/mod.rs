@@ -19,5 +19,6 @@ pub mod quota;
 pub mod refusals;
 pub mod sse;
 pub mod sse_responses;
+pub mod turnaround;
 
 pub use engine::Deferral;

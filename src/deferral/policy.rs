@@ -1,6 +1,7 @@
-//! When is an open window due? A pure decision over its age, its members'
-//! deadlines and the batching settings. Size limits (`max_requests`,
-//! `max_bytes`) are enforced at intake, where a full window is sealed.
+//! When is an open window due, and when is a request's realtime fallback?
+//! Pure decisions over ages, deadlines and the batching settings. Size
+//! limits (`max_requests`, `max_bytes`) are enforced at intake, where a full
+//! window is sealed.
 
 use std::time::Duration;
 
@@ -11,44 +12,88 @@ pub use crate::store::FlushReason;
 pub struct WindowAge {
     /// Milliseconds since its oldest request was accepted.
     pub age_ms: i64,
-    /// Milliseconds until the earliest member deadline, if any.
-    pub until_deadline_ms: Option<i64>,
+    /// Milliseconds until the earliest realtime fallback of a member, if
+    /// any member has a deadline.
+    pub until_fallback_ms: Option<i64>,
+}
+
+/// How long a batch of this window's model is expected to take, and how
+/// long after it finishes carpool notices (one poll).
+#[derive(Clone, Copy, Debug)]
+pub struct Turnaround {
+    pub expected: Duration,
+    pub poll_interval: Duration,
+}
+
+impl Turnaround {
+    /// How far ahead of a fallback a window must be submitted for its
+    /// result to be back in time.
+    fn lead(self) -> i64 {
+        millis(self.expected.saturating_add(self.poll_interval))
+    }
+}
+
+/// The moment a request's realtime fallback is due: `margin` before its
+/// deadline, but never more than half of the time between its acceptance
+/// and the deadline, so a caller with a short timeout still gets most of
+/// its wait for a batch and is answered before it gives up.
+pub fn fallback_at(accepted_at: i64, deadline: i64, margin: Duration) -> i64 {
+    let half = deadline.saturating_sub(accepted_at).max(0) / 2;
+    deadline.saturating_sub(millis(margin).min(half))
+}
+
+/// The earliest fallback among a window's members, from the two minima the
+/// store keeps (earliest deadline, earliest midpoint between acceptance and
+/// deadline). Never later than the true earliest, and equal to it when one
+/// member holds both minima: sealing can only come early, never late.
+pub fn earliest_fallback(deadline: i64, midpoint: i64, margin: Duration) -> i64 {
+    deadline.saturating_sub(millis(margin)).max(midpoint)
+}
+
+/// Whether a request whose fallback is `until_fallback_ms` away can still
+/// be answered by a batch: a new batch needs the expected turnaround.
+pub fn batch_in_time(until_fallback_ms: i64, turnaround: Duration) -> bool {
+    until_fallback_ms >= millis(turnaround)
 }
 
 /// Returns why the window must be flushed now, if it must.
 ///
-/// Deadline pressure: a member's deadline minus `fallback_margin` minus the
-/// batch turnaround we expect is at hand, so waiting longer would only
-/// push that caller to realtime.
-pub fn due(
-    window: WindowAge,
-    max_wait: Duration,
-    fallback_margin: Duration,
-    turnaround: Duration,
-) -> Option<FlushReason> {
-    if window.age_ms >= max_wait.as_millis() as i64 {
+/// Deadline pressure: a window waits for company no longer than it leaves
+/// its batch before the earliest member's fallback, and never past the
+/// point where that batch needs all the rest (one expected turnaround and
+/// a poll). A member already too late for any batch is not a reason to
+/// seal: the deadline worker answers it realtime, out of the window.
+pub fn due(window: WindowAge, max_wait: Duration, turnaround: Turnaround) -> Option<FlushReason> {
+    if window.age_ms >= millis(max_wait) {
         return Some(FlushReason::MaxWait);
     }
-    let slack = (fallback_margin + turnaround).as_millis() as i64;
-    match window.until_deadline_ms {
-        Some(left) if left <= slack => Some(FlushReason::Deadline),
+    match window.until_fallback_ms {
+        Some(left) if pressed(window.age_ms, left, turnaround) => Some(FlushReason::Deadline),
         _ => None,
     }
 }
 
+/// Deadline pressure on a window whose earliest fallback is `left` away:
+/// it has waited for company as long as it would leave its batch, or its
+/// batch needs all the time that is left. Never for a member too late for
+/// any batch.
+fn pressed(age_ms: i64, left: i64, turnaround: Turnaround) -> bool {
+    (age_ms >= left || left <= turnaround.lead()) && batch_in_time(left, turnaround.expected)
+}
+
 /// When the flusher should look again if nothing wakes it sooner.
-pub fn next_check(
-    window: WindowAge,
-    max_wait: Duration,
-    fallback_margin: Duration,
-    turnaround: Duration,
-) -> Duration {
-    let by_age = max_wait.as_millis() as i64 - window.age_ms;
-    let by_deadline = window
-        .until_deadline_ms
-        .map(|left| left - (fallback_margin + turnaround).as_millis() as i64)
-        .unwrap_or(i64::MAX);
+pub fn next_check(window: WindowAge, max_wait: Duration, turnaround: Turnaround) -> Duration {
+    let by_age = millis(max_wait).saturating_sub(window.age_ms);
+    // The fallback draws nearer as the window ages: they meet halfway.
+    let by_deadline = window.until_fallback_ms.map_or(i64::MAX, |left| {
+        let meet = left.saturating_sub(window.age_ms) / 2;
+        meet.min(left.saturating_sub(turnaround.lead()))
+    });
     Duration::from_millis(by_age.min(by_deadline).max(1) as u64)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -57,39 +102,84 @@ mod tests {
 
     const S: Duration = Duration::from_secs(1);
 
+    fn turnaround(expected: Duration, poll_interval: Duration) -> Turnaround {
+        Turnaround {
+            expected,
+            poll_interval,
+        }
+    }
+
     #[test]
     fn flushes_window_when_max_wait_reached() {
         let young = WindowAge {
             age_ms: 999,
-            until_deadline_ms: None,
+            until_fallback_ms: None,
         };
         let old = WindowAge {
             age_ms: 1_000,
-            until_deadline_ms: None,
+            until_fallback_ms: None,
         };
-        assert_eq!(due(young, S, S, S), None);
-        assert_eq!(due(old, S, S, S), Some(FlushReason::MaxWait));
+        assert_eq!(due(young, S, turnaround(S, S)), None);
+        assert_eq!(due(old, S, turnaround(S, S)), Some(FlushReason::MaxWait));
     }
 
     #[test]
     fn flushes_early_under_deadline_pressure() {
+        let wait = Duration::from_secs(300);
+        let t = turnaround(3 * S, 2 * S);
         let pressed = WindowAge {
             age_ms: 0,
-            until_deadline_ms: Some(5_000),
+            until_fallback_ms: Some(5_000),
         };
         let relaxed = WindowAge {
             age_ms: 0,
-            until_deadline_ms: Some(60_000),
+            until_fallback_ms: Some(60_000),
         };
-        let wait = Duration::from_secs(300);
+        assert_eq!(due(pressed, wait, t), Some(FlushReason::Deadline));
+        assert_eq!(due(relaxed, wait, t), None);
+        // Young and relaxed: it seals when age and time left meet, at 30 s.
+        assert_eq!(next_check(relaxed, wait, t), Duration::from_secs(30));
+        let halfway = WindowAge {
+            age_ms: 30_000,
+            until_fallback_ms: Some(30_000),
+        };
+        assert_eq!(due(halfway, wait, t), Some(FlushReason::Deadline));
+    }
+
+    #[test]
+    fn a_member_too_late_for_any_batch_does_not_seal_its_window() {
+        let too_late = WindowAge {
+            age_ms: 0,
+            until_fallback_ms: Some(2_000),
+        };
+        let t = turnaround(3 * S, S);
+        assert_eq!(due(too_late, Duration::from_secs(300), t), None);
+    }
+
+    #[test]
+    fn the_margin_never_takes_more_than_half_the_wait() {
+        // An SDK with a 60 s timeout and the default 5 min margin: the
+        // fallback comes after 30 s, not before the call was even made.
+        let accepted = 1_000_000;
+        let deadline = accepted + 60_000;
         assert_eq!(
-            due(pressed, wait, 2 * S, 3 * S),
-            Some(FlushReason::Deadline)
+            fallback_at(accepted, deadline, Duration::from_secs(300)),
+            accepted + 30_000
         );
-        assert_eq!(due(relaxed, wait, 2 * S, 3 * S), None);
+        // A long deadline keeps the whole margin.
+        let far = accepted + 3_600_000;
         assert_eq!(
-            next_check(relaxed, wait, 2 * S, 3 * S),
-            Duration::from_secs(55)
+            fallback_at(accepted, far, Duration::from_secs(300)),
+            far - 300_000
+        );
+        // The window's lower bound agrees when one member holds both minima.
+        assert_eq!(
+            earliest_fallback(
+                deadline,
+                (accepted + deadline) / 2,
+                Duration::from_secs(300)
+            ),
+            accepted + 30_000
         );
     }
 }

@@ -167,10 +167,16 @@ async fn poll_job(
             job.phase.as_str(),
         ])
         .inc();
+    let took = Duration::from_millis((now_ms() - started).max(0) as u64);
     deferral
         .metrics
         .batch_turnaround
-        .observe(Duration::from_millis((now_ms() - started).max(0) as u64).as_secs_f64());
+        .observe(took.as_secs_f64());
+    if job.phase == JobPhase::Completed {
+        deferral
+            .turnarounds
+            .record(&window.key.upstream, &window.key.model, took);
+    }
     tracing::info!(
         window = %window.id, job = %job.id, status = %job.raw_status,
         succeeded = tally.succeeded, failed = tally.failed, missing = tally.missing,

@@ -55,6 +55,11 @@ impl Waiters {
         &self.stored
     }
 
+    /// Whether a caller held by this process waits for `id` right now.
+    pub fn is_waited(&self, id: &RequestId) -> bool {
+        self.map.contains_key(id)
+    }
+
     /// Whether nobody is registered (every waiter dropped its entry).
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()

@@ -225,6 +225,32 @@ pub struct WindowSummary {
     pub opened_at: i64,
     /// Earliest deadline among its queued members.
     pub earliest_deadline: Option<i64>,
+    /// Earliest point halfway between a queued member's acceptance and its
+    /// deadline (a member's fallback is never before its midpoint).
+    pub earliest_midpoint: Option<i64>,
+}
+
+/// A request whose deadline is near, and the state of its window (whether
+/// it is in a batch file yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueRequest {
+    pub record: RequestRecord,
+    pub window: Option<WindowState>,
+}
+
+/// A queued window member with a deadline (Unix ms).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedDeadline {
+    pub id: RequestId,
+    pub created_at: i64,
+    pub deadline: i64,
+}
+
+/// Where a page of [`Store::due_requests`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueCursor {
+    pub deadline: i64,
+    pub id: RequestId,
 }
 
 /// A window in any state, with what submission and recovery need.
@@ -423,13 +449,24 @@ impl Store {
     }
 
     /// Open (queued or submitted) requests whose deadline is at or before
-    /// `before`, earliest first.
+    /// `before`, earliest first (by deadline, then id), from just past
+    /// `after`: a page at a time, so requests a pass leaves alone never
+    /// hide the ones behind them.
     pub async fn due_requests(
         &self,
         before: i64,
+        after: Option<&DueCursor>,
         limit: u32,
-    ) -> Result<Vec<RequestRecord>, StoreError> {
-        dispatch!(self.due_requests(before, limit))
+    ) -> Result<Vec<DueRequest>, StoreError> {
+        dispatch!(self.due_requests(before, after, limit))
+    }
+
+    /// The queued members of a window that have a deadline, earliest first.
+    pub async fn queued_deadlines(
+        &self,
+        window: &WindowId,
+    ) -> Result<Vec<QueuedDeadline>, StoreError> {
+        dispatch!(self.queued_deadlines(window))
     }
 
     /// Ids of the still open requests of a window.

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::error::is_retryable_db;
 use super::ops::{pg_migrate, pg_ops as ops, retry_tag, Op, Reply};
 use super::{
-    CancelOutcome, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState,
-    WindowSummary,
+    CancelOutcome, DueCursor, DueRequest, QueuedDeadline, RequestRecord, StoreError, StoreOptions,
+    WindowRecord, WindowState, WindowSummary,
 };
 use crate::model::{RequestId, RequestStatus, WindowId};
 
@@ -225,9 +225,17 @@ impl PgStore {
     pub(crate) async fn due_requests(
         &self,
         before: i64,
+        after: Option<&DueCursor>,
         limit: u32,
-    ) -> Result<Vec<RequestRecord>, StoreError> {
-        ops::due_requests(&mut *self.inner.pool.acquire().await?, before, limit).await
+    ) -> Result<Vec<DueRequest>, StoreError> {
+        ops::due_requests(&mut *self.inner.pool.acquire().await?, before, after, limit).await
+    }
+
+    pub(crate) async fn queued_deadlines(
+        &self,
+        window: &WindowId,
+    ) -> Result<Vec<QueuedDeadline>, StoreError> {
+        ops::queued_deadlines(&mut *self.inner.pool.acquire().await?, window).await
     }
 
     pub(crate) async fn open_request_ids(

@@ -149,18 +149,50 @@ macro_rules! read_ops {
             headers_from_stored(stored)
         }
 
-        pub(crate) async fn due_requests(conn: &mut Conn, before: i64, limit: u32) -> Result<Vec<RequestRecord>, StoreError> {
+        pub(crate) async fn due_requests(
+            conn: &mut Conn,
+            before: i64,
+            after: Option<&DueCursor>,
+            limit: u32,
+        ) -> Result<Vec<DueRequest>, StoreError> {
             let sql = concat!(
-                "SELECT ", req_cols!(), " FROM requests WHERE deadline IS NOT NULL AND deadline <= $1 \
-                 AND status IN ('queued', 'submitted') ORDER BY deadline LIMIT $2"
+                "SELECT ", req_cols!(), ", (SELECT w.state FROM windows w WHERE w.id = requests.window_id) \
+                 AS window_state FROM requests WHERE deadline IS NOT NULL AND deadline <= $1 \
+                 AND status IN ('queued', 'submitted') AND (deadline > $2 OR (deadline = $2 AND id > $3)) \
+                 ORDER BY deadline, id LIMIT $4"
             );
+            let (deadline, id) = after.map_or((i64::MIN, ""), |c| (c.deadline, c.id.as_str()));
             q(sql)
                 .bind(before)
+                .bind(deadline)
+                .bind(id)
                 .bind(i64::from(limit))
                 .fetch_all(&mut *conn)
                 .await?
                 .iter()
-                .map(record)
+                .map(|row| {
+                    Ok(DueRequest {
+                        record: record(row)?,
+                        window: parsed_opt("window_state", row.try_get("window_state")?, WindowState::parse)?,
+                    })
+                })
+                .collect()
+        }
+
+        pub(crate) async fn queued_deadlines(conn: &mut Conn, window: &WindowId) -> Result<Vec<QueuedDeadline>, StoreError> {
+            let rows = q("SELECT id, created_at, deadline FROM requests WHERE window_id = $1 \
+                          AND status = 'queued' AND deadline IS NOT NULL ORDER BY deadline")
+                .bind(window.as_str())
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(QueuedDeadline {
+                        id: RequestId::from_stored(row.try_get("id")?),
+                        created_at: row.try_get("created_at")?,
+                        deadline: row.try_get("deadline")?,
+                    })
+                })
                 .collect()
         }
 
@@ -178,7 +210,9 @@ macro_rules! read_ops {
         pub(crate) async fn open_windows(conn: &mut Conn) -> Result<Vec<WindowSummary>, StoreError> {
             let rows = q("SELECT w.id, w.upstream, w.credential_hash, w.scope, w.endpoint, w.model, w.count, \
                           w.bytes, w.opened_at, (SELECT MIN(r.deadline) FROM requests r \
-                          WHERE r.window_id = w.id AND r.status = 'queued' AND r.deadline IS NOT NULL) AS earliest_deadline \
+                          WHERE r.window_id = w.id AND r.status = 'queued' AND r.deadline IS NOT NULL) AS earliest_deadline, \
+                          (SELECT MIN((r.deadline + r.created_at) / 2) FROM requests r \
+                          WHERE r.window_id = w.id AND r.status = 'queued' AND r.deadline IS NOT NULL) AS earliest_midpoint \
                           FROM windows w WHERE w.state = 'open' ORDER BY w.opened_at")
                 .fetch_all(&mut *conn)
                 .await?;
@@ -191,6 +225,7 @@ macro_rules! read_ops {
                         bytes: uint(row.try_get("bytes")?),
                         opened_at: row.try_get("opened_at")?,
                         earliest_deadline: row.try_get("earliest_deadline")?,
+                        earliest_midpoint: row.try_get("earliest_midpoint")?,
                     })
                 })
                 .collect()

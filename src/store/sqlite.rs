@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::ops::{sqlite_migrate, sqlite_ops as ops, Op, Reply};
 use super::{sqlite_checkpoint, sqlite_intake, sqlite_resolve};
 use super::{
-    NewRequest, RequestRecord, StoreError, StoreOptions, WindowRecord, WindowState, WindowSummary,
+    DueCursor, DueRequest, NewRequest, QueuedDeadline, RequestRecord, StoreError, StoreOptions,
+    WindowRecord, WindowState, WindowSummary,
 };
 use crate::model::{RequestId, RequestStatus, WindowId};
 
@@ -192,9 +193,17 @@ impl SqliteStore {
     pub(crate) async fn due_requests(
         &self,
         before: i64,
+        after: Option<&DueCursor>,
         limit: u32,
-    ) -> Result<Vec<RequestRecord>, StoreError> {
-        ops::due_requests(&mut *self.inner.read.acquire().await?, before, limit).await
+    ) -> Result<Vec<DueRequest>, StoreError> {
+        ops::due_requests(&mut *self.inner.read.acquire().await?, before, after, limit).await
+    }
+
+    pub(crate) async fn queued_deadlines(
+        &self,
+        window: &WindowId,
+    ) -> Result<Vec<QueuedDeadline>, StoreError> {
+        ops::queued_deadlines(&mut *self.inner.read.acquire().await?, window).await
     }
 
     pub(crate) async fn open_request_ids(

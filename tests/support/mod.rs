@@ -7,6 +7,7 @@
 pub mod binary;
 pub mod config;
 pub mod pg;
+pub mod python;
 pub mod upstream;
 
 use std::collections::BTreeMap;
