@@ -1,0 +1,83 @@
+//! Bounds and operator views (review 2026-12): what one client can make
+//! carpool create (M4), the `/metrics` model labels (L6), stored work of an
+//! upstream no longer configured (L11), and callback URLs in the admin API.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use axum::http::StatusCode;
+use carpool::sim::{self, SimOptions};
+use serde_json::{json, Value};
+use support::config::SimConfig;
+use support::{client, eventually, TestApp, CHAT, PATIENCE};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const ADMIN: &str = "admin-token-for-bounds";
+
+/// A receiver that answers every delivery 410 Gone (dead at once).
+async fn gone_receiver() -> u16 {
+    let app = axum::Router::new().fallback(|| async { StatusCode::GONE });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+async fn admin_get(app: &TestApp, path: &str) -> Value {
+    client()
+        .get(app.url(path))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+// ---- callback URLs shown to an operator ------------------------------------
+
+#[tokio::test]
+async fn the_dead_letter_listing_masks_the_callback_query() {
+    const TOKEN: &str = "XYZ-DEAD-LETTER-TOKEN-4242";
+    let port = gone_receiver().await;
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let toml = SimConfig::new("openai", &sim)
+        .server("admin_token_env = \"BOUNDS_ADMIN\"")
+        .batching("max_wait = \"100ms\"")
+        .extra(&format!(
+            "[webhooks]\nsecrets = [\"{SECRET}\"]\nallow_hosts = [\"127.0.0.1\"]\n"
+        ))
+        .toml();
+    let app = TestApp::start(&toml, &[("UPSTREAM_KEY", "sk-up"), ("BOUNDS_ADMIN", ADMIN)]).await;
+    let callback = format!("http://127.0.0.1:{port}/hook?token={TOKEN}&v=1");
+    let resp = client()
+        .post(app.url(CHAT))
+        .bearer_auth("sk-caller")
+        .header("carpool-callback", &callback)
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let mut list = Value::Null;
+    let mut found = false;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !found && tokio::time::Instant::now() < deadline {
+        list = admin_get(&app, "/admin/dead-letters").await;
+        found = list["data"].as_array().is_some_and(|d| !d.is_empty());
+        if !found {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    assert!(found, "no dead letter: {list}");
+    let text = list.to_string();
+    assert!(!text.contains(TOKEN), "{text}");
+    let url = list["data"][0]["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("http://127.0.0.1:{port}/hook?token=")),
+        "{url}"
+    );
+    app.stop().await.unwrap();
+}
