@@ -81,3 +81,28 @@ async fn the_dead_letter_listing_masks_the_callback_query() {
     );
     app.stop().await.unwrap();
 }
+
+// ---- L6: /metrics shows only model names the config names -----------------
+
+#[tokio::test]
+async fn an_unconfigured_model_name_never_reaches_metrics() {
+    const SECRET_MODEL: &str = "ft:gpt-4o-mini:acme-corp:secret-project-7:abc123";
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let toml = SimConfig::new("openai", &sim)
+        .batching("max_wait = \"100ms\"")
+        .extra("[[prices.models]]\nmodel = \"priced-*\"\ninput = 1.0\noutput = 2.0\n")
+        .toml();
+    let app = TestApp::start(&toml, &[("UPSTREAM_KEY", "sk-up")]).await;
+    for model in [SECRET_MODEL, "priced-one"] {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        let resp = support::post_chat(&app, "sk-caller", &[("carpool-mode", "wait")], &body).await;
+        assert_eq!(resp.status(), 200, "{model}");
+    }
+    let text = support::metrics(&app).await;
+    // Both were counted; only the configured one by name.
+    assert!(text.contains("model=\"priced-one\""), "{text}");
+    assert!(text.contains("model=\"_other\""), "{text}");
+    assert!(!text.contains("acme-corp"), "{text}");
+    assert!(!text.contains("secret-project"), "{text}");
+    app.stop().await.unwrap();
+}

@@ -405,6 +405,14 @@ impl PricesConfig {
 }
 
 impl Config {
+    /// The model patterns the operator named (`[[batching.models]]` and
+    /// `[[prices.models]]`): the only model names `/metrics` may show.
+    pub fn named_models(&self) -> Vec<Pattern> {
+        let batching = self.batching.models.iter().map(|m| m.model.clone());
+        let priced = self.prices.models.iter().map(|p| p.model.clone());
+        batching.chain(priced).collect()
+    }
+
     /// The upstream for a call: the first whose `models` globs match the
     /// body's model, else the first upstream. Validation guarantees one exists.
     pub fn route(&self, model: Option<&str>) -> &UpstreamConfig {
