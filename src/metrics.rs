@@ -147,7 +147,7 @@ pub struct Metrics {
     /// `expired` (`deadline`, or `batch` for expired lines).
     pub requests_expired: IntCounterVec,
     /// `carpool_intake_refused_total{scope}`: deferred calls refused with
-    /// 429 at a pending ceiling (`global` or `client`).
+    /// 429 at an intake ceiling (`global`, `client` or `client_windows`).
     pub intake_refused: IntCounterVec,
     /// `carpool_webhook_deliveries_total{outcome}`: deliveries that ended:
     /// `delivered`, `gone` (410), `refused` (SSRF guard), `exhausted`
@@ -312,7 +312,7 @@ impl Metrics {
         let intake_refused = IntCounterVec::new(
             Opts::new(
                 "carpool_intake_refused_total",
-                "Deferred calls refused with 429 at a pending ceiling, by scope (global, client).",
+                "Deferred calls refused with 429 at an intake ceiling, by scope (global, client, client_windows).",
             ),
             &["scope"],
         )?;

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use carpool::sim::{self, SimOptions};
 use serde_json::{json, Value};
 use support::config::SimConfig;
-use support::{client, eventually, TestApp, CHAT, PATIENCE};
+use support::{client, TestApp, CHAT, PATIENCE};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const ADMIN: &str = "admin-token-for-bounds";
@@ -104,5 +104,59 @@ async fn an_unconfigured_model_name_never_reaches_metrics() {
     assert!(text.contains("model=\"_other\""), "{text}");
     assert!(!text.contains("acme-corp"), "{text}");
     assert!(!text.contains("secret-project"), "{text}");
+    app.stop().await.unwrap();
+}
+
+// ---- M4: what one client can make carpool create ----------------------------
+
+#[tokio::test]
+async fn one_client_inventing_model_names_is_refused_past_its_window_cap() {
+    const ALICE: &str = "sk-alice";
+    const BOB: &str = "sk-bob";
+    const CAP: usize = 3;
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let toml = SimConfig::new("openai", &sim)
+        .server("admin_token_env = \"BOUNDS_ADMIN\"")
+        .client("alice", ALICE)
+        .client("bob", BOB)
+        .batching(&format!(
+            "max_wait = \"1h\"\nmax_open_windows_per_client = {CAP}"
+        ))
+        .toml();
+    let app = TestApp::start(&toml, &[("UPSTREAM_KEY", "sk-up"), ("BOUNDS_ADMIN", ADMIN)]).await;
+    let call = |key: &'static str, model: String| {
+        let app = &app;
+        async move {
+            let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+            support::post_chat(app, key, &[("carpool-mode", "async")], &body).await
+        }
+    };
+    for i in 0..CAP {
+        assert_eq!(call(ALICE, format!("made-up-{i}")).await.status(), 202);
+    }
+    let refused = call(ALICE, format!("made-up-{CAP}")).await;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().get("retry-after").is_some());
+    let err: Value = refused.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "max_open_windows_per_client", "{err}");
+    assert_eq!(err["error"]["type"], "rate_limit_error", "{err}");
+    // A model she already has a window for still fits, and so do others' calls.
+    assert_eq!(call(ALICE, "made-up-0".to_owned()).await.status(), 202);
+    assert_eq!(call(BOB, "made-up-9".to_owned()).await.status(), 202);
+    // Nothing was stored for the refused call: her windows are the cap.
+    let windows = admin_get(&app, "/admin/windows").await;
+    let data = windows["data"].as_array().unwrap();
+    assert_eq!(data.len(), CAP + 1, "{windows}");
+    assert!(data.iter().all(|w| w["model"] != format!("made-up-{CAP}")));
+    // Flushed, they make one provider job each: bounded by the cap.
+    let flushed = client()
+        .post(app.url("/admin/flush"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(flushed.status().is_success());
+    assert!(support::eventually(PATIENCE, || sim.jobs().len() == CAP + 1).await);
+    assert_eq!(sim.jobs().len(), CAP + 1);
     app.stop().await.unwrap();
 }

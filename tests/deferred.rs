@@ -562,7 +562,7 @@ async fn batch_answers_count_tokens_and_savings_at_the_configured_prices() {
 async fn model_labels_stop_growing_after_the_first_hundred_names() {
     let (app, _sim) = setup(
         "openai",
-        "max_wait = \"1h\"",
+        "max_wait = \"1h\"\nmax_open_windows_per_client = 1000",
         "[[batching.models]]\nmodel = \"made-up-*\"\n",
     )
     .await;

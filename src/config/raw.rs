@@ -90,6 +90,7 @@ pub struct RawBatching {
     pub delete_files: Option<bool>,
     pub max_pending: Option<Scalar>,
     pub max_pending_per_client: Option<Scalar>,
+    pub max_open_windows_per_client: Option<Scalar>,
     #[serde(default)]
     pub models: Vec<RawModelBatching>,
 }

@@ -11,7 +11,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use super::model::{request_from_sql, window_from_sql};
 use super::outbox::{DeliveryRecord, OutboxOp};
 use super::{
-    Accepted, CancelOutcome, DeliveryMode, FlushReason, Lease, NewRequest, RequestRecord,
+    Accepted, CancelOutcome, DeliveryMode, FlushReason, Lease, NewRequest, Pending, RequestRecord,
     Resolution, StoreError, WindowKey, WindowLimits, WindowOutcome, WindowRecord, WindowSlot,
     WindowState, WindowSummary,
 };
