@@ -160,3 +160,43 @@ async fn one_client_inventing_model_names_is_refused_past_its_window_cap() {
     assert_eq!(sim.jobs().len(), CAP + 1);
     app.stop().await.unwrap();
 }
+
+// ---- L11: stored work of an upstream no longer configured -------------------
+
+#[tokio::test]
+async fn work_of_a_renamed_upstream_fails_with_upstream_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/carpool.db", dir.path().display());
+    // Nothing listens there: the window is never submitted before the rename.
+    let dead = support::dead_address().await;
+    let config = |name: &str| {
+        support::one_upstream(
+            &format!("http://{dead}"),
+            &format!("\n[batching]\nmax_wait = \"1h\"\npoll_interval = \"50ms\"\n"),
+        )
+        .replace("name = \"primary\"", &format!("name = \"{name}\""))
+    };
+    let vars = [
+        ("UPSTREAM_KEY", "sk-up"),
+        ("CARPOOL_STORE__URL", store.as_str()),
+    ];
+    let app = TestApp::start(&config("a"), &vars).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = support::post_chat(&app, "sk-caller", &[("carpool-mode", "async")], &body).await;
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.stop().await.unwrap();
+
+    let app = TestApp::start(&config("b"), &vars).await;
+    let done = support::settled(&app, "sk-caller", &id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "upstream_removed", "{done}");
+    assert!(
+        done["error"]["message"].as_str().unwrap().contains("`a`"),
+        "{done}"
+    );
+    app.stop().await.unwrap();
+}

@@ -22,7 +22,7 @@ use super::engine::{now_ms, BusyGuard, Deferral};
 use super::lease::{leased, LeaseLost};
 use super::policy;
 use crate::providers::{write_input_line, JobPhase, JobView, ProviderError};
-use crate::resolution::fallback::{job_failure, settle_unfinished};
+use crate::resolution::fallback::settle_unfinished;
 use crate::store::{FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
 
 #[derive(Debug, thiserror::Error)]
@@ -82,10 +82,16 @@ pub async fn fail_window(
             }
         }
         None => {
-            let (code, message) = job_failure(&job);
+            // Its upstream was renamed or removed from the config: nothing
+            // can ever submit or answer it, so say so rather than leave it.
+            let code = "upstream_removed";
+            let message = format!(
+                "upstream `{}` is no longer configured; the request cannot be submitted",
+                window.key.upstream
+            );
             let failed = deferral
                 .store
-                .fail_unresolved(&window.id, &code, &message, now_ms())
+                .fail_unresolved(&window.id, code, &message, now_ms())
                 .await?;
             deferral.waiters.wake(&failed);
         }
@@ -128,6 +134,13 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
     deferral.metrics.observe_open_windows(&open, now);
     for window in open {
         let Some(upstream) = deferral.upstream(&window.key.upstream) else {
+            // Its upstream is gone from the config: sealed, the pass below
+            // fails it (`upstream_removed`) instead of skipping it forever.
+            // Operator: a config change made it, not a batching limit.
+            deferral
+                .store
+                .seal_window(&window.id, FlushReason::Operator, now)
+                .await?;
             continue;
         };
         let policy = deferral
