@@ -268,8 +268,22 @@ pub async fn submit_leased(deferral: &Deferral, window: WindowRecord) -> Result<
         .is_some())
 }
 
-/// Takes one window from wherever it stands to `submitted`.
-pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(), SubmitError> {
+/// Takes one window from wherever it stands to `submitted`. Called under
+/// the window's lease; the record it is handed was read before the lease
+/// was taken, so the window is read again: another task or replica may
+/// have moved it on meanwhile (review L3).
+pub async fn submit(deferral: &Deferral, window: WindowRecord) -> Result<(), SubmitError> {
+    let Some(mut window) = deferral.store.window(&window.id).await? else {
+        return Ok(());
+    };
+    let submittable = [
+        WindowState::Sealed,
+        WindowState::Uploaded,
+        WindowState::Creating,
+    ];
+    if !submittable.contains(&window.state) {
+        return Ok(());
+    }
     let upstream = deferral
         .upstream(&window.key.upstream)
         .ok_or_else(|| SubmitError::UnknownUpstream(window.key.upstream.clone()))?;
@@ -332,13 +346,13 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
     } else {
         None
     };
-    let job = match existing {
+    let (job, created) = match existing {
         Some(job) => {
             tracing::info!(window = %window.id, job = %job.id, "adopted a job created before a restart");
-            job
+            (job, false)
         }
         None => {
-            client
+            let job = client
                 .create_job(
                     &key,
                     &file_id,
@@ -346,7 +360,8 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
                     &window.key.endpoint,
                     &window.id,
                 )
-                .await?
+                .await?;
+            (job, true)
         }
     };
     if !deferral
@@ -354,6 +369,14 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
         .record_job(&window.id, &job.id, now_ms())
         .await?
     {
+        if created {
+            // Another task recorded a job for the window first: ours would
+            // never be polled, yet billed. Cancel it.
+            tracing::warn!(window = %window.id, job = %job.id, "the window already has a job; cancelling the surplus one");
+            if let Err(err) = client.cancel_job(&key, &job.id).await {
+                tracing::warn!(window = %window.id, job = %job.id, error = %err, "could not cancel a surplus job");
+            }
+        }
         return Ok(());
     }
     deferral
