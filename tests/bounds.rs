@@ -172,7 +172,7 @@ async fn work_of_a_renamed_upstream_fails_with_upstream_removed() {
     let config = |name: &str| {
         support::one_upstream(
             &format!("http://{dead}"),
-            &format!("\n[batching]\nmax_wait = \"1h\"\npoll_interval = \"50ms\"\n"),
+            "\n[batching]\nmax_wait = \"1h\"\npoll_interval = \"50ms\"\n",
         )
         .replace("name = \"primary\"", &format!("name = \"{name}\""))
     };
