@@ -54,7 +54,7 @@ impl AppState {
     /// Connects the store and builds everything; starts no task.
     pub async fn new(config: Config, shutdown: CancellationToken) -> Result<Self, AppError> {
         let store = Store::connect(&config.store.url).await?;
-        let metrics = Arc::new(Metrics::new()?);
+        let metrics = Arc::new(Metrics::with_models(config.named_models())?);
         let forwarder = Forwarder::new(&config.server, metrics.clone())?;
         let readiness = Arc::new(Readiness::new(
             forwarder.client().clone(),

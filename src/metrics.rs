@@ -14,7 +14,7 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::config::ModelPrice;
+use crate::config::{ModelPrice, Pattern};
 use crate::model::ServedBy;
 use crate::pricing::{cost_of, TokenUsage};
 use crate::providers::RetryObserver;
@@ -51,22 +51,32 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 pub struct MetricsError(#[from] prometheus::Error);
 
 /// Distinct model names that get a metric label of their own; later ones
-/// share [`OTHER_MODELS`]. Model names come from callers' bodies, so without
-/// a bound a caller could grow the metrics (and carpool's memory) with
-/// made-up names.
+/// share [`OTHER_MODELS`]. Only names the operator configured can take one
+/// (see [`ModelLabels`]), and a glob there can match many names, so the
+/// count is bounded too: carpool's memory does not grow with them.
 pub const MAX_MODEL_LABELS: usize = 100;
 
-/// The label of every model beyond [`MAX_MODEL_LABELS`].
+/// The label of every model without one of its own.
 pub const OTHER_MODELS: &str = "_other";
 
-/// The model names that have a label of their own, first come first served.
+/// The model names that have a label of their own. Model names come from
+/// callers' bodies and `/metrics` is unauthenticated, so a name is shown
+/// only when it matches a model the operator named in the config
+/// (`[[batching.models]]` or `[[prices.models]]`): a made-up or fine-tuned
+/// id (`ft:…:acme:secret-project:…`) stays `_other`, and no caller can take
+/// the labels meant for the configured models. Among configured names,
+/// first come first served up to [`MAX_MODEL_LABELS`].
 #[derive(Default)]
 struct ModelLabels {
+    configured: Vec<Pattern>,
     named: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl ModelLabels {
     fn label<'a>(&self, model: &'a str) -> &'a str {
+        if !self.configured.iter().any(|p| p.matches(model)) {
+            return OTHER_MODELS;
+        }
         let Ok(mut named) = self.named.lock() else {
             return OTHER_MODELS;
         };
@@ -145,7 +155,7 @@ pub struct Metrics {
     /// `expired` (`deadline`, or `batch` for expired lines).
     pub requests_expired: IntCounterVec,
     /// `carpool_intake_refused_total{scope}`: deferred calls refused with
-    /// 429 at a pending ceiling (`global` or `client`).
+    /// 429 at an intake ceiling (`global`, `client` or `client_windows`).
     pub intake_refused: IntCounterVec,
     /// `carpool_webhook_deliveries_total{outcome}`: deliveries that ended:
     /// `delivered`, `gone` (410), `refused` (SSRF guard), `exhausted`
@@ -161,7 +171,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Builds every family; no model gets a label of its own.
     pub fn new() -> Result<Self, MetricsError> {
+        Self::with_models(Vec::new())
+    }
+
+    /// Builds every family; model names matching `configured` (the models
+    /// the config names) may get a `model` label of their own.
+    pub fn with_models(configured: Vec<Pattern>) -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -317,7 +334,7 @@ impl Metrics {
         let intake_refused = IntCounterVec::new(
             Opts::new(
                 "carpool_intake_refused_total",
-                "Deferred calls refused with 429 at a pending ceiling, by scope (global, client).",
+                "Deferred calls refused with 429 at an intake ceiling, by scope (global, client, client_windows).",
             ),
             &["scope"],
         )?;
@@ -398,7 +415,10 @@ impl Metrics {
             batch_turnaround,
             submit_failures,
             replicas_listening,
-            models: ModelLabels::default(),
+            models: ModelLabels {
+                configured,
+                named: Default::default(),
+            },
             results,
             tokens,
             upstream_retries,
@@ -415,8 +435,9 @@ impl Metrics {
         })
     }
 
-    /// The `model` label for a model name: its own among the first
-    /// [`MAX_MODEL_LABELS`] names seen, else [`OTHER_MODELS`].
+    /// The `model` label for a model name: its own when the config names
+    /// it and it is among the first [`MAX_MODEL_LABELS`] such names seen,
+    /// else [`OTHER_MODELS`].
     pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
         self.models.label(model)
     }
@@ -509,8 +530,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn model_labels_are_bounded_first_come_first_served() {
-        let m = Metrics::new().unwrap();
+    fn configured_model_labels_are_bounded_first_come_first_served() {
+        let m = Metrics::with_models(vec![Pattern::new("m*").unwrap()]).unwrap();
         let names: Vec<String> = (0..MAX_MODEL_LABELS + 5).map(|i| format!("m{i}")).collect();
         for name in &names[..MAX_MODEL_LABELS] {
             assert_eq!(m.model_label(name), name);
@@ -518,8 +539,10 @@ mod tests {
         for name in &names[MAX_MODEL_LABELS..] {
             assert_eq!(m.model_label(name), OTHER_MODELS);
         }
-        // A name that has a label keeps it.
+        // A name that has a label keeps it; one the config does not name
+        // never gets one.
         assert_eq!(m.model_label("m0"), "m0");
+        assert_eq!(m.model_label("ft:gpt-4o:acme:secret"), OTHER_MODELS);
         m.record_result(
             "made-up",
             ResolvedStatus::Succeeded,

@@ -19,6 +19,8 @@ async fn setup() -> (TestApp, sim::SimHandle) {
     let config = SimConfig::new("openai", &sim)
         .server("admin_token_env = \"CARPOOL_TEST_ADMIN\"")
         .batching("max_wait = \"1h\"")
+        // Named in the config, so /metrics shows it by name.
+        .extra("[[batching.models]]\nmodel = \"gpt-4o-mini\"\n")
         .toml();
     let app = TestApp::start(
         &config,

@@ -555,11 +555,17 @@ async fn batch_answers_count_tokens_and_savings_at_the_configured_prices() {
     app.stop().await.unwrap();
 }
 
-/// Model names come from callers: past the first 100 distinct ones they
-/// share one label, so made-up names cannot grow the metrics without bound.
+/// Model names come from callers: even names a configured glob matches
+/// share one label past the first 100, so they cannot grow the metrics
+/// without bound.
 #[tokio::test]
 async fn model_labels_stop_growing_after_the_first_hundred_names() {
-    let (app, _sim) = setup("openai", "max_wait = \"1h\"", "").await;
+    let (app, _sim) = setup(
+        "openai",
+        "max_wait = \"1h\"\nmax_open_windows_per_client = 1000",
+        "[[batching.models]]\nmodel = \"made-up-*\"\n",
+    )
+    .await;
     let names = carpool::metrics::MAX_MODEL_LABELS + 5;
     let calls = (0..names).map(|i| {
         let body = chat(&format!("made-up-{i}"), "hello");

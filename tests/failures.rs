@@ -443,7 +443,7 @@ async fn intake_over_the_ceiling_gets_429_and_stores_nothing() {
         assert_eq!(refused.status(), 429, "{dialect}");
         assert!(refused.headers().get("retry-after").is_some());
         let err: Value = refused.json().await.unwrap();
-        assert_eq!(err["error"]["code"], "intake_full");
+        assert_eq!(err["error"]["code"], "max_pending_per_client");
         // Bob fits under the global ceiling once, then not.
         assert_eq!(async_call(BOB, 0).await.status(), 202);
         assert_eq!(async_call(BOB, 1).await.status(), 429, "{dialect}");

@@ -393,7 +393,9 @@ async fn the_sqlite_store_creates_its_missing_folder() {
 #[tokio::test]
 async fn window_gauges_are_exact_at_the_scrape() {
     let sim = sim::spawn(SimOptions::default()).await.unwrap();
-    let config = SimConfig::new("openai", &sim).batching("max_wait = \"1h\"");
+    let config = SimConfig::new("openai", &sim)
+        .batching("max_wait = \"1h\"")
+        .extra("[[batching.models]]\nmodel = \"m\"\n");
     let app = TestApp::start(&config.toml(), &[("UPSTREAM_KEY", "sk-upstream")]).await;
     // Let the flusher make its first pass over an empty store.
     let _ = support::metrics(&app).await;

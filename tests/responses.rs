@@ -535,7 +535,8 @@ async fn stream_true_in_wait_mode_is_answered_as_the_responses_event_stream() {
 
 #[tokio::test]
 async fn the_tokens_metric_counts_responses_usage() {
-    let (app, sim) = setup("", "").await;
+    // Named in the config, so /metrics shows it by name.
+    let (app, sim) = setup("", &format!("[[batching.models]]\nmodel = \"{MODEL}\"\n")).await;
     let body = ask("count my tokens, if you would");
     let resp = post(&app, &[("carpool-mode", "wait")], &body).await;
     assert_eq!(resp.status(), 200);

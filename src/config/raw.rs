@@ -95,6 +95,7 @@ pub struct RawBatching {
     pub max_pending: Option<Scalar>,
     pub max_pending_per_client: Option<Scalar>,
     pub max_enqueued_tokens: Option<Scalar>,
+    pub max_open_windows_per_client: Option<Scalar>,
     #[serde(default)]
     pub models: Vec<RawModelBatching>,
 }

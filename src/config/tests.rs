@@ -196,7 +196,8 @@ fn intake_ceilings_are_off_by_default_and_validated_with_their_key_path() {
     let vars = [("MISTRAL_API_KEY", "k")];
     let c = from_toml_str(MINIMAL, &env(&vars)).unwrap();
     assert_eq!(c.batching.max_pending, None);
-    assert_eq!(c.batching.max_pending_per_client, None);
+    assert_eq!(c.batching.max_pending_per_client, Some(100_000));
+    assert_eq!(c.batching.max_open_windows_per_client, 64);
     let text =
         format!("{MINIMAL}\n[batching]\nmax_pending = 100\nmax_pending_per_client = \"10\"\n");
     let c = from_toml_str(&text, &env(&vars)).unwrap();

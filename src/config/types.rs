@@ -275,11 +275,23 @@ pub struct BatchingConfig {
     /// all credentials together; past it, 429. `None`: no ceiling.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_pending: Option<u64>,
-    /// The same ceiling for each credential on its own.
+    /// The same ceiling for each credential on its own (by default
+    /// [`DEFAULT_MAX_PENDING_PER_CLIENT`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_pending_per_client: Option<u64>,
+    /// Distinct windows (upstream, endpoint, model: each a provider job)
+    /// one credential may have unfinished; past it, 429. Bounds the jobs a
+    /// caller inventing model names makes on a shared upstream key.
+    pub max_open_windows_per_client: u64,
     pub models: Vec<ModelBatching>,
 }
+
+/// `batching.max_pending_per_client` when unset: a bound on what one
+/// credential can store, high enough for a large batch.
+pub const DEFAULT_MAX_PENDING_PER_CLIENT: u64 = 100_000;
+
+/// `batching.max_open_windows_per_client` when unset.
+pub const DEFAULT_MAX_OPEN_WINDOWS_PER_CLIENT: u64 = 64;
 
 /// `[[batching.models]]` after validation; `None` means "use the default".
 #[derive(Clone, Debug, Serialize)]
@@ -435,6 +447,14 @@ impl PricesConfig {
 }
 
 impl Config {
+    /// The model patterns the operator named (`[[batching.models]]` and
+    /// `[[prices.models]]`): the only model names `/metrics` may show.
+    pub fn named_models(&self) -> Vec<Pattern> {
+        let batching = self.batching.models.iter().map(|m| m.model.clone());
+        let priced = self.prices.models.iter().map(|p| p.model.clone());
+        batching.chain(priced).collect()
+    }
+
     /// The upstream for a call: the first whose `models` globs match the
     /// body's model, else the first upstream. Validation guarantees one exists.
     pub fn route(&self, model: Option<&str>) -> &UpstreamConfig {

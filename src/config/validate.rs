@@ -607,10 +607,18 @@ fn batching(
             .max_pending
             .as_ref()
             .map(|v| c.count("batching.max_pending", Some(v), 1, 1)),
-        max_pending_per_client: raw
-            .max_pending_per_client
-            .as_ref()
-            .map(|v| c.count("batching.max_pending_per_client", Some(v), 1, 1)),
+        max_pending_per_client: Some(c.count(
+            "batching.max_pending_per_client",
+            raw.max_pending_per_client.as_ref(),
+            DEFAULT_MAX_PENDING_PER_CLIENT,
+            1,
+        )),
+        max_open_windows_per_client: c.count(
+            "batching.max_open_windows_per_client",
+            raw.max_open_windows_per_client.as_ref(),
+            DEFAULT_MAX_OPEN_WINDOWS_PER_CLIENT,
+            1,
+        ),
         models,
     }
 }

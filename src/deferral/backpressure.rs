@@ -1,6 +1,8 @@
 //! Intake backpressure: ceilings on pending (queued or submitted) deferred
-//! requests, all credentials together and each on its own. Past one, the
-//! call is refused with 429 before anything is stored.
+//! requests, all credentials together and each on its own, and on the
+//! distinct windows (upstream, endpoint and model: each its own provider
+//! job) one credential has unfinished. Past one, the call is refused with
+//! 429 before anything is stored.
 //!
 //! The check is cheap: it reads no store on the hot path. It weighs a
 //! snapshot of the store's pending counts (summed over unfinished windows,
@@ -14,14 +16,14 @@
 //! replicas admit within one [`REFRESH`] (a later concern: a shared counter
 //! row would make it exact at the price of a write per intake).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, WindowKey};
 
 /// How stale the store snapshot may get.
 pub const REFRESH: Duration = Duration::from_millis(500);
@@ -31,38 +33,67 @@ pub const REFRESH: Duration = Duration::from_millis(500);
 pub enum Scope {
     Global,
     Client,
+    ClientWindows,
 }
 
 impl Scope {
+    /// The metric label.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Global => "global",
             Self::Client => "client",
+            Self::ClientWindows => "client_windows",
         }
     }
+
+    /// The config key of the ceiling (the error's `code`).
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Global => "max_pending",
+            Self::Client => "max_pending_per_client",
+            Self::ClientWindows => "max_open_windows_per_client",
+        }
+    }
+}
+
+/// What makes a window apart from its credential: upstream, endpoint, model.
+pub type Route = (String, String, String);
+
+/// One credential's pending requests and the routes of its unfinished windows.
+#[derive(Default)]
+struct Client {
+    pending: u64,
+    routes: HashSet<Route>,
 }
 
 #[derive(Default)]
 struct Tally {
     total: u64,
-    by_credential: HashMap<String, u64>,
+    by_credential: HashMap<String, Client>,
 }
 
 impl Tally {
     fn get(&self, credential: &str) -> u64 {
-        self.by_credential.get(credential).copied().unwrap_or(0)
+        self.by_credential.get(credential).map_or(0, |c| c.pending)
     }
 
-    fn add(&mut self, credential: &str, n: u64) {
+    fn routes(&self, credential: &str) -> Option<&HashSet<Route>> {
+        self.by_credential.get(credential).map(|c| &c.routes)
+    }
+
+    fn add(&mut self, credential: &str, n: u64, route: Route) {
         self.total += n;
-        *self.by_credential.entry(credential.to_owned()).or_default() += n;
+        let client = self.by_credential.entry(credential.to_owned()).or_default();
+        client.pending += n;
+        client.routes.insert(route);
     }
 
-    /// Takes one back; false if there was none.
+    /// Takes one back; false if there was none. Its route stays (counted
+    /// high until the next refresh).
     fn take(&mut self, credential: &str) -> bool {
         match self.by_credential.get_mut(credential) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
+            Some(c) if c.pending > 0 => {
+                c.pending -= 1;
                 self.total = self.total.saturating_sub(1);
                 true
             }
@@ -71,8 +102,11 @@ impl Tally {
     }
 
     fn absorb(&mut self, other: Tally) {
-        for (credential, n) in other.by_credential {
-            self.add(&credential, n);
+        for (credential, client) in other.by_credential {
+            self.total += client.pending;
+            let mine = self.by_credential.entry(credential).or_default();
+            mine.pending += client.pending;
+            mine.routes.extend(client.routes);
         }
     }
 }
@@ -92,6 +126,7 @@ struct State {
 pub struct IntakeGate {
     global: Option<u64>,
     per_client: Option<u64>,
+    windows_per_client: Option<u64>,
     state: Mutex<State>,
     refreshing: AtomicBool,
 }
@@ -104,17 +139,22 @@ pub struct Admission {
 }
 
 impl IntakeGate {
-    pub fn new(global: Option<u64>, per_client: Option<u64>) -> Self {
+    pub fn new(
+        global: Option<u64>,
+        per_client: Option<u64>,
+        windows_per_client: Option<u64>,
+    ) -> Self {
         Self {
             global,
             per_client,
+            windows_per_client,
             state: Mutex::new(State::default()),
             refreshing: AtomicBool::new(false),
         }
     }
 
     fn enabled(&self) -> bool {
-        self.global.is_some() || self.per_client.is_some()
+        self.global.is_some() || self.per_client.is_some() || self.windows_per_client.is_some()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -122,9 +162,14 @@ impl IntakeGate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Holds a place for one more pending request of `credential`, or says
-    /// which ceiling is reached.
-    pub async fn admit(&self, store: &Store, credential: &str) -> Result<Admission, GateError> {
+    /// Holds a place for one more pending request of `credential` on
+    /// `route`, or says which ceiling is reached.
+    pub async fn admit(
+        &self,
+        store: &Store,
+        credential: &str,
+        route: Route,
+    ) -> Result<Admission, GateError> {
         if !self.enabled() {
             return Ok(Admission { credential: None });
         }
@@ -144,7 +189,17 @@ impl IntakeGate {
         if self.per_client.is_some_and(|max| mine >= max) {
             return Err(GateError::Full(Scope::Client));
         }
-        s.since.add(credential, 1);
+        if let Some(max) = self.windows_per_client {
+            let known: HashSet<&Route> = [&s.base, &s.carried, &s.since]
+                .into_iter()
+                .filter_map(|t| t.routes(credential))
+                .flatten()
+                .collect();
+            if !known.contains(&route) && known.len() as u64 >= max {
+                return Err(GateError::Full(Scope::ClientWindows));
+            }
+        }
+        s.since.add(credential, 1, route);
         Ok(Admission {
             credential: Some(credential.to_owned()),
         })
@@ -192,8 +247,16 @@ impl IntakeGate {
             }
         };
         let mut base = Tally::default();
-        for (credential, n) in counted {
-            base.add(&credential, n);
+        for pending in counted {
+            // Counted per route: the projects of one model count once.
+            let WindowKey {
+                upstream,
+                credential_hash,
+                scope: _,
+                endpoint,
+                model,
+            } = pending.key;
+            base.add(&credential_hash, pending.count, (upstream, endpoint, model));
         }
         let mut s = self.lock();
         s.base = base;
@@ -205,7 +268,7 @@ impl IntakeGate {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
-    #[error("the {} pending ceiling is reached", .0.as_str())]
+    #[error("the {} ceiling is reached", .0.key())]
     Full(Scope),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -218,7 +281,7 @@ mod tests {
     #[test]
     fn a_released_place_is_taken_back_once() {
         let mut t = Tally::default();
-        t.add("a", 2);
+        t.add("a", 2, route("m"));
         assert!(t.take("a"));
         assert!(t.take("a"));
         assert!(!t.take("a"));
@@ -228,11 +291,20 @@ mod tests {
     #[test]
     fn absorbing_adds_per_credential() {
         let mut a = Tally::default();
-        a.add("x", 1);
+        a.add("x", 1, route("m"));
         let mut b = Tally::default();
-        b.add("x", 2);
-        b.add("y", 3);
+        b.add("x", 2, route("n"));
+        b.add("y", 3, route("m"));
         a.absorb(b);
         assert_eq!((a.get("x"), a.get("y"), a.total), (3, 3, 6));
+        assert_eq!(a.routes("x").map(HashSet::len), Some(2));
+    }
+
+    fn route(model: &str) -> Route {
+        (
+            "up".to_owned(),
+            "/v1/chat/completions".to_owned(),
+            model.to_owned(),
+        )
     }
 }

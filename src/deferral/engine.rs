@@ -61,7 +61,8 @@ pub struct Inner {
     /// Requests this process is answering by a realtime call right now, so
     /// the deadline worker and a failed job never both call for one.
     pub fallbacks: DashSet<RequestId>,
-    /// Intake ceilings (`max_pending`, `max_pending_per_client`).
+    /// Intake ceilings (`max_pending`, `max_pending_per_client`,
+    /// `max_open_windows_per_client`).
     pub gate: IntakeGate,
     /// Windows the provider refused for its enqueued-token limit, held
     /// back until quota frees ([`super::quota`]).
@@ -124,6 +125,7 @@ impl Deferral {
         let gate = IntakeGate::new(
             config.batching.max_pending,
             config.batching.max_pending_per_client,
+            Some(config.batching.max_open_windows_per_client),
         );
         Self {
             inner: Arc::new(Inner {

@@ -24,7 +24,7 @@ use super::policy;
 use super::quota;
 use crate::providers::{write_input_line, JobPhase, JobView, ProviderError};
 use crate::resolution::deadline::answer_too_late;
-use crate::resolution::fallback::{job_failure, settle_unfinished};
+use crate::resolution::fallback::settle_unfinished;
 use crate::store::{FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
 
 #[derive(Debug, thiserror::Error)]
@@ -85,10 +85,16 @@ pub async fn fail_window(
             }
         }
         None => {
-            let (code, message) = job_failure(&job);
+            // Its upstream was renamed or removed from the config: nothing
+            // can ever submit or answer it, so say so rather than leave it.
+            let code = "upstream_removed";
+            let message = format!(
+                "upstream `{}` is no longer configured; the request cannot be submitted",
+                window.key.upstream
+            );
             let failed = deferral
                 .store
-                .fail_unresolved(&window.id, &code, &message, now_ms())
+                .fail_unresolved(&window.id, code, &message, now_ms())
                 .await?;
             deferral.waiters.wake(&failed);
         }
@@ -131,6 +137,13 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
     deferral.metrics.observe_open_windows(&open, now);
     for window in open {
         let Some(upstream) = deferral.upstream(&window.key.upstream) else {
+            // Its upstream is gone from the config: sealed, the pass below
+            // fails it (`upstream_removed`) instead of skipping it forever.
+            // Operator: a config change made it, not a batching limit.
+            deferral
+                .store
+                .seal_window(&window.id, FlushReason::Operator, now)
+                .await?;
             continue;
         };
         let policy = deferral
@@ -267,8 +280,22 @@ pub async fn submit_leased(deferral: &Deferral, window: WindowRecord) -> Result<
         .is_some())
 }
 
-/// Takes one window from wherever it stands to `submitted`.
-pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(), SubmitError> {
+/// Takes one window from wherever it stands to `submitted`. Called under
+/// the window's lease; the record it is handed was read before the lease
+/// was taken, so the window is read again: another task or replica may
+/// have moved it on meanwhile (review L3).
+pub async fn submit(deferral: &Deferral, window: WindowRecord) -> Result<(), SubmitError> {
+    let Some(mut window) = deferral.store.window(&window.id).await? else {
+        return Ok(());
+    };
+    let submittable = [
+        WindowState::Sealed,
+        WindowState::Uploaded,
+        WindowState::Creating,
+    ];
+    if !submittable.contains(&window.state) {
+        return Ok(());
+    }
     let upstream = deferral
         .upstream(&window.key.upstream)
         .ok_or_else(|| SubmitError::UnknownUpstream(window.key.upstream.clone()))?;
@@ -334,13 +361,13 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
     } else {
         None
     };
-    let job = match existing {
+    let (job, created) = match existing {
         Some(job) => {
             tracing::info!(window = %window.id, job = %job.id, "adopted a job created before a restart");
-            job
+            (job, false)
         }
         None => {
-            let created = client
+            let attempt = client
                 .create_job(
                     &key,
                     &file_id,
@@ -349,8 +376,8 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
                     &window.id,
                 )
                 .await;
-            match created {
-                Ok(job) => job,
+            match attempt {
+                Ok(job) => (job, true),
                 Err(err) if err.is_enqueued_token_limit() => {
                     quota::back_to_waiting(deferral, upstream, &key, &window).await?;
                     return Ok(());
@@ -364,6 +391,14 @@ pub async fn submit(deferral: &Deferral, mut window: WindowRecord) -> Result<(),
         .record_job(&window.id, &job.id, now_ms())
         .await?
     {
+        if created {
+            // Another task recorded a job for the window first: ours would
+            // never be polled, yet billed. Cancel it.
+            tracing::warn!(window = %window.id, job = %job.id, "the window already has a job; cancelling the surplus one");
+            if let Err(err) = client.cancel_job(&key, &job.id).await {
+                tracing::warn!(window = %window.id, job = %job.id, error = %err, "could not cancel a surplus job");
+            }
+        }
         return Ok(());
     }
     deferral

@@ -125,7 +125,15 @@ pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Intake, Ap
     let scope = scope(call.upstream.dialect, call.headers)?;
     let admission = deferral
         .gate
-        .admit(&deferral.store, &call.caller.credential_hash)
+        .admit(
+            &deferral.store,
+            &call.caller.credential_hash,
+            (
+                call.upstream.name.clone(),
+                call.endpoint.to_owned(),
+                call.model.clone(),
+            ),
+        )
         .await
         .map_err(|err| refused(deferral, err))?;
     let accepted = deferral
@@ -354,6 +362,7 @@ fn refused(deferral: &Deferral, err: GateError) -> ApiError {
                 .inc();
             ApiError::TooManyRequests {
                 retry_after: retry_after(deferral).min(Duration::from_secs(60)),
+                code: scope.key(),
             }
         }
         GateError::Store(err) => err.into(),

@@ -15,6 +15,7 @@ use super::auth::bearer;
 use super::error::ApiQuery;
 use super::ApiError;
 use crate::app::AppState;
+use crate::config::redact_url;
 use crate::deferral::engine::now_ms;
 use crate::deferral::flusher;
 use crate::model::{DeliveryId, WindowId};
@@ -140,12 +141,15 @@ pub struct DeadLetterQuery {
     pub limit: Option<u32>,
 }
 
+/// A dead letter as the operator sees it: the callback URL with its query
+/// values masked (receivers often put a token there; the operator needs
+/// the host, path and parameter names to find the receiver, not it).
 fn dead_letter(d: &DeliveryRecord) -> Value {
     json!({
         "id": d.id.as_str(),
         "object": "carpool.dead_letter",
         "request_id": d.request_id.as_str(),
-        "url": d.url,
+        "url": redact_url(&d.url),
         "type": d.event,
         "attempts": d.attempts,
         "last_status": d.last_status,

@@ -37,8 +37,12 @@ pub enum ApiError {
     /// with a different body.
     #[error("{message}")]
     Unprocessable { message: String, code: &'static str },
-    #[error("carpool is at capacity, retry in {} s", retry_after.as_secs().max(1))]
-    TooManyRequests { retry_after: Duration },
+    /// An intake ceiling is reached; `code` names its config key.
+    #[error("carpool is at capacity ({code} is reached), retry in {} s", retry_after.as_secs().max(1))]
+    TooManyRequests {
+        retry_after: Duration,
+        code: &'static str,
+    },
     #[error("upstream {upstream} is unreachable: {reason}")]
     UpstreamUnreachable {
         upstream: String,
@@ -123,12 +127,13 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self {
-            Self::BadRequest { code, .. } | Self::Unprocessable { code, .. } => code,
+            Self::BadRequest { code, .. }
+            | Self::Unprocessable { code, .. }
+            | Self::TooManyRequests { code, .. } => code,
             Self::Unauthorized => "invalid_api_key",
             Self::NotFound { .. } => "not_found",
             Self::Conflict { .. } => "conflict",
             Self::PayloadTooLarge { .. } => "body_too_large",
-            Self::TooManyRequests { .. } => "intake_full",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::UpstreamFailed { .. } => "upstream_failed",
@@ -173,7 +178,7 @@ impl IntoResponse for ApiError {
             }
         });
         let mut response = (status, axum::Json(body)).into_response();
-        if let Self::TooManyRequests { retry_after } = &self {
+        if let Self::TooManyRequests { retry_after, .. } = &self {
             let secs = retry_after.as_secs().max(1).to_string();
             if let Ok(v) = HeaderValue::from_str(&secs) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
@@ -256,6 +261,7 @@ mod tests {
     async fn too_many_requests_carries_retry_after() {
         let (status, _, retry) = body_of(ApiError::TooManyRequests {
             retry_after: Duration::from_secs(7),
+            code: "max_pending",
         })
         .await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);

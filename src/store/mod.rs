@@ -94,6 +94,13 @@ pub struct WindowKey {
     pub model: String,
 }
 
+/// Requests in the unfinished windows of one key (intake's ceilings).
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub key: WindowKey,
+    pub count: u64,
+}
+
 /// A deferred request as intake hands it over, validated.
 #[derive(Clone)]
 pub struct NewRequest {
@@ -765,10 +772,10 @@ impl Store {
         dispatch!(self.is_open(id))
     }
 
-    /// Requests counted in unfinished windows, per credential hash (an
-    /// estimate that can only run high: members answered early, e.g. by a
-    /// realtime fallback, count until their window finishes).
-    pub async fn pending_by_credential(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    /// Requests counted in unfinished windows, per credential hash and
+    /// window key (an estimate that can only run high: members answered
+    /// early, e.g. by a realtime fallback, count until their window finishes).
+    pub async fn pending_by_credential(&self) -> Result<Vec<Pending>, StoreError> {
         dispatch!(self.pending_by_credential())
     }
 

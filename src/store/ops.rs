@@ -12,8 +12,8 @@ use super::model::{request_from_sql, returned_from_sql, window_from_sql};
 use super::outbox::{DeliveryRecord, OutboxOp};
 use super::{
     Accepted, CancelOutcome, DeliveryMode, DueCursor, DueRequest, FlushReason, Lease, NewRequest,
-    QueuedDeadline, RequestRecord, Resolution, StoreError, WindowKey, WindowLimits, WindowOutcome,
-    WindowRecord, WindowSlot, WindowState, WindowSummary,
+    Pending, QueuedDeadline, RequestRecord, Resolution, StoreError, WindowKey, WindowLimits,
+    WindowOutcome, WindowRecord, WindowSlot, WindowState, WindowSummary,
 };
 use crate::model::{RequestId, RequestStatus, Scope, ServedBy, WindowId};
 

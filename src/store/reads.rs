@@ -260,14 +260,19 @@ macro_rules! read_ops {
 
         /// Requests counted in unfinished windows, by credential: what
         /// intake backpressure weighs. Windows are few, so this is cheap.
-        pub(crate) async fn pending_by_credential(conn: &mut Conn) -> Result<Vec<(String, u64)>, StoreError> {
-            let rows = q("SELECT credential_hash, CAST(SUM(count) AS BIGINT) AS n FROM windows \
-                          WHERE state IN ('open', 'sealed', 'uploaded', 'creating', 'submitted') \
-                          GROUP BY credential_hash")
+        pub(crate) async fn pending_by_credential(conn: &mut Conn) -> Result<Vec<Pending>, StoreError> {
+            let rows = q("SELECT credential_hash, upstream, scope, endpoint, model, CAST(SUM(count) AS BIGINT) AS n \
+                          FROM windows WHERE state IN ('open', 'sealed', 'uploaded', 'creating', 'submitted') \
+                          GROUP BY credential_hash, upstream, scope, endpoint, model")
                 .fetch_all(&mut *conn)
                 .await?;
             rows.iter()
-                .map(|row| Ok((row.try_get("credential_hash")?, uint(row.try_get::<Option<i64>, _>("n")?.unwrap_or(0)))))
+                .map(|row| {
+                    Ok(Pending {
+                        key: window_key(row)?,
+                        count: uint(row.try_get::<Option<i64>, _>("n")?.unwrap_or(0)),
+                    })
+                })
                 .collect()
         }
 

@@ -241,7 +241,7 @@ impl SqliteStore {
         ops::is_open(&mut *self.inner.read.acquire().await?, id).await
     }
 
-    pub(crate) async fn pending_by_credential(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    pub(crate) async fn pending_by_credential(&self) -> Result<Vec<super::Pending>, StoreError> {
         ops::pending_by_credential(&mut *self.inner.read.acquire().await?).await
     }
 
