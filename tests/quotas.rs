@@ -64,7 +64,9 @@ async fn start_on(
         .batching(
             "max_requests = 1\nmax_wait = \"1m\"\non_batch_failure = \"error\"\nresubmit_limit = 0",
         )
-        .batching(batching);
+        .batching(batching)
+        // Named in the config, so /metrics gives the model its own label.
+        .extra("\n[[batching.models]]\nmodel = \"m\"\n");
     let mut vars = vec![("UPSTREAM_KEY", "sk-upstream")];
     if let Some(url) = store_url {
         vars.push(("CARPOOL_STORE__URL", url));

@@ -206,7 +206,12 @@ async fn delete_files<'a>(
         return;
     }
     for file in files {
-        if let Err(err) = upstream.client.scoped(&window.key.scope).delete_file(key, file).await {
+        if let Err(err) = upstream
+            .client
+            .scoped(&window.key.scope)
+            .delete_file(key, file)
+            .await
+        {
             tracing::warn!(window = %window.id, file, error = %err, "could not delete a provider file");
         }
     }
