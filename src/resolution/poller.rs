@@ -139,7 +139,7 @@ async fn poll_job(
             .await?;
     }
     if !job.phase.is_terminal()
-        || crate::deferral::quota::on_terminal_job(deferral, upstream, key, &window, &job).await?
+        || crate::deferral::quota::on_terminal_job(deferral, upstream, key, window, &job).await?
     {
         return Ok(());
     }
