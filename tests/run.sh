@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: prepares the Python virtualenv the SDK checks need
-# (official openai and mistralai packages), then runs every Rust test.
+# (official openai and mistralai packages), then runs every Rust test (all
+# of them, past a failing one, so one failure never hides the rest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ export CARPOOL_PYTHON="$PWD/$venv/bin/python"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --locked "$@" 2>&1 | tee "$log"
+cargo test --locked --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary.

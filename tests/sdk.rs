@@ -6,45 +6,19 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use carpool::sim::{self, SimOptions};
 use support::TestApp;
-
-fn python() -> PathBuf {
-    let path = std::env::var_os("CARPOOL_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    assert!(
-        path.exists(),
-        "{} not found: run `bash tests/run.sh`, which prepares the SDK virtualenv",
-        path.display()
-    );
-    path
-}
 
 /// Runs the SDK check against `base` on a blocking thread; panics with its
 /// output unless every check passed.
 async fn sdk_check(base: String, deferred: bool) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk_check.py");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script)
-            .arg(base)
-            .env("CARPOOL_SDK_TIMEOUT", "60")
-            .env("CARPOOL_SDK_DEFERRED", if deferred { "1" } else { "0" })
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "SDK check failed:\n{text}");
+    let env = [
+        ("CARPOOL_SDK_TIMEOUT", "60"),
+        ("CARPOOL_SDK_DEFERRED", if deferred { "1" } else { "0" }),
+    ];
+    let env = env.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec();
+    let (ok, text) = support::python::run("sdk_check.py", vec![base], env).await;
+    assert!(ok, "SDK check failed:\n{text}");
     assert!(text.contains(" 0 failed"), "{text}");
 }
 
@@ -77,8 +51,8 @@ models = ["*"]
 max_wait = "200ms"
 poll_interval = "50ms"
 # The SDKs declare a 60 s read timeout (x-stainless-read-timeout), which is
-# their deadline; the default 5 m margin would send them realtime at once.
-fallback_margin = "5s"
+# their deadline: under the default 5 m margin their fallback comes at 30 s,
+# half their wait, so the batch answers them.
 "#,
         base = sim.base_url()
     );
