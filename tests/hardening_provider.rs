@@ -285,6 +285,28 @@ async fn input_files_are_deleted_once_their_batch_is_finished() {
 }
 
 #[tokio::test]
+async fn the_input_file_of_a_window_refused_at_create_is_deleted() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "").await;
+        sim.add_fault(Fault::status(create_route(dialect), 400, 0));
+        let id = async_call(&app, "hello").await;
+        let object = settled(&app, ALICE, &id).await;
+        assert_eq!(object["status"], "failed", "{dialect}: {object}");
+        let uploaded = sim
+            .calls()
+            .iter()
+            .any(|c| c.method == "POST" && c.route == "/v1/files" && c.status == 200);
+        assert!(uploaded, "{dialect}: the input was uploaded before the refusal");
+        assert!(
+            input_files_go(&sim).await,
+            "{dialect}: {:?}",
+            input_files(&sim).await
+        );
+        app.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn the_input_file_of_a_window_failed_at_polling_is_deleted() {
     for dialect in DIALECTS {
         let (app, sim) = setup(dialect, "").await;

@@ -103,7 +103,32 @@ pub async fn fail_window(
         .store
         .finish_window(&window.id, WindowOutcome::Failed, now_ms())
         .await?;
+    delete_input(deferral, window).await;
     Ok(())
+}
+
+/// Deletes a failed window's input file at the provider (`delete_files`;
+/// best effort, a failure is only logged): nothing reads it again, and it
+/// would count against the provider's storage quota.
+async fn delete_input(deferral: &Deferral, window: &WindowRecord) {
+    if !deferral.config.batching.delete_files {
+        return;
+    }
+    let Some(upstream) = deferral.upstream(&window.key.upstream) else {
+        return;
+    };
+    // The caller's copy may predate the upload (a create refused for good).
+    let file_id = match deferral.store.window(&window.id).await {
+        Ok(Some(stored)) => stored.file_id,
+        _ => window.file_id.clone(),
+    };
+    let (Some(key), Some(file)) = (upstream.key_for(window), file_id) else {
+        return;
+    };
+    let client = upstream.client.scoped(&window.key.scope);
+    if let Err(err) = client.delete_file(key, &file).await {
+        tracing::warn!(window = %window.id, file, error = %err, "could not delete a failed window's input file");
+    }
 }
 
 /// How long the flusher sleeps when nothing is open.

@@ -106,18 +106,8 @@ async fn give_up(
     reason: &str,
 ) -> Result<(), ReconcileError> {
     tracing::warn!(window = %window.id, reason, "a batch job cannot be polled; failing its window");
+    // It deletes the window's input file too.
     fail_window(deferral, window, reason).await?;
-    let upstream = deferral.upstream(&window.key.upstream);
-    if let Some((upstream, key)) = upstream.and_then(|u| Some((u, u.key_for(window)?))) {
-        delete_files(
-            deferral,
-            upstream,
-            key,
-            window,
-            window.file_id.as_deref().into_iter(),
-        )
-        .await;
-    }
     Ok(())
 }
 
