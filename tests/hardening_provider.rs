@@ -296,7 +296,10 @@ async fn the_input_file_of_a_window_refused_at_create_is_deleted() {
             .calls()
             .iter()
             .any(|c| c.method == "POST" && c.route == "/v1/files" && c.status == 200);
-        assert!(uploaded, "{dialect}: the input was uploaded before the refusal");
+        assert!(
+            uploaded,
+            "{dialect}: the input was uploaded before the refusal"
+        );
         assert!(
             input_files_go(&sim).await,
             "{dialect}: {:?}",
