@@ -7,12 +7,10 @@
 //! has one, and always an assistant `message` with one `output_text` part;
 //! `usage` is in Responses form (`input_tokens`, `output_tokens`).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
@@ -22,7 +20,7 @@ use super::answers::{
 };
 use super::error::ApiError;
 use super::state::Sim;
-use super::sync_api::parse_body;
+use super::sync_api::{paced_sse, parse_body};
 
 /// The text of `input`: a string, or the user messages of an item list.
 fn input_texts(obj: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
@@ -213,39 +211,17 @@ pub async fn handler(State(sim): State<Arc<Sim>>, body: Bytes) -> Result<Respons
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
         return Ok(Json(respond("/v1/responses", &body)?).into_response());
     }
-    let (pieces, delay) = {
-        let opts = sim.opts();
-        (opts.stream_chunks, opts.chunk_delay)
-    };
-    let events = stream_events(&body, pieces)?;
-    let gate = sim.gate.subscribe();
-    let frames = futures_util::stream::unfold(
-        (0usize, events, gate),
-        move |(i, mut events, mut gate)| async move {
-            let event = events.get_mut(i)?;
-            if i == 1 {
-                let _ = gate.wait_for(|held| !*held).await;
-            }
-            if i >= 1 && !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
+    let pieces = sim.opts().stream_chunks;
+    let frames = stream_events(&body, pieces)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut event)| {
             event["sequence_number"] = json!(i);
             let kind = event["type"].as_str().unwrap_or("message").to_owned();
-            let frame = format!("event: {kind}\ndata: {event}\n\n");
-            Some((
-                Ok::<_, Infallible>(Bytes::from(frame)),
-                (i + 1, events, gate),
-            ))
-        },
-    );
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(frames),
-    )
-        .into_response())
+            format!("event: {kind}\ndata: {event}\n\n")
+        })
+        .collect();
+    Ok(paced_sse(&sim, frames))
 }
 
 #[cfg(test)]

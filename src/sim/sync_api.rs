@@ -33,43 +33,45 @@ pub async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Result<Response, 
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
         return Ok(Json(respond("/v1/chat/completions", &body)?).into_response());
     }
-    let (pieces, delay) = {
-        let opts = sim.opts();
-        (opts.stream_chunks, opts.chunk_delay)
-    };
-    let events = chat_stream_events(&body, pieces)?;
+    let pieces = sim.opts().stream_chunks;
+    let frames = chat_stream_events(&body, pieces)?
+        .iter()
+        .map(|event| format!("data: {event}\n\n"))
+        .chain(std::iter::once("data: [DONE]\n\n".to_owned()))
+        .collect();
+    Ok(paced_sse(&sim, frames))
+}
+
+/// `frames` as an event stream, paced like a provider's: the stream gate
+/// holds everything after the first frame, and `chunk_delay` comes before
+/// each later one.
+pub fn paced_sse(sim: &Sim, frames: Vec<String>) -> Response {
+    let delay = sim.opts().chunk_delay;
     let gate = sim.gate.subscribe();
     let frames = futures_util::stream::unfold(
-        (0usize, events, gate),
-        move |(i, events, mut gate)| async move {
-            if i > events.len() {
-                return None;
-            }
+        (0usize, frames.into_iter(), gate),
+        move |(i, mut frames, mut gate)| async move {
+            let frame = frames.next()?;
             if i == 1 {
-                // The stream gate: hold everything after the first event.
                 let _ = gate.wait_for(|held| !*held).await;
             }
             if i >= 1 && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let frame = match events.get(i) {
-                Some(event) => format!("data: {event}\n\n"),
-                None => "data: [DONE]\n\n".to_owned(),
-            };
             Some((
                 Ok::<_, Infallible>(Bytes::from(frame)),
-                (i + 1, events, gate),
+                (i + 1, frames, gate),
             ))
         },
     );
-    Ok((
+    (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         Body::from_stream(frames),
     )
-        .into_response())
+        .into_response()
 }
 
 pub async fn models() -> Json<Value> {
