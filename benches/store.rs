@@ -272,6 +272,16 @@ async fn run() {
                 error_code: None,
                 error_message: None,
                 completed_at: 2,
+                // Every answered line is priced: its ledger row is part of
+                // the cost of storing it.
+                charge: Some(carpool::pricing::Charge {
+                    usage: carpool::pricing::TokenUsage {
+                        prompt: 12,
+                        completion: 7,
+                    },
+                    realtime_nusd: 6_000,
+                    served_nusd: 3_000,
+                }),
             })
             .collect();
         resolved += store.resolve(&big.id, batch).await.unwrap().len();

@@ -14,9 +14,9 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::config::{ModelPrice, Pattern};
+use crate::config::Pattern;
 use crate::model::ServedBy;
-use crate::pricing::{cost_of, TokenUsage};
+use crate::pricing::Charge;
 use crate::providers::RetryObserver;
 use crate::store::{ResolvedStatus, WindowSummary};
 
@@ -138,8 +138,9 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     /// `carpool_upstream_retries_total{operation, cause}`: files and jobs calls retried.
     pub upstream_retries: IntCounterVec,
-    /// `carpool_estimated_savings_usd_total{model}`: batch-served tokens
-    /// priced at realtime minus batch prices, from `[prices]`.
+    /// `carpool_estimated_savings_usd_total{model}`: deferred requests'
+    /// tokens priced at realtime minus the price of the tier that served
+    /// them (batch, flex), from `[prices]`: the ledger's own figures.
     pub savings: CounterVec,
     /// `carpool_fallbacks_total{reason}`: deferred requests sent as realtime
     /// calls (`deadline`, or the batch `failed` / `expired` / `cancelled`).
@@ -148,6 +149,9 @@ pub struct Metrics {
     /// realtime while their line was in a live batch (the batch line is
     /// billed too): only callers still waiting at their fallback time.
     pub double_paid: IntCounterVec,
+    /// `carpool_flex_calls_total{outcome}`: flex attempts of realtime calls
+    /// for deferred requests (`served`, `refused`, `timeout`, `error`).
+    pub flex_calls: IntCounterVec,
     /// `carpool_resubmissions_total{reason}`: requests put back in a window
     /// after their batch `failed` / `expired` / `cancelled`.
     pub resubmissions: IntCounterVec,
@@ -317,6 +321,13 @@ impl Metrics {
             ),
             &["upstream", "model"],
         )?;
+        let flex_calls = IntCounterVec::new(
+            Opts::new(
+                "carpool_flex_calls_total",
+                "Flex-tier attempts of realtime calls made for deferred requests, by outcome (served, refused, timeout, error).",
+            ),
+            &["outcome"],
+        )?;
         let resubmissions = IntCounterVec::new(
             Opts::new(
                 "carpool_resubmissions_total",
@@ -340,6 +351,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(fallbacks.clone()))?;
         registry.register(Box::new(double_paid.clone()))?;
+        registry.register(Box::new(flex_calls.clone()))?;
         registry.register(Box::new(resubmissions.clone()))?;
         registry.register(Box::new(requests_expired.clone()))?;
         registry.register(Box::new(intake_refused.clone()))?;
@@ -425,6 +437,7 @@ impl Metrics {
             savings,
             fallbacks,
             double_paid,
+            flex_calls,
             resubmissions,
             requests_expired,
             intake_refused,
@@ -470,8 +483,7 @@ impl Metrics {
         model: &str,
         status: ResolvedStatus,
         served_by: ServedBy,
-        usage: Option<TokenUsage>,
-        price: Option<&ModelPrice>,
+        charge: Option<&Charge>,
     ) {
         let model = self.model_label(model);
         let outcome = match status {
@@ -483,7 +495,8 @@ impl Metrics {
             }
         };
         self.results.with_label_values(&[outcome]).inc();
-        let Some(usage) = usage else { return };
+        let Some(charge) = charge else { return };
+        let usage = charge.usage;
         let served = served_by.as_str();
         self.tokens
             .with_label_values(&[model, served, "input"])
@@ -491,10 +504,11 @@ impl Metrics {
         self.tokens
             .with_label_values(&[model, served, "output"])
             .inc_by(usage.completion);
-        if let (ServedBy::Batch, Some(price)) = (served_by, price) {
-            self.savings
-                .with_label_values(&[model])
-                .inc_by(cost_of(usage, price).savings());
+        // The ledger's own figure for the same request (a realtime answer
+        // saves nothing).
+        let saved = charge.saved_usd();
+        if saved > 0.0 {
+            self.savings.with_label_values(&[model]).inc_by(saved);
         }
     }
 
@@ -547,11 +561,14 @@ mod tests {
             "made-up",
             ResolvedStatus::Succeeded,
             ServedBy::Batch,
-            Some(TokenUsage {
-                prompt: 3,
-                completion: 4,
-            }),
-            None,
+            Some(&Charge::of(
+                crate::pricing::TokenUsage {
+                    prompt: 3,
+                    completion: 4,
+                },
+                None,
+                ServedBy::Batch,
+            )),
         );
         let text = m.render();
         assert!(text.contains(r#"model="_other""#));

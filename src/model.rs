@@ -165,6 +165,8 @@ impl RequestStatus {
 #[serde(rename_all = "lowercase")]
 pub enum ServedBy {
     Batch,
+    /// A discounted synchronous tier (OpenAI's `service_tier: "flex"`).
+    Flex,
     Realtime,
 }
 
@@ -172,6 +174,7 @@ impl ServedBy {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Batch => "batch",
+            Self::Flex => "flex",
             Self::Realtime => "realtime",
         }
     }
@@ -179,6 +182,7 @@ impl ServedBy {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "batch" => Some(Self::Batch),
+            "flex" => Some(Self::Flex),
             "realtime" => Some(Self::Realtime),
             _ => None,
         }

@@ -1,12 +1,13 @@
 //! What calls cost: token usage from the answers times the `[prices]`
-//! table, at realtime and at batch prices. Pure arithmetic, shared by the
-//! savings metric and `carpool demo`.
+//! table, at realtime and at batch or flex prices. Pure arithmetic, shared
+//! by the savings ledger, the savings metric and `carpool demo`.
 
 use std::ops::AddAssign;
 
 use serde_json::Value;
 
 use crate::config::ModelPrice;
+use crate::model::ServedBy;
 
 /// Tokens of one answer, or a sum of answers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -128,6 +129,56 @@ pub fn cost_of(usage: TokenUsage, price: &ModelPrice) -> Cost {
     }
 }
 
+/// Nano-USD (10^-9 USD) in one USD. The ledger counts in whole nano-USD,
+/// so that millions of requests add up exactly; one token of the cheapest
+/// model costs tens of them.
+pub const NANO_PER_USD: f64 = 1_000_000_000.0;
+
+/// What one answered request was charged for: its own usage, priced at
+/// realtime and at the tier that served it, in nano-USD. Written to the
+/// ledger once, when the result is stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Charge {
+    pub usage: TokenUsage,
+    pub realtime_nusd: i64,
+    pub served_nusd: i64,
+}
+
+impl Charge {
+    /// `usage` served by `served`, priced by `price` (none: tokens only,
+    /// no money either way).
+    pub fn of(usage: TokenUsage, price: Option<&ModelPrice>, served: ServedBy) -> Self {
+        let Some(price) = price else {
+            return Self {
+                usage,
+                ..Self::default()
+            };
+        };
+        let realtime = realtime_cost(usage, price.input, price.output);
+        let served = match served {
+            ServedBy::Batch => batch_cost(realtime, price.batch_discount),
+            ServedBy::Flex => batch_cost(realtime, price.flex_discount),
+            ServedBy::Realtime => realtime,
+        };
+        Self {
+            usage,
+            realtime_nusd: nano(realtime),
+            served_nusd: nano(served),
+        }
+    }
+
+    /// USD saved against the realtime price.
+    pub fn saved_usd(&self) -> f64 {
+        (self.realtime_nusd - self.served_nusd) as f64 / NANO_PER_USD
+    }
+}
+
+/// USD as whole nano-USD, rounded to the nearest.
+fn nano(usd: f64) -> i64 {
+    // Saturating: a price table cannot make a count wrap.
+    (usd * NANO_PER_USD).round() as i64
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -138,9 +189,11 @@ mod tests {
     fn price(input: f64, output: f64, discount: f64) -> ModelPrice {
         ModelPrice {
             model: Pattern::new("m-*").unwrap(),
+            upstream: None,
             input,
             output,
             batch_discount: discount,
+            flex_discount: discount,
         }
     }
 
@@ -175,6 +228,33 @@ mod tests {
         assert!(close(cost.batch, 2.0));
         assert!(close(cost.savings(), 2.0));
         assert!(close(cost.savings_fraction(), 0.5));
+    }
+
+    #[test]
+    fn a_charge_prices_the_tier_that_served_in_whole_nano_usd() {
+        let usage = TokenUsage {
+            prompt: 1_234,
+            completion: 567,
+        };
+        let mut p = price(0.15, 0.6, 0.5);
+        p.flex_discount = 0.4;
+        // 1234 * 0.15 / 1e6 + 567 * 0.6 / 1e6 = 0.0005253 USD.
+        let batch = Charge::of(usage, Some(&p), ServedBy::Batch);
+        assert_eq!(batch.realtime_nusd, 525_300);
+        assert_eq!(batch.served_nusd, 262_650);
+        assert_eq!(
+            Charge::of(usage, Some(&p), ServedBy::Flex).served_nusd,
+            315_180
+        );
+        let realtime = Charge::of(usage, Some(&p), ServedBy::Realtime);
+        assert_eq!(realtime.served_nusd, realtime.realtime_nusd);
+        assert!(close(realtime.saved_usd(), 0.0));
+        assert!(close(batch.saved_usd(), 0.000_262_65));
+        let unpriced = Charge::of(usage, None, ServedBy::Batch);
+        assert_eq!(
+            (unpriced.usage, unpriced.realtime_nusd, unpriced.served_nusd),
+            (usage, 0, 0)
+        );
     }
 
     #[test]

@@ -309,6 +309,7 @@ async fn a_caller_held_on_one_replica_is_answered_when_another_stores_its_result
                 error_code: None,
                 error_message: None,
                 completed_at: now_ms(),
+                charge: None,
             })
             .await
             .unwrap());

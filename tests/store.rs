@@ -170,6 +170,7 @@ fn success(id: &RequestId, body: &str) -> Resolution {
         error_code: None,
         error_message: None,
         completed_at: T0 + 20,
+        charge: None,
     }
 }
 

@@ -67,6 +67,10 @@ pub struct RawUpstream {
     pub api_key_env: Option<String>,
     pub auth: Option<String>,
     pub models: Option<Vec<String>>,
+    pub flex: Option<bool>,
+    pub flex_models: Option<Vec<String>>,
+    pub flex_timeout: Option<Scalar>,
+    pub completion_window: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -143,6 +147,7 @@ pub struct RawWebhooks {
 #[serde(deny_unknown_fields)]
 pub struct RawPrices {
     pub batch_discount: Option<f64>,
+    pub flex_discount: Option<f64>,
     #[serde(default)]
     pub models: Vec<RawModelPrice>,
 }
@@ -152,7 +157,10 @@ pub struct RawPrices {
 #[serde(deny_unknown_fields)]
 pub struct RawModelPrice {
     pub model: Option<String>,
+    /// Only for calls routed to this `[[upstreams]]` entry.
+    pub upstream: Option<String>,
     pub input: Option<f64>,
     pub output: Option<f64>,
     pub batch_discount: Option<f64>,
+    pub flex_discount: Option<f64>,
 }

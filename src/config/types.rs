@@ -89,9 +89,22 @@ pub struct UpstreamConfig {
     pub api_key: Option<Secret>,
     pub auth: AuthMode,
     pub models: ModelGlobs,
+    /// Models this upstream sells a flex tier for (`flex = true`: `*`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flex_models: Vec<Pattern>,
+    /// Longest a flex call may take (cut to what a deadline leaves).
+    #[serde(serialize_with = "ser_duration")]
+    pub flex_timeout: Duration,
+    /// The `completion_window` of its batches (openai dialect).
+    pub completion_window: String,
 }
 
 impl UpstreamConfig {
+    /// Whether a realtime call for `model` tries flex first.
+    pub fn flex_for(&self, model: &str) -> bool {
+        self.flex_models.iter().any(|p| p.matches(model))
+    }
+
     /// The upstream URL for a caller's path (and query), e.g. `/v1/models`:
     /// the base URL's path, then the caller's. Built from the parsed base
     /// so only the path and query are parsed on each call, not the host.
@@ -427,22 +440,38 @@ impl Serialize for WebhookSecret {
 pub struct PricesConfig {
     /// Fraction taken off the realtime price for batch-served tokens.
     pub batch_discount: f64,
+    /// Fraction taken off the realtime price for flex-served tokens.
+    pub flex_discount: f64,
     pub models: Vec<ModelPrice>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelPrice {
     pub model: Pattern,
+    /// Only calls routed to this upstream; `None`: any upstream.
+    pub upstream: Option<String>,
     /// USD per million input tokens, realtime.
     pub input: f64,
     /// USD per million output tokens, realtime.
     pub output: f64,
     pub batch_discount: f64,
+    pub flex_discount: f64,
 }
 
 impl PricesConfig {
+    /// The first entry for `model` that names no upstream.
     pub fn for_model(&self, model: &str) -> Option<&ModelPrice> {
-        self.models.iter().find(|p| p.model.matches(model))
+        self.models
+            .iter()
+            .find(|p| p.upstream.is_none() && p.model.matches(model))
+    }
+
+    /// The first entry for `model` on `upstream`: one that names the
+    /// upstream, or names none.
+    pub fn for_call(&self, upstream: &str, model: &str) -> Option<&ModelPrice> {
+        self.models.iter().find(|p| {
+            p.upstream.as_deref().map_or(true, |u| u == upstream) && p.model.matches(model)
+        })
     }
 }
 

@@ -187,7 +187,8 @@ pub fn validate(
     let batching = batching(&mut c, &raw.batching, &upstreams, &mut warnings);
     let rules = rules(&mut c, &raw.rules, broken, &clients);
     let webhooks = webhooks(&mut c, &raw.webhooks);
-    let prices = prices(&mut c, &raw.prices);
+    let names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+    let prices = prices(&mut c, &raw.prices, &names);
     if clients.is_empty() {
         let open: Vec<&str> = upstreams
             .iter()
@@ -398,6 +399,13 @@ fn upstreams(
                 None
             }
         };
+        let flex_models = flex_models(c, &k, u, dialect);
+        let flex_timeout = c.duration(
+            &format!("{k}.flex_timeout"),
+            u.flex_timeout.as_ref(),
+            Duration::from_secs(15 * 60),
+        );
+        let completion_window = completion_window(c, &k, u, dialect);
         if let (Some(name), Some(dialect), Some(base_url), Some(models)) =
             (name, dialect, base_url, models)
         {
@@ -409,10 +417,84 @@ fn upstreams(
                 api_key,
                 auth,
                 models,
+                flex_models,
+                flex_timeout,
+                completion_window,
             });
         }
     }
     out
+}
+
+/// `flex` / `flex_models` of an upstream as the models that try flex.
+/// Flex is OpenAI's `service_tier`: only an openai-dialect upstream sells it.
+fn flex_models(
+    c: &mut Check<'_>,
+    k: &str,
+    u: &RawUpstream,
+    dialect: Option<Dialect>,
+) -> Vec<Pattern> {
+    let globs = match (u.flex, &u.flex_models) {
+        (None | Some(false), None) => return Vec::new(),
+        (Some(true), None) => vec!["*".to_owned()],
+        (None, Some(globs)) => globs.clone(),
+        (Some(flex), Some(_)) => {
+            c.fail(
+                format!("{k}.flex_models"),
+                format!("contradicts flex = {flex}: set flex = true (every model) or flex_models, not both"),
+            );
+            return Vec::new();
+        }
+    };
+    if dialect.is_some_and(|d| d != Dialect::Openai) {
+        c.fail(
+            format!("{k}.flex"),
+            "flex is a service tier of the openai dialect; this upstream cannot sell it",
+        );
+        return Vec::new();
+    }
+    globs
+        .iter()
+        .enumerate()
+        .filter_map(|(j, g)| c.pattern(&format!("{k}.flex_models[{j}]"), g))
+        .collect()
+}
+
+/// An upstream's batch `completion_window`: OpenAI sells `24h`; compatible
+/// providers take others (`1h`, `48h`, up to `7d`). Only the openai dialect
+/// sends one.
+fn completion_window(
+    c: &mut Check<'_>,
+    k: &str,
+    u: &RawUpstream,
+    dialect: Option<Dialect>,
+) -> String {
+    const DEFAULT: &str = "24h";
+    let Some(window) = u.completion_window.as_deref().map(str::trim) else {
+        return DEFAULT.to_owned();
+    };
+    let key = format!("{k}.completion_window");
+    if dialect.is_some_and(|d| d != Dialect::Openai) {
+        c.fail(
+            &key,
+            "only an openai-dialect upstream's batches take a completion_window",
+        );
+        return DEFAULT.to_owned();
+    }
+    match humantime::parse_duration(window) {
+        Ok(d) if d >= Duration::from_secs(3600) && d <= Duration::from_secs(7 * 86_400) => {
+            window.to_owned()
+        }
+        _ => {
+            c.fail(
+                &key,
+                format!(
+                    "invalid window \"{window}\", expected a duration from 1h to 7d, e.g. \"24h\""
+                ),
+            );
+            DEFAULT.to_owned()
+        }
+    }
 }
 
 fn base_url(c: &mut Check<'_>, key: &str, s: &str) -> Option<url::Url> {
@@ -790,8 +872,9 @@ fn fraction(c: &mut Check<'_>, key: &str, v: Option<f64>, default: f64) -> f64 {
     }
 }
 
-fn prices(c: &mut Check<'_>, raw: &RawPrices) -> PricesConfig {
+fn prices(c: &mut Check<'_>, raw: &RawPrices, upstreams: &[&str]) -> PricesConfig {
     let batch_discount = fraction(c, "prices.batch_discount", raw.batch_discount, 0.5);
+    let flex_discount = fraction(c, "prices.flex_discount", raw.flex_discount, 0.5);
     let mut models = Vec::new();
     for (i, p) in raw.models.iter().enumerate() {
         let k = format!("prices.models[{i}]");
@@ -820,17 +903,34 @@ fn prices(c: &mut Check<'_>, raw: &RawPrices) -> PricesConfig {
             p.batch_discount,
             batch_discount,
         );
+        let flex = fraction(
+            c,
+            &format!("{k}.flex_discount"),
+            p.flex_discount,
+            flex_discount,
+        );
+        if let Some(name) = &p.upstream {
+            if !upstreams.contains(&name.as_str()) {
+                c.fail(
+                    format!("{k}.upstream"),
+                    format!("names no [[upstreams]] entry: {name:?}"),
+                );
+            }
+        }
         if let (Some(model), Some(input), Some(output)) = (pattern, input, output) {
             models.push(ModelPrice {
                 model,
+                upstream: p.upstream.clone(),
                 input,
                 output,
                 batch_discount: discount,
+                flex_discount: flex,
             });
         }
     }
     PricesConfig {
         batch_discount,
+        flex_discount,
         models,
     }
 }

@@ -112,7 +112,8 @@ impl Deferral {
                     u.dialect,
                     retry.clone(),
                     limits,
-                );
+                )
+                .with_completion_window(&u.completion_window);
                 (
                     u.name.clone(),
                     BatchUpstream {

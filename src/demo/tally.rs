@@ -243,11 +243,14 @@ mod tests {
     fn prices() -> PricesConfig {
         PricesConfig {
             batch_discount: 0.5,
+            flex_discount: 0.5,
             models: vec![ModelPrice {
                 model: Pattern::new("mistral-*").unwrap(),
                 input: 1.0,
                 output: 1.0,
                 batch_discount: 0.5,
+                flex_discount: 0.5,
+                upstream: None,
             }],
         }
     }

@@ -97,38 +97,49 @@ pub fn jobs_path(dialect: Dialect) -> &'static str {
     }
 }
 
+/// What a job is created for, beside its file.
+pub struct JobTerms<'a> {
+    pub model: &'a str,
+    pub endpoint: &'a str,
+    /// The openai dialect's `completion_window` (e.g. `24h`, `48h`).
+    pub completion_window: &'a str,
+}
+
 /// The body of the create call.
 pub fn create_body(
     dialect: Dialect,
     file_id: &str,
-    model: &str,
-    endpoint: &str,
+    terms: &JobTerms<'_>,
     window: &WindowId,
 ) -> Value {
     let metadata = json!({ WINDOW_METADATA_KEY: window.as_str() });
     match dialect {
         Dialect::Mistral => json!({
             "input_files": [file_id],
-            "model": model,
-            "endpoint": endpoint,
+            "model": terms.model,
+            "endpoint": terms.endpoint,
             "metadata": metadata,
             "timeout_hours": 24,
         }),
         Dialect::Openai => json!({
             "input_file_id": file_id,
-            "endpoint": endpoint,
-            "completion_window": "24h",
+            "endpoint": terms.endpoint,
+            "completion_window": terms.completion_window,
             "metadata": metadata,
         }),
     }
 }
 
+/// A job's phase from its provider status, read without regard to case
+/// (compatible providers write `COMPLETED` or `Completed`) and open-ended:
+/// a status not known here is still running.
 pub fn phase_of(dialect: Dialect, status: &str) -> JobPhase {
-    match (dialect, status) {
-        (Dialect::Mistral, "SUCCESS") | (Dialect::Openai, "completed") => JobPhase::Completed,
-        (Dialect::Mistral, "FAILED") | (Dialect::Openai, "failed") => JobPhase::Failed,
-        (Dialect::Mistral, "TIMEOUT_EXCEEDED") | (Dialect::Openai, "expired") => JobPhase::Expired,
-        (Dialect::Mistral, "CANCELLED") | (Dialect::Openai, "cancelled") => JobPhase::Cancelled,
+    let status = status.trim().to_ascii_lowercase();
+    match (dialect, status.as_str()) {
+        (Dialect::Mistral, "success") | (Dialect::Openai, "completed") => JobPhase::Completed,
+        (_, "failed") => JobPhase::Failed,
+        (Dialect::Mistral, "timeout_exceeded") | (Dialect::Openai, "expired") => JobPhase::Expired,
+        (_, "cancelled" | "canceled") => JobPhase::Cancelled,
         _ => JobPhase::Running,
     }
 }
@@ -144,8 +155,13 @@ fn count(v: &Value, key: &str) -> u64 {
     v.get(key).and_then(Value::as_u64).unwrap_or(0)
 }
 
-/// Reads a job object; `None` when it has no id.
+/// Reads a job object; `None` when it has no id. Some compatible
+/// providers wrap it (`{"job": {…}}`): the wrapper is taken off.
 pub fn parse_job(dialect: Dialect, v: &Value) -> Option<JobView> {
+    let v = match v.get("job") {
+        Some(inner) if v.get("id").is_none() && inner.is_object() => inner,
+        _ => v,
+    };
     let id = text(v, "id")?;
     let raw_status = text(v, "status").unwrap_or_default();
     let window = v
@@ -276,10 +292,44 @@ mod tests {
             (Dialect::Openai, "expired", Expired),
             (Dialect::Openai, "cancelled", Cancelled),
             (Dialect::Openai, "some_new_state", Running),
+            // Compatible providers: any case, either spelling of cancelled.
+            (Dialect::Openai, "COMPLETED", Completed),
+            (Dialect::Openai, "Failed", Failed),
+            (Dialect::Openai, "canceled", Cancelled),
+            (Dialect::Openai, " In_Progress ", Running),
+            (Dialect::Mistral, "success", Completed),
         ];
         for (dialect, status, phase) in cases {
             assert_eq!(phase_of(dialect, status), phase, "{dialect:?} {status}");
         }
+    }
+
+    #[test]
+    fn a_create_answer_wrapped_in_job_is_unwrapped() {
+        let wrapped = json!({"job": {"id": "b1", "status": "VALIDATING", "created_at": 3}});
+        let job = parse_job(Dialect::Openai, &wrapped).unwrap();
+        assert_eq!(
+            (job.id.as_str(), job.phase, job.created_at),
+            ("b1", JobPhase::Running, 3)
+        );
+        // A job that merely has a field named `job` is read as it is.
+        let plain = json!({"id": "b2", "status": "completed", "job": {"id": "other"}});
+        assert_eq!(parse_job(Dialect::Openai, &plain).unwrap().id, "b2");
+    }
+
+    #[test]
+    fn create_bodies_carry_the_upstreams_completion_window() {
+        let terms = JobTerms {
+            model: "m",
+            endpoint: "/v1/chat/completions",
+            completion_window: "48h",
+        };
+        let window = WindowId::from_stored("cpw_1".to_owned());
+        let body = create_body(Dialect::Openai, "file-1", &terms, &window);
+        assert_eq!(body["completion_window"], "48h");
+        assert!(create_body(Dialect::Mistral, "file-1", &terms, &window)
+            .get("completion_window")
+            .is_none());
     }
 
     #[test]

@@ -323,6 +323,8 @@ pub struct BatchClient {
     /// The window's scoping headers, sent on every call ([`Self::scoped`]).
     scope: Scope,
     limits: CallLimits,
+    /// How long the provider is given per job (openai dialect).
+    completion_window: String,
 }
 
 /// Adds a window's scoping headers (SPEC section 2) to one of its calls,
@@ -350,7 +352,14 @@ impl BatchClient {
             retry,
             scope: Scope::default(),
             limits,
+            completion_window: "24h".to_owned(),
         }
+    }
+
+    /// This client with the upstream's own batch `completion_window`.
+    pub fn with_completion_window(mut self, window: &str) -> Self {
+        window.clone_into(&mut self.completion_window);
+        self
     }
 
     /// This client for one window's calls: every call carries its scope.
@@ -445,7 +454,12 @@ impl BatchClient {
         window: &WindowId,
     ) -> Result<JobView, ProviderError> {
         const OP: &str = "create";
-        let body = jobs::create_body(self.dialect, file_id, model, endpoint, window);
+        let terms = jobs::JobTerms {
+            model,
+            endpoint,
+            completion_window: &self.completion_window,
+        };
+        let body = jobs::create_body(self.dialect, file_id, &terms, window);
         let url = self.url(jobs::jobs_path(self.dialect));
         let value = bounded(OP, self.limits.call, async {
             let resp = with_scope(self.http.post(&url).bearer_auth(key), &self.scope)

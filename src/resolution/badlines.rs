@@ -127,6 +127,7 @@ async fn fail_named(
                 error_code: Some(line.code),
                 error_message: Some(line.message),
                 completed_at: now,
+                charge: None,
             }
         })
         .collect();
@@ -136,7 +137,6 @@ async fn fail_named(
             &window.key.model,
             ResolvedStatus::Failed,
             ServedBy::Batch,
-            None,
             None,
         );
     }

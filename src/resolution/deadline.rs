@@ -239,6 +239,7 @@ async fn expire(deferral: &Deferral, request: &RequestRecord) -> Result<(), Stor
                     .to_owned(),
             ),
             completed_at: now_ms(),
+            charge: None,
         })
         .await?;
     if stored {

@@ -26,7 +26,7 @@ use crate::config::{FailurePolicy, Secret};
 use crate::deferral::engine::{now_ms, BatchUpstream, Deferral, FallbackGuard};
 use crate::deferral::lease::{leased, LeaseLost};
 use crate::model::{RequestId, ServedBy};
-use crate::pricing::TokenUsage;
+use crate::pricing::{Charge, TokenUsage};
 use crate::providers::{JobPhase, JobView, RetryPolicy};
 use crate::proxy::headers;
 use crate::server::auth::Caller;
@@ -232,7 +232,10 @@ enum RealtimeError {
 /// [`realtime`]'s work, under the lease.
 async fn answer(deferral: &Deferral, c: &Candidate<'_>) -> Result<bool, RealtimeError> {
     // Answered meanwhile (by its batch, or a fallback that just finished).
-    if !deferral.store.is_open(c.id).await? {
+    let Some(record) = deferral.store.request_by_id(c.id).await? else {
+        return Ok(false);
+    };
+    if record.status.is_final() {
         return Ok(false);
     }
     let Some(body) = deferral.store.request_body(c.id).await? else {
@@ -251,11 +254,20 @@ async fn answer(deferral: &Deferral, c: &Candidate<'_>) -> Result<bool, Realtime
     // What a pass-through would have sent; the scoping headers are among
     // them (stored with every end-to-end header at intake).
     let headers = headers::from_pairs(&deferral.store.request_headers(c.id).await?);
-    let called = call(deferral, c, &caller, &headers, realtime_body(body)).await;
+    let body = realtime_body(body);
+    let called = match flex(deferral, c, &caller, &headers, &body, record.deadline).await {
+        Some(answer) => Ok(answer),
+        None => call(deferral, c, &caller, &headers, body).await,
+    };
     let now = now_ms();
     let resolution = match called {
         Ok((status, body)) => {
             let ok = (200..300).contains(&status);
+            let served_by = tier_of(&body);
+            let price = deferral
+                .config
+                .prices
+                .for_call(&c.upstream.config.name, c.model);
             Resolution {
                 id: c.id.clone(),
                 status: if ok {
@@ -263,10 +275,11 @@ async fn answer(deferral: &Deferral, c: &Candidate<'_>) -> Result<bool, Realtime
                 } else {
                     ResolvedStatus::Failed
                 },
-                served_by: Some(ServedBy::Realtime),
+                served_by: Some(served_by),
                 response_status: Some(status),
                 error_code: (!ok).then(|| format!("upstream_{status}")),
                 error_message: (!ok).then(|| upstream_message(&body)),
+                charge: TokenUsage::from_body(&body).map(|u| Charge::of(u, price, served_by)),
                 response_body: Some(body),
                 completed_at: now,
             }
@@ -280,22 +293,130 @@ async fn answer(deferral: &Deferral, c: &Candidate<'_>) -> Result<bool, Realtime
             error_code: Some("realtime_failed".to_owned()),
             error_message: Some(format!("{}: {reason}", c.context)),
             completed_at: now,
+            charge: None,
         },
     };
     let status = resolution.status;
-    let usage = resolution
-        .response_body
-        .as_deref()
-        .and_then(TokenUsage::from_body);
+    let served_by = resolution.served_by.unwrap_or(ServedBy::Realtime);
+    let charge = resolution.charge;
     let stored = deferral.store.resolve_one(resolution).await?;
     if stored {
         deferral
             .metrics
-            .record_result(c.model, status, ServedBy::Realtime, usage, None);
+            .record_result(c.model, status, served_by, charge.as_ref());
         deferral.waiters.wake(std::slice::from_ref(c.id));
-        tracing::info!(request = %c.id, reason = c.reason.as_str(), "answered by a realtime call");
+        tracing::info!(request = %c.id, reason = c.reason.as_str(), served_by = served_by.as_str(), "answered by a realtime call");
     }
     Ok(stored)
+}
+
+/// The tier that served an answer, as the answer says (`service_tier`):
+/// flex only when the provider says so, never assumed from what was asked.
+fn tier_of(body: &[u8]) -> ServedBy {
+    #[derive(serde::Deserialize)]
+    struct Tier<'a> {
+        #[serde(borrow)]
+        service_tier: Option<&'a str>,
+    }
+    match serde_json::from_slice::<Tier<'_>>(body) {
+        Ok(Tier {
+            service_tier: Some("flex"),
+        }) => ServedBy::Flex,
+        _ => ServedBy::Realtime,
+    }
+}
+
+/// The shortest flex attempt worth making.
+const MIN_FLEX: Duration = Duration::from_secs(1);
+
+/// How long a flex call may take: `flex_timeout`, but never more than half
+/// of what is left before the deadline, so that a standard call still fits
+/// after a flex call that was refused or too slow. `None`: no time for
+/// both.
+pub fn flex_budget(
+    flex_timeout: Duration,
+    now_ms: i64,
+    deadline_ms: Option<i64>,
+) -> Option<Duration> {
+    let budget = match deadline_ms {
+        None => flex_timeout,
+        Some(deadline) => {
+            let left = u64::try_from(deadline.saturating_sub(now_ms)).unwrap_or(0);
+            flex_timeout.min(Duration::from_millis(left / 2))
+        }
+    };
+    (budget >= MIN_FLEX).then_some(budget)
+}
+
+/// One flex call for a request whose upstream sells flex for its model:
+/// its 2xx answer, or `None` (not tried, refused, too slow, failed), after
+/// which the standard call is made at once. Never retried: a refusal for
+/// capacity (429, 503) or an unsupported model (400) will not clear in the
+/// time a deadline leaves.
+async fn flex(
+    deferral: &Deferral,
+    c: &Candidate<'_>,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: &Bytes,
+    deadline: Option<i64>,
+) -> Option<(u16, Bytes)> {
+    let upstream = &c.upstream.config;
+    if !upstream.flex_for(c.model) {
+        return None;
+    }
+    let budget = flex_budget(upstream.flex_timeout, now_ms(), deadline)?;
+    // A caller that named its own tier keeps it.
+    let flex_body = with_flex_tier(body)?;
+    let sent = tokio::time::timeout(budget, async {
+        let relayed = deferral
+            .forwarder
+            .forward_json(upstream, caller, c.endpoint, headers, flex_body, "flex")
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = relayed.response.status().as_u16();
+        let bytes = axum::body::to_bytes(relayed.response.into_body(), MAX_ANSWER)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((status, bytes))
+    })
+    .await;
+    let (outcome, answer) = match sent {
+        Ok(Ok((status, bytes))) if (200..300).contains(&status) => {
+            ("served", Some((status, bytes)))
+        }
+        Ok(Ok((status, _))) => {
+            tracing::info!(request = %c.id, status, "flex refused; calling the standard tier");
+            ("refused", None)
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(request = %c.id, %error, "flex call failed; calling the standard tier");
+            ("error", None)
+        }
+        Err(_) => {
+            tracing::info!(request = %c.id, budget_ms = budget.as_millis() as u64, "flex too slow; calling the standard tier");
+            ("timeout", None)
+        }
+    };
+    deferral
+        .metrics
+        .flex_calls
+        .with_label_values(&[outcome])
+        .inc();
+    answer
+}
+
+/// The body asking for the flex tier; `None` when the caller's body names
+/// a `service_tier` of its own (or is not a JSON object).
+fn with_flex_tier(body: &Bytes) -> Option<Bytes> {
+    let serde_json::Value::Object(mut map) = serde_json::from_slice(body).ok()? else {
+        return None;
+    };
+    if map.contains_key("service_tier") {
+        return None;
+    }
+    map.insert("service_tier".to_owned(), "flex".into());
+    serde_json::to_vec(&map).ok().map(Bytes::from)
 }
 
 /// One realtime call with its retries: the status and body, or why there is
@@ -395,6 +516,46 @@ mod tests {
         assert_eq!(v, serde_json::json!({"model": "m", "n": 1}));
         let plain = Bytes::from_static(br#"{"model": "m"}"#);
         assert_eq!(realtime_body(plain.clone()), plain);
+    }
+
+    #[test]
+    fn flex_gets_half_of_what_the_deadline_leaves_and_never_less_than_a_second() {
+        let fifteen = Duration::from_secs(900);
+        assert_eq!(flex_budget(fifteen, 0, None), Some(fifteen));
+        assert_eq!(
+            flex_budget(fifteen, 0, Some(30_000)),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            flex_budget(Duration::from_secs(5), 0, Some(30_000)),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(flex_budget(fifteen, 0, Some(1_500)), None);
+        assert_eq!(flex_budget(fifteen, 10_000, Some(5_000)), None);
+    }
+
+    #[test]
+    fn the_flex_tier_is_asked_only_when_the_caller_named_none() {
+        let asked = with_flex_tier(&Bytes::from_static(br#"{"model":"m"}"#)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&asked).unwrap();
+        assert_eq!(v, serde_json::json!({"model": "m", "service_tier": "flex"}));
+        let own = Bytes::from_static(br#"{"model":"m","service_tier":"default"}"#);
+        assert_eq!(with_flex_tier(&own), None);
+        assert_eq!(with_flex_tier(&Bytes::from_static(b"[1]")), None);
+    }
+
+    #[test]
+    fn the_served_tier_is_read_from_the_answer() {
+        assert_eq!(
+            tier_of(br#"{"service_tier":"flex","id":"x"}"#),
+            ServedBy::Flex
+        );
+        assert_eq!(
+            tier_of(br#"{"service_tier":"default"}"#),
+            ServedBy::Realtime
+        );
+        assert_eq!(tier_of(br#"{"id":"x"}"#), ServedBy::Realtime);
+        assert_eq!(tier_of(b"not json"), ServedBy::Realtime);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::fallback::{self, ChainTally};
 use super::spool::{Spool, SpoolError};
 use crate::deferral::engine::{now_ms, BatchUpstream, Deferral};
 use crate::model::{RequestId, ServedBy};
-use crate::pricing::TokenUsage;
+use crate::pricing::{Charge, TokenUsage};
 use crate::providers::{parse_result_line, JobPhase, JobView, LineReader, ProviderError};
 use crate::store::{Resolution, ResolvedStatus, StoreError, WindowRecord};
 
@@ -113,6 +113,8 @@ pub fn result_line(line: &[u8], now: i64) -> Result<ResultLine, Option<String>> 
         error_code,
         error_message,
         completed_at: now,
+        // Priced when its chunk is stored (`store_chunk`).
+        charge: None,
     };
     Ok(ResultLine {
         resolution,
@@ -255,27 +257,30 @@ async fn store_chunk(
 ) -> Result<Stored, ReconcileError> {
     // Counted once stored, and only what the store applied: a re-run after
     // a crash must not count the same answers twice.
-    let facts: Vec<_> = chunk
-        .resolutions
+    let price = deferral
+        .config
+        .prices
+        .for_call(&window.key.upstream, &window.key.model);
+    let mut resolutions = chunk.resolutions;
+    for (r, usage) in resolutions.iter_mut().zip(chunk.usage) {
+        let served_by = r.served_by.unwrap_or(ServedBy::Batch);
+        r.charge = usage.map(|usage| Charge::of(usage, price, served_by));
+    }
+    let facts: Vec<_> = resolutions
         .iter()
-        .zip(chunk.usage)
-        .map(|(r, usage)| {
+        .map(|r| {
             (
                 r.id.clone(),
                 r.status,
                 r.served_by.unwrap_or(ServedBy::Batch),
-                usage,
+                r.charge,
             )
         })
         .collect();
-    let changed = deferral
-        .store
-        .resolve(&window.id, chunk.resolutions)
-        .await?;
+    let changed = deferral.store.resolve(&window.id, resolutions).await?;
     let applied: HashSet<&RequestId> = changed.iter().collect();
-    let price = deferral.config.prices.for_model(&window.key.model);
     let mut stored = Stored::default();
-    for (id, status, served_by, usage) in &facts {
+    for (id, status, served_by, charge) in &facts {
         if !applied.contains(id) {
             stored.not_open += 1;
             continue;
@@ -287,7 +292,7 @@ async fn store_chunk(
         }
         deferral
             .metrics
-            .record_result(&window.key.model, *status, *served_by, *usage, price);
+            .record_result(&window.key.model, *status, *served_by, charge.as_ref());
     }
     deferral.waiters.wake(&changed);
     Ok(stored)

@@ -22,7 +22,7 @@ use crate::model::{DeliveryId, WindowId};
 use crate::store::{secs, DeliveryRecord, FlushReason, WindowState};
 
 /// Checks the admin token in constant time.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let token = state.config.server.admin_token.as_ref();
     match (token, bearer(headers)) {
         (Some(token), Some(presented)) if token.matches(presented) => Ok(()),

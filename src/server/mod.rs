@@ -15,6 +15,7 @@ pub mod listen;
 pub mod observe;
 mod ops;
 mod requests;
+mod savings;
 
 use axum::routing::{get, post};
 use axum::{middleware, Router};
@@ -44,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/windows/{id}/flush", post(admin::flush_one))
         .route("/admin/flush", post(admin::flush_all))
         .route("/admin/jobs", get(admin::jobs))
+        .route("/admin/savings", get(savings::savings))
         .route("/admin/dead-letters", get(admin::dead_letters))
         .route(
             "/admin/dead-letters/replay",

@@ -160,6 +160,8 @@ impl Digest32 {
         let mut trimmed = body.clone();
         trimmed.remove("stream");
         trimmed.remove("stream_options");
+        // The same answer whichever tier serves it.
+        trimmed.remove("service_tier");
         let hex = canonical_hash(&json!({"endpoint": endpoint, "body": trimmed}));
         Self { hex }
     }

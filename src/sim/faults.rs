@@ -93,6 +93,16 @@ pub enum Fault {
         #[serde(default = "one")]
         count: u32,
     },
+    /// Synchronous calls asking for `service_tier: "flex"` are refused with
+    /// `status` (429 or 503: no flex capacity; 400: no flex for the model).
+    RefuseFlex {
+        status: u16,
+        #[serde(default = "one")]
+        count: u32,
+    },
+    /// Synchronous calls asking for flex are answered `ms` late (flex is
+    /// slower than the standard tier); not used up.
+    SlowFlex { ms: u64 },
     /// Lines of jobs created while this is set fail with `status`: those
     /// whose `custom_id` is listed, plus a deterministic `fraction` of all.
     FailLines {
@@ -381,13 +391,41 @@ impl FaultBook {
                         }
                     }
                 }
-                Fault::NextJob { .. } | Fault::FailLines { .. } | Fault::InvalidLine { .. } => {}
+                Fault::NextJob { .. }
+                | Fault::FailLines { .. }
+                | Fault::InvalidLine { .. }
+                | Fault::RefuseFlex { .. }
+                | Fault::SlowFlex { .. } => {}
             }
         }
         for i in spent.into_iter().rev() {
             self.faults.remove(i);
         }
         verdict
+    }
+
+    /// What happens to a synchronous call that asked for flex: its extra
+    /// latency, and the status it is refused with, if any (consumed).
+    pub fn on_flex_call(&mut self) -> (Duration, Option<u16>) {
+        let mut delay = Duration::ZERO;
+        let mut refused = None;
+        let mut spent = None;
+        for (i, fault) in self.faults.iter_mut().enumerate() {
+            match fault {
+                Fault::SlowFlex { ms } => delay += Duration::from_millis(*ms),
+                Fault::RefuseFlex { status, count } if refused.is_none() => {
+                    refused = Some(*status);
+                    if take(count) {
+                        spent = Some(i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(i) = spent {
+            self.faults.remove(i);
+        }
+        (delay, refused)
     }
 
     /// Consume a pending job outcome for a job being created.

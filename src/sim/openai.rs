@@ -49,11 +49,12 @@ pub async fn create(
             ApiError::invalid(format!("unsupported endpoint '{endpoint}'")).param("endpoint"),
         );
     }
+    // OpenAI sells 24h; compatible providers also these.
     match req.get("completion_window").and_then(Value::as_str) {
-        Some("24h") => {}
+        Some("24h" | "1h" | "48h" | "72h" | "7d") => {}
         Some(other) => {
             return Err(ApiError::invalid(format!(
-                "invalid completion_window '{other}': only '24h' is supported"
+                "invalid completion_window '{other}': supported are 1h, 24h, 48h, 72h and 7d"
             ))
             .param("completion_window"))
         }
@@ -103,7 +104,7 @@ pub async fn create(
         input_file_ids: vec![file_id.to_owned()],
         inline: false,
         credential: credential(&headers),
-        extra: Value::Null,
+        extra: json!({"completion_window": req.get("completion_window")}),
     };
     let job = Job::new(spec, lines, errors, outcome, &opts);
     let id = job.id.clone();
@@ -334,7 +335,7 @@ pub fn render(job: &Job, view: &View) -> Value {
         "model": job.spec.model,
         "errors": errors,
         "input_file_id": job.spec.input_file_ids.first(),
-        "completion_window": "24h",
+        "completion_window": job.spec.extra["completion_window"],
         "status": view.stage.word(Dialect::Openai),
         "output_file_id": view.output_file,
         "error_file_id": view.error_file,

@@ -209,7 +209,9 @@ pub fn stream_events(body: &Value, pieces: usize) -> Result<Vec<Value>, ApiError
 pub async fn handler(State(sim): State<Arc<Sim>>, body: Bytes) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
-        return Ok(Json(respond("/v1/responses", &body)?).into_response());
+        let mut answer = respond("/v1/responses", &body)?;
+        super::sync_api::serve_tier(&sim, &body, &mut answer).await?;
+        return Ok(Json(answer).into_response());
     }
     let pieces = sim.opts().stream_chunks;
     let frames = stream_events(&body, pieces)?

@@ -22,6 +22,48 @@ pub fn parse_body(bytes: &[u8]) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))
 }
 
+/// A synchronous call's service tier, as OpenAI serves it: a call asking
+/// for `service_tier: "flex"` waits out the flex faults and may be refused
+/// (429/503 without capacity, 400 for a model without flex); the answer
+/// then says the tier that served it (`flex`, or `default` for any other
+/// tier asked). A call that names no tier is answered as before.
+pub async fn serve_tier(sim: &Sim, body: &Value, answer: &mut Value) -> Result<(), ApiError> {
+    let Some(asked) = body.get("service_tier").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let served = if asked == "flex" {
+        let (delay, refused) = super::state::lock(&sim.faults).on_flex_call();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match refused {
+            Some(400) => {
+                return Err(ApiError::invalid(
+                    "the flex service tier is not available for this model",
+                )
+                .param("service_tier"))
+            }
+            Some(status) => {
+                let status = axum::http::StatusCode::from_u16(status)
+                    .unwrap_or(axum::http::StatusCode::TOO_MANY_REQUESTS);
+                return Err(ApiError::new(
+                    status,
+                    "rate_limit_error",
+                    "resource unavailable: no flex capacity right now, retry later or use the default tier",
+                )
+                .code("resource_unavailable"));
+            }
+            None => "flex",
+        }
+    } else {
+        "default"
+    };
+    if let Some(obj) = answer.as_object_mut() {
+        obj.insert("service_tier".to_owned(), served.into());
+    }
+    Ok(())
+}
+
 /// Every non-chat synchronous endpoint: the answer for the body.
 pub async fn answer(uri: Uri, body: Bytes) -> Result<Json<Value>, ApiError> {
     let body = parse_body(&body)?;
@@ -31,7 +73,9 @@ pub async fn answer(uri: Uri, body: Bytes) -> Result<Json<Value>, ApiError> {
 pub async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
-        return Ok(Json(respond("/v1/chat/completions", &body)?).into_response());
+        let mut answer = respond("/v1/chat/completions", &body)?;
+        serve_tier(&sim, &body, &mut answer).await?;
+        return Ok(Json(answer).into_response());
     }
     let pieces = sim.opts().stream_chunks;
     let frames = chat_stream_events(&body, pieces)?

@@ -40,6 +40,7 @@ pub use model::{DeliveryMode, FlushReason, ResolvedStatus, WindowOutcome, Window
 pub use outbox::{event_type, DeliveryRecord, DeliveryState};
 
 use crate::model::{DeliveryId, RequestId, RequestStatus, Scope, ServedBy, WindowId};
+use crate::pricing::Charge;
 use ops::{Op, Reply};
 use outbox::OutboxOp;
 
@@ -294,6 +295,31 @@ pub struct Resolution {
     pub error_message: Option<String>,
     /// Unix ms.
     pub completed_at: i64,
+    /// The answer's usage and price, for the savings ledger: written with
+    /// the result, once, if the result applies.
+    pub charge: Option<Charge>,
+}
+
+/// What the savings ledger is summed by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LedgerGroup {
+    Model,
+    Upstream,
+    /// The caller's credential hash (named by the HTTP edge).
+    Credential,
+    /// The UTC day, as days since 1970-01-01 (`"20429"`).
+    Day,
+}
+
+/// One group of the ledger: requests, tokens and nano-USD.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerSum {
+    pub group: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub realtime_nusd: i64,
+    pub served_nusd: i64,
 }
 
 /// Upstream keys never reach a log line, even through `{:?}`.
@@ -777,6 +803,17 @@ impl Store {
     /// early, e.g. by a realtime fallback, count until their window finishes).
     pub async fn pending_by_credential(&self) -> Result<Vec<Pending>, StoreError> {
         dispatch!(self.pending_by_credential())
+    }
+
+    /// The savings ledger summed by `by`, over results completed in
+    /// `[from, to)` (Unix ms).
+    pub async fn ledger(
+        &self,
+        by: LedgerGroup,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<LedgerSum>, StoreError> {
+        dispatch!(self.ledger(by, from, to))
     }
 
     /// Deletes requests finished before `older_than` (results_ttl) and

@@ -11,9 +11,9 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use super::model::{request_from_sql, returned_from_sql, window_from_sql};
 use super::outbox::{DeliveryRecord, OutboxOp};
 use super::{
-    Accepted, CancelOutcome, DeliveryMode, DueCursor, DueRequest, FlushReason, Lease, NewRequest,
-    Pending, QueuedDeadline, RequestRecord, Resolution, StoreError, WindowKey, WindowLimits,
-    WindowOutcome, WindowRecord, WindowSlot, WindowState, WindowSummary,
+    Accepted, CancelOutcome, DeliveryMode, DueCursor, DueRequest, FlushReason, Lease, LedgerGroup,
+    LedgerSum, NewRequest, Pending, QueuedDeadline, RequestRecord, Resolution, StoreError,
+    WindowKey, WindowLimits, WindowOutcome, WindowRecord, WindowSlot, WindowState, WindowSummary,
 };
 use crate::model::{RequestId, RequestStatus, Scope, ServedBy, WindowId};
 
@@ -241,6 +241,20 @@ pub(crate) const INSERT_REQUEST: &str = "INSERT INTO requests (id, credential_ha
     model, body, body_hash, idempotency_key, mode, deadline, callback_url, status, window_id, created_at, \
     retry_tag, scope, forward_headers) \
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12, $13, $14, $15, $16)";
+
+/// One savings ledger row, its request's upstream, model and credential
+/// taken from the request itself; `$1` the request id. A request already
+/// in the ledger keeps its row. (Binds appear in order: the SQLite writer
+/// binds them by position.)
+pub(crate) const LEDGER_INSERT: &str = "INSERT INTO ledger (request_id, completed_at, upstream, \
+    model, credential_hash, served_by, input_tokens, output_tokens, realtime_nusd, served_nusd) \
+    SELECT $1, $2, upstream, model, credential_hash, $3, $4, $5, $6, $7 FROM requests WHERE id = $1 \
+    ON CONFLICT (request_id) DO NOTHING";
+
+/// A token count as SQL stores it (saturating: no count is that large).
+pub(crate) fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
 
 /// A request's end-to-end headers as stored: a JSON array of `[name,
 /// value]` pairs, NULL for none.

@@ -31,6 +31,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/postgres_v2.sql"),
     include_str!("schema/postgres_v3.sql"),
     include_str!("schema/postgres_v4.sql"),
+    include_str!("schema/postgres_v5.sql"),
 ];
 
 /// Arbitrary but fixed: replicas starting together migrate one at a time.
@@ -275,6 +276,15 @@ impl PgStore {
 
     pub(crate) async fn pending_by_credential(&self) -> Result<Vec<super::Pending>, StoreError> {
         ops::pending_by_credential(&mut *self.inner.pool.acquire().await?).await
+    }
+
+    pub(crate) async fn ledger(
+        &self,
+        by: super::LedgerGroup,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<super::LedgerSum>, StoreError> {
+        ops::ledger(&mut *self.inner.pool.acquire().await?, by, from, to).await
     }
 
     pub(crate) fn window_lines(

@@ -276,6 +276,41 @@ macro_rules! read_ops {
                 .collect()
         }
 
+        /// The savings ledger summed per group, over rows completed in
+        /// `[from, to)` (Unix ms), in group order.
+        pub(crate) async fn ledger(conn: &mut Conn, by: LedgerGroup, from: i64, to: i64) -> Result<Vec<LedgerSum>, StoreError> {
+            let group = match by {
+                LedgerGroup::Model => "model",
+                LedgerGroup::Upstream => "upstream",
+                LedgerGroup::Credential => "credential_hash",
+                LedgerGroup::Day => "CAST(completed_at / 86400000 AS TEXT)",
+            };
+            let rows = q(&format!(
+                "SELECT {group} AS grp, COUNT(*) AS requests, \
+                 CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, \
+                 CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, \
+                 CAST(SUM(realtime_nusd) AS BIGINT) AS realtime_nusd, \
+                 CAST(SUM(served_nusd) AS BIGINT) AS served_nusd \
+                 FROM ledger WHERE completed_at >= $1 AND completed_at < $2 GROUP BY grp ORDER BY grp"
+            ))
+            .bind(from)
+            .bind(to)
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(LedgerSum {
+                        group: row.try_get("grp")?,
+                        requests: uint(row.try_get("requests")?),
+                        input_tokens: uint(row.try_get("input_tokens")?),
+                        output_tokens: uint(row.try_get("output_tokens")?),
+                        realtime_nusd: row.try_get("realtime_nusd")?,
+                        served_nusd: row.try_get("served_nusd")?,
+                    })
+                })
+                .collect()
+        }
+
         /// Whether the request is still queued or submitted.
         pub(crate) async fn is_open(conn: &mut Conn, id: &RequestId) -> Result<bool, StoreError> {
             Ok(q("SELECT 1 AS one FROM requests WHERE id = $1 AND status IN ('queued', 'submitted')")

@@ -34,6 +34,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/sqlite_v2.sql"),
     include_str!("schema/sqlite_v3.sql"),
     include_str!("schema/sqlite_v4.sql"),
+    include_str!("schema/sqlite_v5.sql"),
 ];
 
 /// Commands waiting for the writer; intake beyond this waits (backpressure).
@@ -243,6 +244,15 @@ impl SqliteStore {
 
     pub(crate) async fn pending_by_credential(&self) -> Result<Vec<super::Pending>, StoreError> {
         ops::pending_by_credential(&mut *self.inner.read.acquire().await?).await
+    }
+
+    pub(crate) async fn ledger(
+        &self,
+        by: super::LedgerGroup,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<super::LedgerSum>, StoreError> {
+        ops::ledger(&mut *self.inner.read.acquire().await?, by, from, to).await
     }
 
     pub(crate) fn window_lines(

@@ -9,7 +9,7 @@
 use sqlx::sqlite::SqliteConnection;
 
 use super::model::request_from_sql;
-use super::ops::sqlite_ops;
+use super::ops::{sqlite_ops, to_i64, LEDGER_INSERT};
 use super::sqlite_direct::direct;
 use super::{Resolution, StoreError};
 use crate::model::{RequestId, RequestStatus, WindowId};
@@ -42,6 +42,7 @@ fn apply(
     let mut statements: Vec<(RequestStatus, rusqlite::Statement<'_>)> = Vec::with_capacity(3);
     let mut changed = Vec::with_capacity(resolutions.len());
     let mut callbacks = Vec::new();
+    let mut ledger: Option<rusqlite::Statement<'_>> = None;
     for r in resolutions {
         let to = r.status.status();
         let at = match statements.iter().position(|(s, _)| *s == to) {
@@ -59,21 +60,43 @@ fn apply(
             }
         };
         let statement = &mut statements[at].1;
-        let mut rows = statement.query(rusqlite::params![
-            r.served_by.map(|s| s.as_str()),
-            r.response_status,
-            r.response_body.as_deref(),
-            r.error_code.as_deref(),
-            r.error_message.as_deref(),
-            r.completed_at,
-            r.id.as_str(),
-            window.as_str(),
-        ])?;
-        // No row: the request is not open (an earlier result, a cancel) or
-        // not in this window; the result is dropped.
-        if let Some(row) = rows.next()? {
-            if let Some(url) = row.get::<_, Option<String>>(0)? {
-                callbacks.push((r.id.clone(), url, to, r.completed_at));
+        let applied = {
+            let mut rows = statement.query(rusqlite::params![
+                r.served_by.map(|s| s.as_str()),
+                r.response_status,
+                r.response_body.as_deref(),
+                r.error_code.as_deref(),
+                r.error_message.as_deref(),
+                r.completed_at,
+                r.id.as_str(),
+                window.as_str(),
+            ])?;
+            // No row: the request is not open (an earlier result, a cancel) or
+            // not in this window; the result is dropped.
+            if let Some(row) = rows.next()? {
+                if let Some(url) = row.get::<_, Option<String>>(0)? {
+                    callbacks.push((r.id.clone(), url, to, r.completed_at));
+                }
+                true
+            } else {
+                false
+            }
+        };
+        if applied {
+            if let (Some(charge), Some(served_by)) = (&r.charge, r.served_by) {
+                let ledger = match &mut ledger {
+                    Some(prepared) => prepared,
+                    None => ledger.insert(db.prepare(LEDGER_INSERT)?),
+                };
+                ledger.execute(rusqlite::params![
+                    r.id.as_str(),
+                    r.completed_at,
+                    served_by.as_str(),
+                    to_i64(charge.usage.prompt),
+                    to_i64(charge.usage.completion),
+                    charge.realtime_nusd,
+                    charge.served_nusd,
+                ])?;
             }
             changed.push(r.id.clone());
         }

@@ -572,8 +572,30 @@ macro_rules! write_ops {
                 if let Some(url) = row.try_get::<Option<String>, _>("callback_url")? {
                     enqueue_delivery(conn, &id, &url, to, row.try_get("completed_at")?).await?;
                 }
+                if let Some(r) = rows.iter().find(|r| r.id == id) {
+                    record_charge(conn, r).await?;
+                }
                 changed.push(id);
             }
+            Ok(())
+        }
+
+        /// The ledger row of a result that just applied (none without a
+        /// charge); a second one for the same request is ignored.
+        pub(crate) async fn record_charge(conn: &mut Conn, r: &Resolution) -> Result<(), StoreError> {
+            let (Some(charge), Some(served_by)) = (&r.charge, r.served_by) else {
+                return Ok(());
+            };
+            q(LEDGER_INSERT)
+                .bind(r.id.as_str())
+                .bind(r.completed_at)
+                .bind(served_by.as_str())
+                .bind(to_i64(charge.usage.prompt))
+                .bind(to_i64(charge.usage.completion))
+                .bind(charge.realtime_nusd)
+                .bind(charge.served_nusd)
+                .execute(&mut *conn)
+                .await?;
             Ok(())
         }
 
