@@ -11,10 +11,11 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 use carpool::model::{DeliveryId, RequestId, RequestStatus, ServedBy, WindowId};
+use carpool::pricing::{Charge, TokenUsage};
 use carpool::store::{
     Accepted, CancelOutcome, DeliveryMode, DeliveryState, DueCursor, FlushReason, Lease,
-    NewRequest, Resolution, ResolvedStatus, Store, StoreError, StoreOptions, WindowLimits,
-    WindowOutcome, WindowState,
+    LedgerGroup, NewRequest, Resolution, ResolvedStatus, Store, StoreError, StoreOptions,
+    WindowLimits, WindowOutcome, WindowState,
 };
 use futures_util::TryStreamExt;
 
@@ -532,6 +533,108 @@ mod cases {
             .await
             .unwrap());
         assert!(!store.record_job_status(&w, "SUCCESS").await.unwrap());
+    }
+
+    pub async fn the_ledger_counts_each_request_once_and_sums_by_group(h: &Harness) {
+        let store = h.open().await;
+        let a = accept(&store, new_request(CRED_A, "m", "{\"a\":1}", T0)).await;
+        let b = accept(&store, new_request(CRED_A, "m", "{\"b\":1}", T0)).await;
+        let c = accept(&store, new_request(CRED_B, "n", "{\"c\":1}", T0)).await;
+        let w = a.window.unwrap().id;
+        store
+            .seal_window(&w, FlushReason::MaxWait, T0)
+            .await
+            .unwrap();
+        submit(&store, &w, "job-1").await;
+        let charged = |id: &RequestId, prompt: u64, realtime: i64, served: i64| Resolution {
+            charge: Some(Charge {
+                usage: TokenUsage {
+                    prompt,
+                    completion: 1,
+                },
+                realtime_nusd: realtime,
+                served_nusd: served,
+            }),
+            ..success(id, "{}")
+        };
+        let results = vec![
+            charged(&a.record.id, 10, 1_000, 500),
+            charged(&b.record.id, 20, 2_000, 1_000),
+        ];
+        assert_eq!(store.resolve(&w, results.clone()).await.unwrap().len(), 2);
+        // The same file again (a re-download after a crash), and a late
+        // realtime answer: nothing counted twice.
+        assert!(store.resolve(&w, results).await.unwrap().is_empty());
+        assert!(!store
+            .resolve_one(charged(&a.record.id, 99, 9_999, 9_999))
+            .await
+            .unwrap());
+        // A realtime answer of another credential's request, a day later.
+        let realtime = Resolution {
+            served_by: Some(ServedBy::Realtime),
+            completed_at: T0 + 86_400_000,
+            ..charged(&c.record.id, 5, 300, 300)
+        };
+        assert!(store.resolve_one(realtime).await.unwrap());
+
+        let by_model = store
+            .ledger(LedgerGroup::Model, i64::MIN, i64::MAX)
+            .await
+            .unwrap();
+        let sums: Vec<_> = by_model
+            .iter()
+            .map(|s| {
+                (
+                    s.group.as_str(),
+                    s.requests,
+                    s.input_tokens,
+                    s.output_tokens,
+                    s.realtime_nusd,
+                    s.served_nusd,
+                )
+            })
+            .collect();
+        assert_eq!(
+            sums,
+            vec![("m", 2, 30, 2, 3_000, 1_500), ("n", 1, 5, 1, 300, 300)]
+        );
+        let by_credential = store
+            .ledger(LedgerGroup::Credential, i64::MIN, i64::MAX)
+            .await
+            .unwrap();
+        let groups: Vec<_> = by_credential
+            .iter()
+            .map(|s| (s.group.as_str(), s.requests))
+            .collect();
+        assert_eq!(groups, vec![(CRED_A, 2), (CRED_B, 1)]);
+        // By UTC day; and a range that ends before the second day.
+        let by_day = store
+            .ledger(LedgerGroup::Day, i64::MIN, i64::MAX)
+            .await
+            .unwrap();
+        let day0 = (T0 + 20) / 86_400_000;
+        let days: Vec<_> = by_day
+            .iter()
+            .map(|s| (s.group.clone(), s.requests))
+            .collect();
+        assert_eq!(
+            days,
+            vec![(day0.to_string(), 2), ((day0 + 1).to_string(), 1)]
+        );
+        let first_day = store
+            .ledger(LedgerGroup::Upstream, T0, T0 + 86_400_000)
+            .await
+            .unwrap();
+        assert_eq!(first_day.len(), 1);
+        assert_eq!(first_day[0].requests, 2);
+        // Kept past the results' retention.
+        store.purge_finished(T0 + 10 * 86_400_000).await.unwrap();
+        let kept = store
+            .ledger(LedgerGroup::Model, i64::MIN, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(kept, by_model);
+        store.close().await;
     }
 
     pub async fn resolves_each_request_once_and_only_from_its_window(h: &Harness) {
@@ -1523,6 +1626,7 @@ contract!(
     list_is_newest_first_filtered_and_paged,
     submission_moves_queued_requests_and_the_upstream_key_lives_until_the_window_finishes,
     resolves_each_request_once_and_only_from_its_window,
+    the_ledger_counts_each_request_once_and_sums_by_group,
     a_large_mixed_resolve_answers_each_open_member_once,
     fail_unresolved_fails_only_what_is_still_open,
     reports_earliest_deadline_and_due_requests,

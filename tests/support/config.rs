@@ -44,6 +44,8 @@ pub struct SimConfig {
     store: Option<String>,
     clients: Vec<(String, String)>,
     batching: Keys,
+    /// Further `[[upstreams]]` keys of the `sim` entry.
+    upstream: Keys,
     extra: String,
 }
 
@@ -58,6 +60,7 @@ impl SimConfig {
             store: None,
             clients: Vec::new(),
             batching,
+            upstream: Keys::default(),
             extra: String::new(),
         }
     }
@@ -71,6 +74,13 @@ impl SimConfig {
     /// Sets `[batching]` keys (`key = value` lines), replacing any already set.
     pub fn batching(mut self, keys: &str) -> Self {
         self.batching.set(keys);
+        self
+    }
+
+    /// Sets further keys of the `sim` upstream (`key = value` lines), e.g.
+    /// `flex = true`.
+    pub fn upstream(mut self, keys: &str) -> Self {
+        self.upstream.set(keys);
         self
     }
 
@@ -107,10 +117,14 @@ base_url = "{}"
 api_key_env = "UPSTREAM_KEY"
 auth = "managed"
 models = ["*"]
-
 "#,
             self.dialect, self.base_url
         ));
+        for (_, line) in &self.upstream.0 {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push('\n');
         for (name, sha) in &self.clients {
             text.push_str(&format!(
                 "[[clients]]\nname = \"{name}\"\nkey_sha256 = \"{sha}\"\n\n"
