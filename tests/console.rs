@@ -442,7 +442,7 @@ fn names(expr: &str) -> Vec<String> {
         let boundary = rest[..at]
             .chars()
             .last()
-            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+            .map_or(true, |c| !(c.is_ascii_alphanumeric() || c == '_'));
         let tail = &rest[at..];
         let end = tail
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
