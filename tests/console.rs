@@ -175,6 +175,8 @@ async fn operator_signs_in_sees_the_window_flushes_it_and_sees_its_job_in_chromi
     assert!(["sealed", "uploaded", "creating", "submitted"]
         .contains(&report["job_state"].as_str().unwrap()));
     assert!(report["requests_text"].as_str().unwrap().contains("queued"));
+    assert!(report["narrow_width"].as_i64().unwrap() <= 600, "{report}");
+    assert!(report["narrow_overflow"].as_i64().unwrap() <= 0, "{report}");
     // Savings: the ledger's numbers when it answers, its absence said plainly.
     let ledger = admin(&app, reqwest::Method::GET, "/admin/savings?group_by=model").await;
     let savings = report["savings_text"].as_str().unwrap();
@@ -290,8 +292,9 @@ async fn admin_api_shows_window_limits_the_flush_forecast_and_requests_by_state(
 // ---- Prometheus: promtool and the Grafana dashboard -----------------------------
 
 /// A carpool that has served deferred traffic of every kind it counts:
-/// async and held calls answered from a batch (tokens, savings, turnaround),
-/// a pass-through call and an upstream error, a flush by an operator.
+/// async and held calls answered from a batch (tokens, savings, turnaround,
+/// answer latency), a pass-through call and an upstream error, flushes by
+/// an operator and by deadline pressure.
 async fn metrics_after_traffic() -> String {
     let sim = sim::spawn(SimOptions::default()).await.unwrap();
     let app = start(&sim).await;
@@ -346,6 +349,17 @@ async fn metrics_after_traffic() -> String {
         .await
         .unwrap();
     assert_eq!(failed.status(), 500);
+    // A held call with a near deadline: its window seals under deadline
+    // pressure and the answer comes on the held connection.
+    let held = client()
+        .post(app.url(CHAT))
+        .header("carpool-mode", "wait")
+        .header("carpool-deadline", "2")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
     let text = metrics(&app).await;
     app.stop().await.unwrap();
     text
@@ -363,9 +377,69 @@ async fn promtool_check_metrics_is_clean_after_deferred_traffic() {
     ] {
         assert!(text.contains(family), "no {family} in:\n{text}");
     }
+    assert!(text.contains("carpool_deferred_answer_seconds_count{mode=\"wait\"} 1"));
     let (ok, report) = promtool(&text).await;
     assert!(ok, "promtool check metrics failed:\n{report}");
     assert!(report.trim().is_empty(), "promtool has remarks:\n{report}");
+
+    // The families that traffic above leaves without samples (so unrendered)
+    // are linted too, from a registry where every one has a sample.
+    let text = every_family();
+    let (ok, report) = promtool(&text).await;
+    assert!(
+        ok && report.trim().is_empty(),
+        "promtool:\n{report}\n{text}"
+    );
+}
+
+/// The exposition of a fresh registry in which every family has a sample.
+fn every_family() -> String {
+    let m = carpool::metrics::Metrics::new().unwrap();
+    m.requests
+        .with_label_values(&["/v1/chat/completions", "wait", "ok"])
+        .inc();
+    m.passthrough_duration
+        .with_label_values(&["/v1/chat/completions", "up"])
+        .observe(0.1);
+    m.proxy_overhead
+        .with_label_values(&["/v1/chat/completions"])
+        .observe(0.0001);
+    m.upstream_errors
+        .with_label_values(&["up", "create", "500"])
+        .inc();
+    m.deferred_accepted
+        .with_label_values(&["wait", "new"])
+        .inc();
+    m.deferred_answer.with_label_values(&["wait"]).observe(3.0);
+    m.window_requests.with_label_values(&["m"]).set(2);
+    m.window_bytes.with_label_values(&["m"]).set(200);
+    m.window_oldest_age.with_label_values(&["m"]).set(5);
+    m.windows_waiting_for_quota
+        .with_label_values(&["up", "m"])
+        .set(1);
+    m.flushes.with_label_values(&["max_wait"]).inc();
+    m.batch_jobs
+        .with_label_values(&["up", "m", "completed"])
+        .inc();
+    m.batch_turnaround.observe(60.0);
+    m.submit_failures.inc();
+    m.replicas_listening.set(1);
+    m.results.with_label_values(&["succeeded"]).inc();
+    m.tokens
+        .with_label_values(&["m", "batch", "input"])
+        .inc_by(10);
+    m.upstream_retries.with_label_values(&["poll", "503"]).inc();
+    m.savings.with_label_values(&["m"]).inc_by(0.01);
+    m.fallbacks.with_label_values(&["deadline"]).inc();
+    m.double_paid.with_label_values(&["up", "m"]).inc();
+    m.resubmissions.with_label_values(&["failed"]).inc();
+    m.requests_expired.with_label_values(&["batch"]).inc();
+    m.intake_refused.with_label_values(&["global"]).inc();
+    m.webhook_deliveries.with_label_values(&["delivered"]).inc();
+    m.webhook_attempts.with_label_values(&["success"]).inc();
+    m.webhook_outbox_pending.set(3);
+    m.webhook_delivery_latency.observe(0.2);
+    m.render()
 }
 
 /// `promtool check metrics` on `text`: whether it passed, and what it said.
@@ -508,6 +582,7 @@ async fn every_grafana_query_names_a_metric_carpool_exports() {
     assert!(all.len() >= 12, "{all:?}");
 
     let known = exported(&metrics_after_traffic().await);
+    assert!(exported(&every_family()).is_subset(&known));
     assert!(known.contains("carpool_batch_turnaround_seconds_bucket"));
     assert!(known.contains("carpool_windows_waiting_for_quota"));
     let mut used = BTreeSet::new();

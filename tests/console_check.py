@@ -2,7 +2,7 @@
 Selenium: signs in, finds the open window of MODEL with COUNT requests,
 flushes it from its button, waits for its job, and reports every URL the
 page asked for (Chromium's own network log and the page's resource
-timings), so the caller can check they all stay on carpool's origin.
+timings) and whether the page fits a narrow window, so the caller can check they all stay on carpool's origin.
 
 Usage: console_check.py BASE_URL TOKEN MODEL COUNT [SCREENSHOT.png]
 Prints one JSON object on stdout; exits non-zero with the reason when a
@@ -109,6 +109,12 @@ def main():
         wait.until(lambda b: not b.find_elements(By.CSS_SELECTOR, f'#windows tr[data-id="{window}"]'))
         out["savings_text"] = browser.find_element(By.ID, "savings").text
         out["requests_text"] = browser.find_element(By.ID, "requests").text
+        # A narrow window: the page itself never scrolls sideways (wide
+        # tables scroll inside their panel).
+        browser.set_window_size(420, 900)
+        out["narrow_overflow"] = browser.execute_script(
+            "return document.documentElement.scrollWidth - window.innerWidth")
+        out["narrow_width"] = browser.execute_script("return window.innerWidth")
         out["page_fetches"] = browser.execute_script("return window.carpoolRequests")
         out["resources"] = browser.execute_script(
             "return performance.getEntriesByType('resource').map(e => e.name)")
