@@ -368,6 +368,30 @@ mod cases {
         assert!(accept(&store, late).await.created);
     }
 
+    pub async fn counts_requests_by_status_and_lists_open_window_limits(h: &Harness) {
+        let store = h.open().await;
+        assert!(store.request_counts().await.unwrap().is_empty());
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let mut r = new_request(CRED_A, "m", &format!("{{\"n\":{i}}}"), T0 + i);
+            r.limits = limits(5, 1_000_000);
+            ids.push(accept(&store, r).await.record.id);
+        }
+        let open = store.open_windows().await.unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].limits, limits(5, 1_000_000));
+        assert!(matches!(
+            store.cancel(&ids[0], CRED_A, T0 + 5).await.unwrap(),
+            CancelOutcome::Cancelled(_)
+        ));
+        let mut counts = store.request_counts().await.unwrap();
+        counts.sort_by_key(|(s, _)| s.as_str());
+        assert_eq!(
+            counts,
+            vec![(RequestStatus::Cancelled, 1), (RequestStatus::Queued, 2)]
+        );
+    }
+
     pub async fn cancel_before_flush_keeps_the_request_out_of_the_window(h: &Harness) {
         let store = h.open().await;
         let a = accept(&store, new_request(CRED_A, "m", "{\"a\":1}", T0)).await;
@@ -1612,6 +1636,7 @@ macro_rules! contract {
 
 contract!(
     splits_windows_at_max_requests,
+    counts_requests_by_status_and_lists_open_window_limits,
     splits_windows_at_max_bytes,
     keeps_models_and_credentials_in_separate_windows,
     keeps_scopes_in_separate_windows_and_requeues_within_them,

@@ -18,14 +18,17 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{now_ms, BusyGuard, Deferral};
+use super::engine::{now_ms, BatchUpstream, BusyGuard, Deferral};
 use super::lease::{leased, LeaseLost};
 use super::policy;
 use super::quota;
+use crate::config::WindowPolicy;
 use crate::providers::{write_input_line, JobPhase, JobView, ProviderError};
 use crate::resolution::deadline::answer_too_late;
 use crate::resolution::fallback::settle_unfinished;
-use crate::store::{FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState};
+use crate::store::{
+    FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState, WindowSummary,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -153,6 +156,41 @@ pub async fn run(deferral: Deferral, shutdown: CancellationToken) {
     }
 }
 
+/// What decides when an open window is due: its model's policy, its age
+/// and time left before its earliest fallback, and the expected batch
+/// turnaround. Shared with the operator's API, which shows the forecast.
+pub fn timing(
+    deferral: &Deferral,
+    window: &WindowSummary,
+    upstream: &BatchUpstream,
+    now: i64,
+) -> (WindowPolicy, policy::WindowAge, policy::Turnaround) {
+    let policy = deferral
+        .config
+        .batching
+        .policy_for(&window.key.model, upstream.config.dialect);
+    let earliest_fallback =
+        window
+            .earliest_deadline
+            .zip(window.earliest_midpoint)
+            .map(|(deadline, midpoint)| {
+                policy::earliest_fallback(deadline, midpoint, policy.fallback_margin)
+            });
+    let age = policy::WindowAge {
+        age_ms: now - window.opened_at,
+        until_fallback_ms: earliest_fallback.map(|f| f - now),
+    };
+    let turnaround = policy::Turnaround {
+        expected: deferral.turnarounds.expected(
+            &window.key.upstream,
+            &window.key.model,
+            policy.expected_turnaround,
+        ),
+        poll_interval: deferral.config.batching.poll_interval,
+    };
+    (policy, age, turnaround)
+}
+
 /// Seals the windows that are due, starts submitting the sealed ones, and
 /// says when to look again.
 async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
@@ -171,29 +209,7 @@ async fn tick(deferral: &Deferral) -> Result<Duration, StoreError> {
                 .await?;
             continue;
         };
-        let policy = deferral
-            .config
-            .batching
-            .policy_for(&window.key.model, upstream.config.dialect);
-        let earliest_fallback =
-            window
-                .earliest_deadline
-                .zip(window.earliest_midpoint)
-                .map(|(deadline, midpoint)| {
-                    policy::earliest_fallback(deadline, midpoint, policy.fallback_margin)
-                });
-        let age = policy::WindowAge {
-            age_ms: now - window.opened_at,
-            until_fallback_ms: earliest_fallback.map(|f| f - now),
-        };
-        let turnaround = policy::Turnaround {
-            expected: deferral.turnarounds.expected(
-                &window.key.upstream,
-                &window.key.model,
-                policy.expected_turnaround,
-            ),
-            poll_interval: deferral.config.batching.poll_interval,
-        };
+        let (policy, age, turnaround) = timing(deferral, &window, upstream, now);
         match policy::due(age, policy.max_wait, turnaround) {
             Some(reason) => {
                 if deferral.store.seal_window(&window.id, reason, now).await? {

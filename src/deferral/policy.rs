@@ -83,13 +83,29 @@ fn pressed(age_ms: i64, left: i64, turnaround: Turnaround) -> bool {
 
 /// When the flusher should look again if nothing wakes it sooner.
 pub fn next_check(window: WindowAge, max_wait: Duration, turnaround: Turnaround) -> Duration {
+    next_flush(window, max_wait, turnaround).1
+}
+
+/// Which time threshold will seal the window if no request fills it first
+/// (`max_wait` or `deadline` pressure), and in how long: what the flusher
+/// waits for, and what the operator's page shows.
+pub fn next_flush(
+    window: WindowAge,
+    max_wait: Duration,
+    turnaround: Turnaround,
+) -> (FlushReason, Duration) {
     let by_age = millis(max_wait).saturating_sub(window.age_ms);
     // The fallback draws nearer as the window ages: they meet halfway.
     let by_deadline = window.until_fallback_ms.map_or(i64::MAX, |left| {
         let meet = left.saturating_sub(window.age_ms) / 2;
         meet.min(left.saturating_sub(turnaround.lead()))
     });
-    Duration::from_millis(by_age.min(by_deadline).max(1) as u64)
+    let (reason, ms) = if by_deadline < by_age {
+        (FlushReason::Deadline, by_deadline)
+    } else {
+        (FlushReason::MaxWait, by_age)
+    };
+    (reason, Duration::from_millis(ms.max(1) as u64))
 }
 
 fn millis(d: Duration) -> i64 {

@@ -1,6 +1,7 @@
 //! The operator's API under `/admin/`, behind `server.admin_token`: open
 //! windows, flushing one (or all), the batch jobs in flight, and webhook
-//! dead letters (list, replay one or all). Every
+//! dead letters (list, replay one or all), request counts by status, and
+//! the operator's page at `GET /admin/` ([`console`]). Every
 //! route refuses a missing or wrong token with 401; without a configured
 //! token the whole API is refused.
 
@@ -17,8 +18,8 @@ use super::ApiError;
 use crate::app::AppState;
 use crate::config::redact_url;
 use crate::deferral::engine::now_ms;
-use crate::deferral::flusher;
-use crate::model::{DeliveryId, WindowId};
+use crate::deferral::{flusher, policy};
+use crate::model::{DeliveryId, RequestStatus, WindowId};
 use crate::store::{secs, DeliveryRecord, FlushReason, WindowState};
 
 /// Checks the admin token in constant time.
@@ -30,20 +31,39 @@ pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Api
     }
 }
 
-/// `GET /admin/windows`: open windows with model, count, bytes and age.
+/// `GET /admin/windows`: open windows with model, dialect, count, bytes
+/// and age, the limits that seal them (`max_requests` and `max_bytes` at
+/// intake, `max_wait` by age), and the forecast `flush`: which time
+/// threshold seals the window if no request fills it first, and when.
 pub async fn windows(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let now = now_ms();
-    let windows = state.deferral.store.open_windows().await?;
+    let deferral = &state.deferral;
+    let windows = deferral.store.open_windows().await?;
     let data: Vec<Value> = windows
         .iter()
         .map(|w| {
+            // A window whose upstream left the config has no policy: the
+            // flusher's next pass seals it.
+            let (dialect, max_wait, flush) = match deferral.upstream(&w.key.upstream) {
+                Some(upstream) => {
+                    let (policy, age, turnaround) = flusher::timing(deferral, w, upstream, now);
+                    let (reason, after) = policy::next_flush(age, policy.max_wait, turnaround);
+                    (
+                        Some(upstream.config.dialect.as_str()),
+                        Some(policy.max_wait.as_secs_f64()),
+                        json!({"reason": reason.as_str(), "in_seconds": after.as_secs_f64()}),
+                    )
+                }
+                None => (None, None, json!({"reason": "operator", "in_seconds": 0.0})),
+            };
             json!({
                 "id": w.id.as_str(),
                 "upstream": w.key.upstream,
+                "dialect": dialect,
                 "endpoint": w.key.endpoint,
                 "model": w.key.model,
                 "requests": w.count,
@@ -51,10 +71,38 @@ pub async fn windows(
                 "opened_at": secs(w.opened_at),
                 "age_seconds": (now - w.opened_at).max(0) as f64 / 1000.0,
                 "earliest_deadline": w.earliest_deadline.map(secs),
+                "max_requests": w.limits.max_requests,
+                "max_bytes": w.limits.max_bytes,
+                "max_wait_seconds": max_wait,
+                "flush": flush,
             })
         })
         .collect();
     Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+/// `GET /admin/requests`: how many stored requests are in each status
+/// (every status listed, zero when none), and their total.
+pub async fn request_counts(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let counts = state.deferral.store.request_counts().await?;
+    let mut by_status = serde_json::Map::new();
+    for status in RequestStatus::ALL {
+        let n = counts
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, n)| *n);
+        by_status.insert(status.as_str().to_owned(), json!(n));
+    }
+    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+    Ok(Json(json!({
+        "object": "carpool.request_counts",
+        "by_status": by_status,
+        "total": total,
+    })))
 }
 
 /// `POST /admin/windows/{id}/flush`: seals one open window now.

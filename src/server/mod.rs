@@ -5,11 +5,13 @@
 //!
 //! Routes carpool serves itself: `GET /healthz`, `GET /readyz`,
 //! `GET /metrics`, the request handles under `/v1/carpool/requests`, and
-//! the operator's API under `/admin/` ([`admin`]). Everything else falls through to the pass-through proxy,
+//! the operator's API under `/admin/` ([`admin`]) and its page at `GET /admin/`
+//! ([`console`]). Everything else falls through to the pass-through proxy,
 //! which authenticates per upstream (see [`auth`]).
 
 mod admin;
 pub mod auth;
+mod console;
 pub mod error;
 pub mod listen;
 pub mod observe;
@@ -41,11 +43,14 @@ pub fn router(state: AppState) -> Router {
             get(requests::get).delete(requests::cancel),
         )
         .route("/v1/carpool/requests/{id}/result", get(requests::result))
+        .route("/admin", get(console::redirect))
+        .route("/admin/", get(console::page))
         .route("/admin/windows", get(admin::windows))
         .route("/admin/windows/{id}/flush", post(admin::flush_one))
         .route("/admin/flush", post(admin::flush_all))
         .route("/admin/jobs", get(admin::jobs))
         .route("/admin/savings", get(savings::savings))
+        .route("/admin/requests", get(admin::request_counts))
         .route("/admin/dead-letters", get(admin::dead_letters))
         .route(
             "/admin/dead-letters/replay",

@@ -230,6 +230,8 @@ pub struct WindowSummary {
     pub key: WindowKey,
     pub count: u64,
     pub bytes: u64,
+    /// The size limits it was opened with (intake seals it on reaching one).
+    pub limits: WindowLimits,
     pub opened_at: i64,
     /// Earliest deadline among its queued members.
     pub earliest_deadline: Option<i64>,
@@ -535,6 +537,11 @@ impl Store {
 
     pub async fn open_windows(&self) -> Result<Vec<WindowSummary>, StoreError> {
         dispatch!(self.open_windows())
+    }
+
+    /// Stored requests per status (statuses with none are absent).
+    pub async fn request_counts(&self) -> Result<Vec<(RequestStatus, u64)>, StoreError> {
+        dispatch!(self.request_counts())
     }
 
     pub async fn window(&self, id: &WindowId) -> Result<Option<WindowRecord>, StoreError> {

@@ -209,7 +209,7 @@ macro_rules! read_ops {
 
         pub(crate) async fn open_windows(conn: &mut Conn) -> Result<Vec<WindowSummary>, StoreError> {
             let rows = q("SELECT w.id, w.upstream, w.credential_hash, w.scope, w.endpoint, w.model, w.count, \
-                          w.bytes, w.opened_at, (SELECT MIN(r.deadline) FROM requests r \
+                          w.bytes, w.max_requests, w.max_bytes, w.opened_at, (SELECT MIN(r.deadline) FROM requests r \
                           WHERE r.window_id = w.id AND r.status = 'queued' AND r.deadline IS NOT NULL) AS earliest_deadline, \
                           (SELECT MIN((r.deadline + r.created_at) / 2) FROM requests r \
                           WHERE r.window_id = w.id AND r.status = 'queued' AND r.deadline IS NOT NULL) AS earliest_midpoint \
@@ -223,6 +223,10 @@ macro_rules! read_ops {
                         key: window_key(row)?,
                         count: uint(row.try_get("count")?),
                         bytes: uint(row.try_get("bytes")?),
+                        limits: WindowLimits {
+                            max_requests: uint(row.try_get("max_requests")?),
+                            max_bytes: uint(row.try_get("max_bytes")?),
+                        },
                         opened_at: row.try_get("opened_at")?,
                         earliest_deadline: row.try_get("earliest_deadline")?,
                         earliest_midpoint: row.try_get("earliest_midpoint")?,
@@ -254,6 +258,22 @@ macro_rules! read_ops {
             .iter()
             .map(window_record)
             .collect()
+        }
+
+        /// How many stored requests are in each status (the operator's
+        /// page); statuses with none are absent.
+        pub(crate) async fn request_counts(conn: &mut Conn) -> Result<Vec<(RequestStatus, u64)>, StoreError> {
+            let rows = q("SELECT status, CAST(COUNT(*) AS BIGINT) AS n FROM requests GROUP BY status")
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok((
+                        parsed("status", row.try_get("status")?, RequestStatus::parse)?,
+                        uint(row.try_get("n")?),
+                    ))
+                })
+                .collect()
         }
 
         // ---- failure policies: resubmission, openness, pending counts ----

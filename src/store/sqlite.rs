@@ -237,6 +237,12 @@ impl SqliteStore {
         ops::windows_in(&mut *self.inner.read.acquire().await?, states).await
     }
 
+    pub(crate) async fn request_counts(
+        &self,
+    ) -> Result<Vec<(crate::model::RequestStatus, u64)>, StoreError> {
+        ops::request_counts(&mut *self.inner.read.acquire().await?).await
+    }
+
     // ---- failure policies: resubmission, openness, pending counts ----
     pub(crate) async fn is_open(&self, id: &RequestId) -> Result<bool, StoreError> {
         ops::is_open(&mut *self.inner.read.acquire().await?, id).await
