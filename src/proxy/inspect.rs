@@ -128,27 +128,24 @@ pub fn probe(bytes: Bytes) -> Inspected {
             stream: false,
         };
     }
+    // A struct also deserializes from an array: only an object's fields
+    // can be mistyped, any other document stays merely malformed.
+    let object = bytes.trim_ascii_start().starts_with(b"{");
+    let mistyped = |field| Inspected::Malformed {
+        mistyped: object.then_some(field),
+        bytes: bytes.clone(),
+    };
     match serde_json::from_slice::<Probe<'_>>(&bytes) {
         Ok(p) => {
             let model = match p.model {
                 None => None,
                 Some(Typed::Expected(m)) => Some(m.into_owned()),
-                Some(Typed::Other(_)) => {
-                    return Inspected::Malformed {
-                        bytes,
-                        mistyped: Some(Mistyped::Model),
-                    }
-                }
+                Some(Typed::Other(_)) => return mistyped(Mistyped::Model),
             };
             let stream = match p.stream {
                 None => false,
                 Some(Typed::Expected(s)) => s,
-                Some(Typed::Other(_)) => {
-                    return Inspected::Malformed {
-                        bytes,
-                        mistyped: Some(Mistyped::Stream),
-                    }
-                }
+                Some(Typed::Other(_)) => return mistyped(Mistyped::Stream),
             };
             Inspected::Json {
                 bytes,
