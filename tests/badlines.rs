@@ -189,3 +189,37 @@ async fn bodies_the_batch_api_refuses_are_refused_at_intake_and_nothing_is_store
         app.stop().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_model_that_is_not_a_string_is_named_as_such_and_passthrough_is_unchanged() {
+    for dialect in ["openai", "mistral"] {
+        let (app, sim) = setup(dialect, "max_requests = 1").await;
+        for model in [json!(5), json!(["m"]), json!({"name": "m"}), json!(true)] {
+            let body = json!({"model": model, "messages": [{"role": "user", "content": "x"}]});
+            let resp = post_chat(&app, ALICE, &[("carpool-mode", "wait")], &body).await;
+            assert_eq!(resp.status(), 400, "{dialect}: {body}");
+            let err: Value = resp.json().await.unwrap();
+            assert_eq!(err["error"]["param"], "model", "{dialect}: {err}");
+            assert_eq!(err["error"]["code"], "invalid_type", "{dialect}: {err}");
+            let message = err["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("model") && message.contains("string"),
+                "{dialect}: {err}"
+            );
+            assert!(!message.contains("JSON"), "{dialect}: {err}");
+        }
+        // Not deferred: forwarded as is, the provider's own refusal relayed.
+        let body = json!({"model": 5, "messages": [{"role": "user", "content": "x"}]});
+        let resp = post_chat(&app, ALICE, &[], &body).await;
+        assert_eq!(resp.status(), 400, "{dialect}");
+        assert!(
+            sim.calls().iter().any(|c| c.route == CHAT),
+            "{dialect}: the passthrough call reached the provider"
+        );
+        assert!(
+            sim.calls().iter().all(|c| c.route != "/v1/files"),
+            "{dialect}: nothing deferred"
+        );
+        app.stop().await.unwrap();
+    }
+}

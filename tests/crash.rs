@@ -482,8 +482,9 @@ async fn midway_through_a_results_file(dialect: &'static str) {
 
 /// Between flush and upload. The simulator stores each upload and holds
 /// the response: carpool never learns the file id and the window stays
-/// sealed. Killed there; the restart uploads again (the first file is left
-/// behind at the provider) and submits each window once.
+/// sealed. Killed there; the restart uploads again, deletes the first
+/// copy it never recorded (review L12), and submits each window once: no
+/// input file is left at the provider once the windows finish.
 async fn while_the_upload_is_answered(dialect: &'static str) {
     let scene = Scene::new(dialect).await;
     scene
@@ -511,6 +512,39 @@ async fn while_the_upload_is_answered(dialect: &'static str) {
         2 * WINDOWS,
         "{dialect}: each window uploaded again after the restart"
     );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = window_inputs(&scene.sim).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{dialect}: orphaned input files at the provider: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The files at the simulator named as carpool window inputs.
+async fn window_inputs(sim: &SimHandle) -> Vec<String> {
+    let list: Value = client()
+        .get(format!("{}/v1/files?purpose=batch", sim.base_url()))
+        .bearer_auth(UPSTREAM_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["filename"].as_str())
+        .filter(|name| name.starts_with("cpw_"))
+        .map(str::to_owned)
+        .collect()
 }
 
 in_both_dialects!(

@@ -5,10 +5,10 @@
 
 mod support;
 
-use carpool::sim::{self, Fault, SimHandle, SimOptions};
+use carpool::sim::{self, Fault, JobOutcome, SimHandle, SimOptions};
 use serde_json::{json, Value};
 use support::config::SimConfig;
-use support::{create_route, post_chat, settled, TestApp};
+use support::{create_route, eventually, post_chat, settled, TestApp, PATIENCE};
 
 const DIALECTS: [&str; 2] = ["mistral", "openai"];
 const ALICE: &str = "sk-alice";
@@ -322,6 +322,138 @@ async fn the_input_file_of_a_window_failed_at_polling_is_deleted() {
             "{dialect}: {:?}",
             input_files(&sim).await
         );
+        app.stop().await.unwrap();
+    }
+}
+
+/// The (id, filename) of the files the simulator holds named as carpool
+/// window inputs.
+async fn window_inputs(sim: &SimHandle) -> Vec<(String, String)> {
+    let list: Value = reqwest::Client::new()
+        .get(format!("{}/v1/files?purpose=batch", sim.base_url()))
+        .bearer_auth("sk-upstream")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| Some((f["id"].as_str()?, f["filename"].as_str()?)))
+        .filter(|(_, name)| name.starts_with("cpw_"))
+        .map(|(id, name)| (id.to_owned(), name.to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_upload_answered_after_call_timeout_leaves_one_input_file_then_none() {
+    for dialect in DIALECTS {
+        let (app, sim) = setup(dialect, "call_timeout = \"1s\"").await;
+        // The first upload is stored but its answer held past call_timeout:
+        // carpool uploads again. The job then runs until let go.
+        sim.add_fault(Fault::hold_response("POST /v1/files", 1));
+        sim.add_fault(Fault::NextJob {
+            outcome: JobOutcome::Stuck,
+            count: 1,
+        });
+        let id = async_call(&app, "hello").await;
+        assert!(
+            eventually(PATIENCE, || sim.jobs().len() == 1).await,
+            "{dialect}: the job was created"
+        );
+        let uploads = sim
+            .calls()
+            .iter()
+            .filter(|c| c.method == "POST" && c.route == "/v1/files")
+            .count();
+        assert_eq!(uploads, 2, "{dialect}: the held upload was tried again");
+        let inputs = window_inputs(&sim).await;
+        assert_eq!(
+            inputs.len(),
+            1,
+            "{dialect}: one copy while the job runs: {inputs:?}"
+        );
+        let job_input = sim.jobs()[0].input_file_ids.clone();
+        assert_eq!(
+            job_input,
+            vec![inputs[0].0.clone()],
+            "{dialect}: the job's own file kept"
+        );
+
+        sim.clear_faults();
+        sim.finish_jobs();
+        let object = settled(&app, ALICE, &id).await;
+        assert_eq!(object["status"], "succeeded", "{dialect}: {object}");
+        let mut left = window_inputs(&sim).await;
+        for _ in 0..600 {
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            left = window_inputs(&sim).await;
+        }
+        assert!(left.is_empty(), "{dialect}: none once finished: {left:?}");
+        app.stop().await.unwrap();
+    }
+}
+
+/// Uploads `name` to the simulator as carpool's upstream key would.
+async fn upload_named(sim: &SimHandle, name: &str) -> String {
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"{}\n".to_vec()).file_name(name.to_owned()),
+        );
+    let body: Value = reqwest::Client::new()
+        .post(format!("{}/v1/files", sim.base_url()))
+        .bearer_auth("sk-upstream")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn the_janitor_deletes_inputs_of_finished_windows_and_nothing_it_did_not_name() {
+    for dialect in DIALECTS {
+        // results_ttl 20 s: the janitor passes every 2 s.
+        let (app, sim) = setup(dialect, "results_ttl = \"20s\"").await;
+        let id = async_call(&app, "hello").await;
+        let object = settled(&app, ALICE, &id).await;
+        assert_eq!(object["status"], "succeeded", "{dialect}: {object}");
+        let window = sim.jobs()[0].metadata.as_ref().unwrap()["carpool_window"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // A copy of the finished window's input the submission never
+        // learned of, and two files carpool did not name as its own.
+        let orphan = upload_named(&sim, &format!("{window}.jsonl")).await;
+        let unknown = format!("{}.jsonl", carpool::model::WindowId::generate());
+        let foreign = [
+            upload_named(&sim, "nightly-export.jsonl").await,
+            upload_named(&sim, &unknown).await,
+            upload_named(&sim, &format!("{window}.jsonl.bak")).await,
+        ];
+        let mut ids: Vec<String> = Vec::new();
+        for _ in 0..600 {
+            ids = input_files(&sim).await;
+            if !ids.contains(&orphan) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(!ids.contains(&orphan), "{dialect}: the orphan was deleted");
+        for file in &foreign {
+            assert!(ids.contains(file), "{dialect}: {file} left alone: {ids:?}");
+        }
         app.stop().await.unwrap();
     }
 }

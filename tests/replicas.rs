@@ -370,3 +370,114 @@ async fn a_graceful_shutdown_leaves_no_lease_behind() {
         "the window is still leased by the process that shut down"
     );
 }
+
+/// Review L3: a job created for a window that already has one is
+/// cancelled. This replica's create call is answered late (held at the
+/// provider); meanwhile another replica, taking the window over as one
+/// does after a lease ran out, looks the job up, does not find it (the
+/// provider's listing misses it) and creates a second one, recorded
+/// first. The late answer's job is then surplus: cancelled at once, so
+/// one job stays live and the request is answered once, from it.
+#[tokio::test]
+async fn a_job_created_for_a_window_that_already_has_one_is_cancelled() {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/carpool.db", dir.path().display());
+    let mine = replica(&sim, &db).await;
+    let theirs = replica(&sim, &db).await;
+    let store = &mine.deferral.store;
+    let limits = WindowLimits {
+        max_requests: 100,
+        max_bytes: 1_000_000,
+    };
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"once"}]}"#;
+    let accepted = store
+        .accept(support::async_request("m", body.to_owned(), limits))
+        .await
+        .unwrap();
+    let request = accepted.record.id.clone();
+    let window = accepted.record.window_id.clone().unwrap();
+    assert!(store
+        .seal_window(&window, FlushReason::Operator, now_ms())
+        .await
+        .unwrap());
+
+    sim.add_fault(Fault::hold_response("POST /v1/batches", 1));
+    let record = store.window(&window).await.unwrap().unwrap();
+    let submitting = {
+        let deferral = mine.deferral.clone();
+        tokio::spawn(async move { flusher::submit_leased(&deferral, record).await })
+    };
+    let first = until("the first job created, its answer held", || async {
+        (sim.held_responses() == 1 && sim.jobs().len() == 1).then(|| sim.jobs()[0].id.clone())
+    })
+    .await;
+    sim.hide_from_listing(&first);
+
+    // The other replica, as after a lease it took over: finds the window
+    // `creating`, no job in the listing, and creates and records its own.
+    let record = store.window(&window).await.unwrap().unwrap();
+    assert_eq!(record.state, WindowState::Creating);
+    let stale = record.clone();
+    flusher::submit(&theirs.deferral, record).await.unwrap();
+    let recorded = store.window(&window).await.unwrap().unwrap();
+    assert_eq!(recorded.state, WindowState::Submitted);
+    let second = recorded.job_id.clone().unwrap();
+    assert_ne!(second, first);
+
+    // The late answer arrives: its job is refused by the store, cancelled.
+    sim.release_held();
+    assert!(submitting.await.unwrap().unwrap());
+    let status = |id: &str| {
+        sim.jobs()
+            .into_iter()
+            .find(|j| j.id == id)
+            .map(|j| j.status)
+            .unwrap()
+    };
+    let cancel_calls = sim
+        .calls()
+        .iter()
+        .filter(|c| c.method == "POST" && c.route == "/v1/batches/{batch_id}/cancel")
+        .map(|c| c.job_id.clone())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        cancel_calls,
+        vec![Some(first.clone())],
+        "the surplus job, cancelled"
+    );
+    until("the surplus job cancelled", || async {
+        (status(&first) == "cancelled").then_some(())
+    })
+    .await;
+    assert_ne!(status(&second), "cancelled", "the recorded job stays live");
+
+    // A record read before the lease, saying `creating`, is read again
+    // under it: the window has its job, nothing is looked up or created.
+    let creates = || {
+        sim.calls()
+            .iter()
+            .filter(|c| c.method == "POST" && c.route == "/v1/batches")
+            .count()
+    };
+    let before = creates();
+    assert!(flusher::submit_leased(&mine.deferral, stale).await.unwrap());
+    assert_eq!(creates(), before);
+    assert_eq!(sim.jobs().len(), 2);
+
+    // Answered once, from the recorded job.
+    sim.finish_jobs();
+    let record = store.window(&window).await.unwrap().unwrap();
+    assert!(poller::poll_leased(&theirs.deferral, record).await.unwrap());
+    let answered = store.request_by_id(&request).await.unwrap().unwrap();
+    assert_eq!(answered.status, carpool::model::RequestStatus::Succeeded);
+    assert_eq!(answered.batch_id.as_deref(), Some(second.as_str()));
+    assert_eq!(answered.served_by, Some(ServedBy::Batch));
+    let live: Vec<_> = sim
+        .jobs()
+        .into_iter()
+        .filter(|j| j.status != "cancelled")
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(live, vec![second]);
+}

@@ -23,9 +23,10 @@ use super::lease::{leased, LeaseLost};
 use super::policy;
 use super::quota;
 use crate::config::WindowPolicy;
-use crate::providers::{write_input_line, JobPhase, JobView, ProviderError};
+use crate::providers::{input_filename, write_input_line, JobPhase, JobView, ProviderError};
 use crate::resolution::deadline::answer_too_late;
 use crate::resolution::fallback::settle_unfinished;
+use crate::resolution::orphans::drop_surplus_copies;
 use crate::store::{
     FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState, WindowSummary,
 };
@@ -368,7 +369,7 @@ pub async fn submit(deferral: &Deferral, window: WindowRecord) -> Result<(), Sub
             window.key.endpoint.clone(),
         );
         let file_id = client
-            .upload(&key, &format!("{id}.jsonl"), move || {
+            .upload(&key, &input_filename(&id), move || {
                 let endpoint = endpoint.clone();
                 store.window_lines(&id).map(move |row| {
                     let (request, body) = row.map_err(std::io::Error::other)?;
@@ -379,12 +380,16 @@ pub async fn submit(deferral: &Deferral, window: WindowRecord) -> Result<(), Sub
                 })
             })
             .await?;
+        tracing::info!(window = %window.id, file = %file_id, "window input uploaded");
         if !deferral.store.record_upload(&window.id, &file_id).await? {
             // Someone else moved the window on (another replica): our
             // upload is surplus.
             let _ = client.delete_file(&key, &file_id).await;
             return Ok(());
         }
+        // Copies of an earlier attempt (one that timed out but went
+        // through, or one before a crash) are surplus now.
+        drop_surplus_copies(client, &key, &window, &file_id).await;
         window.state = WindowState::Uploaded;
         window.file_id = Some(file_id);
     }

@@ -4,6 +4,7 @@
 //! retries ([`retry`]). Does not own: when to submit or poll (the deferral
 //! and resolution workers decide), nor what is stored.
 
+pub mod files;
 pub mod jobs;
 pub mod lines;
 pub mod reader;
@@ -19,6 +20,7 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde_json::Value;
 
+pub use files::{input_filename, window_of_input, FileView};
 pub use jobs::{JobPage, JobPhase, JobView, NamedLine, WINDOW_METADATA_KEY};
 pub use lines::{parse_result_line, write_input_line, LineError, LineFailure, LineOutcome};
 pub use reader::{LineReader, RESULT_TOO_LARGE};
@@ -313,6 +315,10 @@ where
     })
 }
 
+/// How many pages of the files listing [`BatchClient::list_input_files`]
+/// reads at most (100 files each).
+pub const MAX_FILE_PAGES: usize = 50;
+
 /// One upstream's files and batch jobs. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct BatchClient {
@@ -538,6 +544,44 @@ impl BatchClient {
             }
         }
         Ok(None)
+    }
+
+    /// The batch files at the provider that carpool named as window inputs
+    /// ([`files::input_filename`]), newest first where the dialect orders
+    /// them. OpenAI's listing (newest first) stops at files created before
+    /// `not_before` (unix seconds); Mistral's, whose order is not
+    /// documented, goes through at most [`MAX_FILE_PAGES`] pages.
+    pub async fn list_input_files(
+        &self,
+        key: &str,
+        not_before: i64,
+    ) -> Result<Vec<FileView>, ProviderError> {
+        const OP: &str = "list files";
+        let mut cursor: Option<String> = None;
+        let mut found = Vec::new();
+        for _ in 0..MAX_FILE_PAGES {
+            let url = self.url(&format!(
+                "/v1/files{}",
+                files::list_query(self.dialect, cursor.as_deref())
+            ));
+            let value = self.get_json(OP, key, &url).await?;
+            let page = files::parse_list(self.dialect, &value, cursor.as_deref());
+            let older = self.dialect == Dialect::Openai
+                && page
+                    .files
+                    .iter()
+                    .all(|f| f.created_at != 0 && f.created_at < not_before);
+            found.extend(
+                page.files
+                    .into_iter()
+                    .filter(|f| window_of_input(&f.filename).is_some()),
+            );
+            match page.next {
+                Some(next) if !older => cursor = Some(next),
+                _ => break,
+            }
+        }
+        Ok(found)
     }
 
     /// Downloads a file's content as a stream of chunks. Only the opening

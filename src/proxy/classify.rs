@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, Method};
 use crate::config::{Config, Mode, UpstreamConfig};
 pub use crate::deferral::optin::Answer;
 use crate::deferral::optin::{self, RuleMode};
+use crate::proxy::inspect::Mistyped;
 use crate::server::ApiError;
 
 pub const MODE_HEADER: &str = "carpool-mode";
@@ -25,6 +26,8 @@ pub enum Body<'a> {
     Json { model: Option<&'a str> },
     /// Declared JSON but does not parse.
     Malformed,
+    /// JSON whose `model` or `stream` has the wrong type.
+    Mistyped(Mistyped),
 }
 
 impl<'a> Body<'a> {
@@ -106,6 +109,17 @@ pub fn classify(call: &Call<'_>, config: &Config) -> Decision {
             "request body is not valid JSON",
             "invalid_json",
         )),
+        Body::Mistyped(field) => {
+            let (param, expected) = match field {
+                Mistyped::Model => ("model", "a string"),
+                Mistyped::Stream => ("stream", "a boolean"),
+            };
+            Decision::Reject(ApiError::BadRequest {
+                message: format!("\"{param}\" must be {expected}"),
+                param: Some(param.into()),
+                code: "invalid_type",
+            })
+        }
         Body::NotInspected => Decision::Reject(ApiError::bad_request(
             "a deferred call needs a JSON body (Content-Type: application/json)",
             "invalid_content_type",

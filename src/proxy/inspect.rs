@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use crate::server::ApiError;
@@ -24,18 +25,41 @@ pub enum Inspected {
         model: Option<String>,
         stream: bool,
     },
-    /// Declared JSON but does not parse; forwarded as is unless deferred.
-    Malformed(Bytes),
+    /// Declared JSON but does not parse, or its `model` or `stream` has the
+    /// wrong type (`mistyped` names that field); forwarded as is unless
+    /// deferred.
+    Malformed {
+        bytes: Bytes,
+        mistyped: Option<Mistyped>,
+    },
     /// Not JSON: left unread.
     Stream(Body),
+}
+
+/// A top-level field a deferred call needs that has the wrong JSON type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mistyped {
+    /// `model` is not a string.
+    Model,
+    /// `stream` is not a boolean.
+    Stream,
 }
 
 #[derive(Deserialize)]
 struct Probe<'a> {
     #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
+    model: Option<Typed<Cow<'a, str>>>,
     #[serde(default)]
-    stream: Option<bool>,
+    stream: Option<Typed<bool>>,
+}
+
+/// A field of the expected type, or any other JSON value (read past), so
+/// a mistyped `model` is told apart from a document that does not parse.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Typed<T> {
+    Expected(T),
+    Other(IgnoredAny),
 }
 
 /// Whether the `Content-Type` is JSON (`application/json` or `…+json`).
@@ -104,17 +128,35 @@ pub fn probe(bytes: Bytes) -> Inspected {
             stream: false,
         };
     }
+    // A struct also deserializes from an array: only an object's fields
+    // can be mistyped, any other document stays merely malformed.
+    let object = bytes.trim_ascii_start().starts_with(b"{");
+    let mistyped = |field| Inspected::Malformed {
+        mistyped: object.then_some(field),
+        bytes: bytes.clone(),
+    };
     match serde_json::from_slice::<Probe<'_>>(&bytes) {
         Ok(p) => {
-            let model = p.model.map(Cow::into_owned);
-            let stream = p.stream.unwrap_or(false);
+            let model = match p.model {
+                None => None,
+                Some(Typed::Expected(m)) => Some(m.into_owned()),
+                Some(Typed::Other(_)) => return mistyped(Mistyped::Model),
+            };
+            let stream = match p.stream {
+                None => false,
+                Some(Typed::Expected(s)) => s,
+                Some(Typed::Other(_)) => return mistyped(Mistyped::Stream),
+            };
             Inspected::Json {
                 bytes,
                 model,
                 stream,
             }
         }
-        Err(_) => Inspected::Malformed(bytes),
+        Err(_) => Inspected::Malformed {
+            bytes,
+            mistyped: None,
+        },
     }
 }
 
@@ -133,12 +175,37 @@ mod tests {
         }
         assert!(matches!(
             probe(Bytes::from_static(b"{nope")),
-            Inspected::Malformed(_)
+            Inspected::Malformed { mistyped: None, .. }
         ));
         assert!(matches!(
             probe(Bytes::from_static(b"[1,2]")),
-            Inspected::Malformed(_)
+            Inspected::Malformed { mistyped: None, .. }
         ));
+        assert!(matches!(
+            probe(Bytes::from_static(br#"{"model":5,"messages":[]}"#)),
+            Inspected::Malformed {
+                mistyped: Some(Mistyped::Model),
+                ..
+            }
+        ));
+        assert!(matches!(
+            probe(Bytes::from_static(br#"{"model":"m","stream":"yes"}"#)),
+            Inspected::Malformed {
+                mistyped: Some(Mistyped::Stream),
+                ..
+            }
+        ));
+        match probe(Bytes::from_static(br#"{"model":null,"stream":null}"#)) {
+            Inspected::Json { model, stream, .. } => {
+                assert_eq!(model, None);
+                assert!(!stream);
+            }
+            _ => panic!("expected JSON"),
+        }
+        match probe(Bytes::from_static(br#"{"model":"a\"b"}"#)) {
+            Inspected::Json { model, .. } => assert_eq!(model.as_deref(), Some("a\"b")),
+            _ => panic!("expected JSON"),
+        }
     }
 
     #[test]

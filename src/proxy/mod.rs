@@ -116,7 +116,11 @@ async fn pass_through(state: &AppState, request: Request<Body>) -> Result<Routed
             Inspected::Json { model, .. } => classify::Body::Json {
                 model: model.as_deref(),
             },
-            Inspected::Malformed(_) => classify::Body::Malformed,
+            Inspected::Malformed {
+                mistyped: Some(field),
+                ..
+            } => classify::Body::Mistyped(*field),
+            Inspected::Malformed { mistyped: None, .. } => classify::Body::Malformed,
             Inspected::Stream(_) => classify::Body::NotInspected,
         },
         client: caller.client_name.as_deref(),
@@ -168,7 +172,7 @@ async fn pass_through(state: &AppState, request: Request<Body>) -> Result<Routed
         None => path.to_owned(),
     };
     let body = match inspected {
-        Inspected::Json { bytes, .. } | Inspected::Malformed(bytes) => {
+        Inspected::Json { bytes, .. } | Inspected::Malformed { bytes, .. } => {
             OutboundBody::Buffered(bytes)
         }
         Inspected::Stream(body) => OutboundBody::Streaming {

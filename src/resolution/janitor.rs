@@ -1,5 +1,7 @@
 //! The janitor: results stay retrievable for `results_ttl` after they are
-//! stored, then they (and finished windows) are deleted.
+//! stored, then they (and finished windows) are deleted. Each pass, from
+//! the start, also deletes orphaned input files at the provider
+//! ([`super::orphans::sweep`]).
 
 use std::time::Duration;
 
@@ -20,6 +22,13 @@ pub async fn run(deferral: Deferral, shutdown: CancellationToken) {
             Ok(0) => {}
             Ok(n) => tracing::info!(requests = n, "purged results older than results_ttl"),
             Err(err) => tracing::warn!(error = %err, "purging old results failed; will retry"),
+        }
+        match super::orphans::sweep(&deferral).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(files = n, "deleted orphaned provider input files"),
+            Err(err) => {
+                tracing::warn!(error = %err, "looking for orphaned input files failed; will retry")
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -250,8 +250,10 @@ pub async fn delete(
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }
 
-/// Both pagination styles: `page`/`page_size` (Mistral) or `after`/`limit`
-/// (OpenAI); the answer carries both `total` and `has_more`.
+/// Both pagination styles, each answered in its own shape: `page`/
+/// `page_size` (Mistral) gets `{object, data, total}`; `after`/`limit`
+/// (OpenAI, the default) gets `{object, data, first_id, last_id,
+/// has_more}`. Newest first unless `order=asc`; `purpose` filters.
 pub async fn list(
     State(sim): State<Arc<Sim>>,
     Query(q): Query<HashMap<String, String>>,
@@ -268,11 +270,20 @@ pub async fn list(
         files.reverse();
     }
     let total = files.len();
-    let page: Vec<StoredFile> = if q.contains_key("page") || q.contains_key("page_size") {
+    if q.contains_key("page") || q.contains_key("page_size") {
         let page = parse_num(&q, "page", 0)?;
         let size = parse_num(&q, "page_size", 100)?.max(1);
-        files.into_iter().skip(page * size).take(size).collect()
-    } else {
+        let data: Vec<Value> = files
+            .iter()
+            .skip(page.saturating_mul(size))
+            .take(size)
+            .map(StoredFile::render)
+            .collect();
+        return Ok(Json(
+            json!({"object": "list", "data": data, "total": total}),
+        ));
+    }
+    let page: Vec<StoredFile> = {
         let limit = parse_num(&q, "limit", 10_000)?.clamp(1, 10_000);
         let start = match q.get("after") {
             Some(after) => files
@@ -291,15 +302,11 @@ pub async fn list(
         "first_id": page.first().map(|f| f.id.clone()),
         "last_id": page.last().map(|f| f.id.clone()),
         "has_more": has_more,
-        "total": total,
     })))
 }
 
 /// Cursor pages fetch one extra item to learn whether more follow.
 fn trim_page(mut page: Vec<StoredFile>, q: &HashMap<String, String>) -> (Vec<StoredFile>, bool) {
-    if q.contains_key("page") || q.contains_key("page_size") {
-        return (page, false);
-    }
     let limit = q
         .get("limit")
         .and_then(|l| l.parse::<usize>().ok())

@@ -349,7 +349,7 @@ pub async fn list(
     }
     let now = Instant::now();
     let mut all: Vec<Value> = sim
-        .all_jobs()
+        .listed_jobs()
         .iter()
         .filter_map(|j| {
             let mut job = lock(j);

@@ -167,6 +167,12 @@ impl SimHandle {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Leaves job `id` out of every job listing from now on (the listing
+    /// lags or misses it); it can still be fetched, polled and cancelled.
+    pub fn hide_from_listing(&self, id: &str) {
+        lock(&self.sim.unlisted).insert(id.to_owned());
+    }
+
     /// Make every pending job step due now (stuck jobs stay stuck).
     pub fn finish_jobs(&self) {
         control::finish(&self.sim);

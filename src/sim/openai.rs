@@ -285,7 +285,7 @@ pub async fn list(
     let limit = parse_num(&q, "limit", 20)?.clamp(1, 100);
     let now = Instant::now();
     let mut all: Vec<Value> = sim
-        .all_jobs()
+        .listed_jobs()
         .iter()
         .filter_map(|j| {
             let mut job = lock(j);

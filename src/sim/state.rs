@@ -1,6 +1,7 @@
 //! The simulator's memory: options, faults, the call log, files, jobs and the
 //! stream gate, shared by every handler behind one `Arc`.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -92,6 +93,9 @@ pub struct Sim {
     pub quota_lock: Mutex<()>,
     /// Creates refused for the enqueued-token limit so far.
     pub quota_refusals: AtomicU64,
+    /// Jobs left out of the job listings (a listing that lags behind or
+    /// misses a job), though each can still be fetched, polled, cancelled.
+    pub unlisted: Mutex<HashSet<String>>,
 }
 
 impl Sim {
@@ -113,6 +117,7 @@ impl Sim {
             seq: AtomicU64::new(0),
             quota_lock: Mutex::new(()),
             quota_refusals: AtomicU64::new(0),
+            unlisted: Mutex::new(HashSet::new()),
         })
     }
 
@@ -144,6 +149,15 @@ impl Sim {
 
     pub fn all_jobs(&self) -> Vec<Arc<Mutex<Job>>> {
         lock(&self.jobs).clone()
+    }
+
+    /// The jobs a listing shows: all but the unlisted ones.
+    pub fn listed_jobs(&self) -> Vec<Arc<Mutex<Job>>> {
+        let unlisted = lock(&self.unlisted).clone();
+        self.all_jobs()
+            .into_iter()
+            .filter(|j| !unlisted.contains(&lock(j).id))
+            .collect()
     }
 
     pub fn add_job(&self, job: Job) -> Arc<Mutex<Job>> {
