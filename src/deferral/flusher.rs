@@ -410,7 +410,7 @@ pub async fn submit(deferral: &Deferral, window: WindowRecord) -> Result<(), Sub
         None => {
             let attempt = if inline {
                 match super::inline::create(deferral, client, &key, &window).await? {
-                    Ok(Created::Job(job)) => Ok(job),
+                    Ok(Created::Job(job)) => Ok(*job),
                     Ok(Created::Settled) => return Ok(()),
                     Err(err) => Err(err),
                 }

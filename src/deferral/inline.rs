@@ -44,7 +44,7 @@ const CLOCK_SKEW: Duration = Duration::from_secs(600);
 
 /// What a create call came to.
 pub enum Created {
-    Job(JobView),
+    Job(Box<JobView>),
     /// Refused for named requests: those failed, the rest were put back,
     /// the window is finished.
     Settled,
@@ -81,7 +81,7 @@ pub async fn create(
         Ok::<Bytes, std::io::Error>(Bytes::from(line))
     });
     let err = match client.create_inline(key, lines).await {
-        Ok(job) => return Ok(Ok(Created::Job(job))),
+        Ok(job) => return Ok(Ok(Created::Job(Box::new(job)))),
         Err(err) => err,
     };
     let ProviderError::Status {

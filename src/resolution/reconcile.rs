@@ -120,6 +120,15 @@ pub fn result_line(line: &[u8], now: i64) -> Result<ResultLine, Option<String>> 
     })
 }
 
+/// The `model` an answer names.
+fn answer_model(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body).ok()?.model
+}
+
 pub(crate) fn upstream_message(body: &Bytes) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -184,6 +193,8 @@ async fn apply_file(
 struct Chunk {
     resolutions: Vec<Resolution>,
     usage: Vec<Option<TokenUsage>>,
+    /// The answer's `model`, where a window mixes models.
+    models: Vec<Option<String>>,
 }
 
 /// The results of the next lines of the spool; `None` once it is empty.
@@ -195,9 +206,11 @@ async fn next_chunk(
     tally: &mut Tally,
 ) -> Result<Option<Chunk>, ReconcileError> {
     while spool.left() > 0 {
+        let mixed = window.key.model == crate::model::MIXED_MODELS;
         let mut chunk = Chunk {
             resolutions: Vec::with_capacity(CHUNK),
             usage: Vec::with_capacity(CHUNK),
+            models: Vec::with_capacity(CHUNK),
         };
         for line in spool.take(CHUNK).await? {
             match result_line(&line, now_ms()) {
@@ -210,6 +223,13 @@ async fn next_chunk(
                             .response_body
                             .as_deref()
                             .and_then(TokenUsage::from_body),
+                    );
+                    chunk.models.push(
+                        resolution
+                            .response_body
+                            .as_deref()
+                            .filter(|_| mixed)
+                            .and_then(answer_model),
                     );
                     chunk.resolutions.push(resolution);
                 }
@@ -273,9 +293,10 @@ async fn store_chunk(
         .resolve(&window.id, chunk.resolutions)
         .await?;
     let applied: HashSet<&RequestId> = changed.iter().collect();
-    let price = deferral.config.prices.for_model(&window.key.model);
+    let mixed = window.key.model == crate::model::MIXED_MODELS;
+    let window_price = deferral.config.prices.for_model(&window.key.model);
     let mut stored = Stored::default();
-    for (id, status, served_by, usage) in &facts {
+    for ((id, status, served_by, usage), model) in facts.iter().zip(&chunk.models) {
         if !applied.contains(id) {
             stored.not_open += 1;
             continue;
@@ -285,9 +306,15 @@ async fn store_chunk(
         } else {
             stored.failed += 1;
         }
+        // A window of several models (Anthropic's) counts and prices
+        // each result under the model that answered it.
+        let (model, price) = match model.as_deref() {
+            Some(model) if mixed => (model, deferral.config.prices.for_model(model)),
+            _ => (window.key.model.as_str(), window_price),
+        };
         deferral
             .metrics
-            .record_result(&window.key.model, *status, *served_by, *usage, price);
+            .record_result(model, *status, *served_by, *usage, price);
     }
     deferral.waiters.wake(&changed);
     Ok(stored)
