@@ -417,3 +417,33 @@ async fn the_simulator_speaks_message_batches() {
         .unwrap();
     assert!(other["data"].as_array().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_managed_upstream_gets_carpools_key_in_x_api_key_and_the_callers_version() {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    let config = SimConfig::new("anthropic", &sim)
+        .client("alice", ALICE)
+        .batching("max_wait = \"100ms\"")
+        .toml();
+    let app = TestApp::start(&config, &[("UPSTREAM_KEY", "sk-ant-upstream")]).await;
+    let resp = post(&app, ALICE, &[], &message("claude-sim-a", "managed")).await;
+    assert_eq!(resp.status(), 200);
+    let id = async_call(&app, ALICE, &[], &message("claude-sim-a", "managed batch")).await;
+    assert_eq!(settled(&app, ALICE, &id).await["status"], "succeeded");
+    let calls = sim.calls();
+    assert!(!calls.is_empty());
+    for call in &calls {
+        assert_eq!(
+            call.credential.as_deref(),
+            Some("sk-ant-upstream"),
+            "{call:?}"
+        );
+        assert!(call.header("authorization").is_none());
+    }
+    let plain = calls.iter().find(|c| c.route == MESSAGES).unwrap();
+    assert_eq!(plain.header("anthropic-version"), Some(VERSION));
+    // A key not listed in [[clients]]: 401 in Anthropic's shape.
+    let resp = post(&app, BOB, &[], &message("claude-sim-a", "x")).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.json::<Value>().await.unwrap()["type"], "error");
+}
