@@ -6,7 +6,9 @@
 //! creating (recorded before the create call) → create the job with the
 //! window id in its metadata → submitted. A window found in `creating` at
 //! start may already have a job: it is looked up by that metadata and
-//! adopted instead of created twice.
+//! adopted instead of created twice. Anthropic windows have no upload
+//! and no metadata: [`super::inline`] creates them inline and finds their
+//! batch after a crash.
 //!
 //! Replicas sharing one store see the same sealed windows: each submission
 //! runs under the window's lease ([`super::lease`]), so only one process
