@@ -447,3 +447,91 @@ async fn a_managed_upstream_gets_carpools_key_in_x_api_key_and_the_callers_versi
     assert_eq!(resp.status(), 401);
     assert_eq!(resp.json::<Value>().await.unwrap()["type"], "error");
 }
+
+/// A callback receiver on 127.0.0.1 that keeps every body it gets.
+async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    let got: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let sink = got.clone();
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let sink = sink.clone();
+        async move {
+            sink.lock()
+                .unwrap()
+                .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got)
+}
+
+#[tokio::test]
+async fn admin_jobs_metrics_and_webhooks_cover_anthropic_batches() {
+    let sim = sim::spawn(SimOptions::default()).await.unwrap();
+    sim.add_fault(Fault::NextJob {
+        outcome: sim::JobOutcome::Stuck,
+        count: 1,
+    });
+    let config = SimConfig::new("anthropic", &sim)
+        .server("admin_token = \"admin-secret\"")
+        .batching("max_wait = \"100ms\"")
+        .extra("[webhooks]\nsecret = \"whsec_YWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWE=\"\nschedule = [\"50ms\"]\nallow_hosts = [\"127.0.0.1\"]\n")
+        .extra("[[prices.models]]\nmodel = \"claude-sim-*\"\ninput = 1.0\noutput = 5.0\n")
+        .toml();
+    let app = TestApp::start(&config, &[("UPSTREAM_KEY", "sk-ant-upstream")]).await;
+    let (hook, got) = receiver().await;
+    let id = async_call(
+        &app,
+        ALICE,
+        &[("carpool-callback", hook.as_str())],
+        &message("claude-sim-b", "call me back"),
+    )
+    .await;
+    // Running at the provider: listed by the admin API with its batch.
+    let jobs = loop {
+        let jobs: Value = client()
+            .get(app.url("/admin/jobs"))
+            .bearer_auth("admin-secret")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if jobs["data"][0]["provider_status"] == "in_progress" {
+            break jobs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let job = &jobs["data"][0];
+    assert!(
+        job["job_id"].as_str().unwrap().starts_with("msgbatch_"),
+        "{jobs}"
+    );
+    assert_eq!(job["endpoint"], MESSAGES);
+    sim.clear_faults();
+    assert_eq!(settled(&app, ALICE, &id).await["status"], "succeeded");
+    let event = loop {
+        if let Some(event) = got.lock().unwrap().first().cloned() {
+            break event;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(event["type"], "carpool.request.succeeded");
+    assert_eq!(event["data"]["id"], id.as_str());
+    assert_eq!(event["data"]["response"]["body"]["type"], "message");
+    let text = support::metrics(&app).await;
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("carpool_requests_total") && l.contains("route=\"/v1/messages\"")
+        ),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("carpool_tokens_total") && l.contains("claude-sim-b")),
+        "tokens under the answering model, not the window's `*`"
+    );
+}
