@@ -535,3 +535,38 @@ async fn admin_jobs_metrics_and_webhooks_cover_anthropic_batches() {
         "tokens under the answering model, not the window's `*`"
     );
 }
+
+#[tokio::test]
+async fn expired_lines_go_down_the_failure_chain_and_the_answered_ones_are_kept() {
+    // The four fill a window at once; the resubmitted ones flush by age.
+    let (app, sim) = setup("max_requests = 4\nmax_wait = \"500ms\"").await;
+    sim.add_fault(Fault::NextJob {
+        outcome: sim::JobOutcome::Expired,
+        count: 1,
+    });
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(
+            async_call(
+                &app,
+                ALICE,
+                &[],
+                &message("claude-sim-a", &format!("e {i}")),
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        assert_eq!(settled(&app, ALICE, id).await["status"], "succeeded");
+    }
+    // The first batch ended with half its lines expired; only those went
+    // again (on_batch_failure = resubmit), in a second batch.
+    let jobs = anthropic_jobs(&sim);
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert_eq!(jobs[0].custom_ids.len(), 4);
+    assert_eq!(jobs[1].custom_ids.len(), 2);
+    assert!(jobs[1]
+        .custom_ids
+        .iter()
+        .all(|id| jobs[0].custom_ids.contains(id)));
+}
