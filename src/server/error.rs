@@ -219,9 +219,16 @@ pub async fn in_anthropic_shape(response: Response) -> Response {
     if !ours || status.as_u16() < 400 {
         return response;
     }
+    // Only a body known to be small is read: a larger one (or a stream)
+    // is not one of carpool's errors, and goes out untouched.
+    let small = axum::body::HttpBody::size_hint(response.body())
+        .upper()
+        .is_some_and(|n| n <= REWRITTEN_MAX as u64);
+    if !small {
+        return response;
+    }
     let (mut parts, body) = response.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, REWRITTEN_MAX).await else {
-        // Larger than any error of ours: not one; cannot be restored either.
         return (parts.status, parts.headers).into_response();
     };
     let rewritten = serde_json::from_slice::<serde_json::Value>(&bytes)
