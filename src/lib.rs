@@ -7,7 +7,7 @@
 //! - [`server`]: the HTTP edge: router, handlers, the one error → HTTP mapping.
 //! - [`proxy`]: pass-through forwarding and the defer / pass / reject decision.
 //! - [`store`]: the durable contract (state transitions) and its backends.
-//! - [`providers`]: both dialects' files and batch APIs behind one client.
+//! - [`providers`]: each dialect's files and batch APIs behind one client.
 //! - [`deferral`]: intake, answers, window policy and the flusher.
 //! - [`resolution`]: polling jobs, reconciling result files, waking waiters.
 //! - [`webhooks`]: signed, retried deliveries of finished requests (outbox worker, SSRF guard).

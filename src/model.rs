@@ -195,6 +195,7 @@ impl ServedBy {
 pub enum Dialect {
     Mistral,
     Openai,
+    Anthropic,
 }
 
 impl Dialect {
@@ -202,6 +203,7 @@ impl Dialect {
         match self {
             Self::Mistral => "mistral",
             Self::Openai => "openai",
+            Self::Anthropic => "anthropic",
         }
     }
 
@@ -226,6 +228,7 @@ impl Dialect {
                     | "/v1/completions"
                     | "/v1/moderations"
             ),
+            Self::Anthropic => endpoint == "/v1/messages",
         }
     }
 
@@ -237,6 +240,7 @@ impl Dialect {
         match self {
             Self::Mistral => &[],
             Self::Openai => &["openai-organization", "openai-project"],
+            Self::Anthropic => &["anthropic-beta", "anthropic-workspace-id"],
         }
     }
 
@@ -246,9 +250,25 @@ impl Dialect {
         match self {
             Self::Mistral => (100_000, 512 * 1_000_000),
             Self::Openai => (50_000, 200 * 1_000_000),
+            Self::Anthropic => (100_000, 256 * 1_000_000),
         }
     }
 }
+
+/// The model a window of `endpoint` is keyed by. Anthropic's Message
+/// Batches take several models at once (SPEC section 2), so its windows
+/// are not split by model: they all carry [`MIXED_MODELS`]. `/v1/messages`
+/// is batchable on the Anthropic dialect only, so the endpoint decides.
+pub fn window_model<'a>(endpoint: &str, model: &'a str) -> &'a str {
+    if endpoint == "/v1/messages" {
+        MIXED_MODELS
+    } else {
+        model
+    }
+}
+
+/// The model of a window whose batch takes every model ([`window_model`]).
+pub const MIXED_MODELS: &str = "*";
 
 /// A call's scoping headers (SPEC section 2): which organization and project
 /// of the key the provider bills and limits it under. Part of the window key,

@@ -102,7 +102,7 @@ max_wait = "5 parsecs"
     assert!(!ok, "check-config accepted a bad config");
     for expected in [
         "batching.max_wait: invalid duration \"5 parsecs\"",
-        "upstreams[1].dialect: unknown dialect \"foo\", expected mistral|openai",
+        "upstreams[1].dialect: unknown dialect \"foo\", expected mistral|openai|anthropic",
         "upstreams[0].api_key_env: environment variable MISTRAL_API_KEY is not set",
     ] {
         assert!(

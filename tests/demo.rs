@@ -9,7 +9,7 @@ use carpool::demo::{run_demo, DemoOptions, Style, MODELS};
 
 fn small() -> DemoOptions {
     DemoOptions {
-        requests: 60,
+        requests: 90,
         concurrency: 20,
         poll_concurrency: 5,
         job_duration: Duration::from_millis(200),

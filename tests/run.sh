@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The test command: prepares the Python virtualenv the SDK checks need
-# (official openai and mistralai packages), then runs every Rust test (all
+# (official openai, mistralai and anthropic packages), then runs every Rust test (all
 # of them, past a failing one, so one failure never hides the rest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=.venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import openai, mistralai, selenium' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import openai, mistralai, anthropic, selenium' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
 fi

@@ -68,7 +68,7 @@ mode = "later"
     let p = problems(text, &[]);
     let expect = [
         "server.listen: invalid address \"nowhere\"",
-        "upstreams[1].dialect: unknown dialect \"foo\", expected mistral|openai",
+        "upstreams[1].dialect: unknown dialect \"foo\", expected mistral|openai|anthropic",
         "upstreams[0].api_key_env: environment variable MISTRAL_API_KEY is not set",
         "batching.max_wait: invalid duration \"5 parsecs\"",
         "batching.on_batch_failure: unknown policy \"panic\", expected resubmit|realtime|error",

@@ -354,14 +354,18 @@ fn upstreams(
         let dialect_key = format!("{k}.dialect");
         let dialect = match u.dialect.as_deref() {
             None => {
-                c.fail(&dialect_key, "is required (mistral|openai)");
+                c.fail(&dialect_key, "is required (mistral|openai|anthropic)");
                 None
             }
             Some(d) => c.choice(
                 &dialect_key,
                 "dialect",
                 Some(d),
-                &[("mistral", Dialect::Mistral), ("openai", Dialect::Openai)],
+                &[
+                    ("mistral", Dialect::Mistral),
+                    ("openai", Dialect::Openai),
+                    ("anthropic", Dialect::Anthropic),
+                ],
             ),
         };
         let base_url = c

@@ -6,7 +6,9 @@
 //! creating (recorded before the create call) → create the job with the
 //! window id in its metadata → submitted. A window found in `creating` at
 //! start may already have a job: it is looked up by that metadata and
-//! adopted instead of created twice.
+//! adopted instead of created twice. Anthropic windows have no upload
+//! and no metadata: [`super::inline`] creates them inline and finds their
+//! batch after a crash.
 //!
 //! Replicas sharing one store see the same sealed windows: each submission
 //! runs under the window's lease ([`super::lease`]), so only one process
@@ -19,10 +21,12 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{now_ms, BatchUpstream, BusyGuard, Deferral};
+use super::inline::{Created, INLINE_FILE};
 use super::lease::{leased, LeaseLost};
 use super::policy;
 use super::quota;
 use crate::config::WindowPolicy;
+use crate::model::Dialect;
 use crate::providers::{input_filename, write_input_line, JobPhase, JobView, ProviderError};
 use crate::resolution::deadline::answer_too_late;
 use crate::resolution::fallback::settle_unfinished;
@@ -43,6 +47,12 @@ pub enum SubmitError {
     NoKey(String),
     #[error(transparent)]
     LeaseLost(#[from] LeaseLost),
+    #[error(transparent)]
+    Reconcile(#[from] crate::resolution::reconcile::ReconcileError),
+    /// Which of several batches is the window's cannot be told yet
+    /// ([`super::inline::adopt`]).
+    #[error("several running batches could be this window's; waiting until they end")]
+    Ambiguous,
 }
 
 impl SubmitError {
@@ -53,7 +63,7 @@ impl SubmitError {
         match self {
             Self::Provider(err) => err.is_permanent(),
             Self::UnknownUpstream(_) | Self::NoKey(_) => true,
-            Self::Store(_) | Self::LeaseLost(_) => false,
+            Self::Store(_) | Self::LeaseLost(_) | Self::Reconcile(_) | Self::Ambiguous => false,
         }
     }
 }
@@ -368,19 +378,25 @@ pub async fn submit(deferral: &Deferral, window: WindowRecord) -> Result<(), Sub
             client.dialect(),
             window.key.endpoint.clone(),
         );
-        let file_id = client
-            .upload(&key, &input_filename(&id), move || {
-                let endpoint = endpoint.clone();
-                store.window_lines(&id).map(move |row| {
-                    let (request, body) = row.map_err(std::io::Error::other)?;
-                    let mut line = Vec::with_capacity(body.len() + 96);
-                    write_input_line(dialect, request.as_str(), &endpoint, &body, &mut line)
-                        .map_err(std::io::Error::other)?;
-                    Ok::<Bytes, std::io::Error>(Bytes::from(line))
+        let file_id = if dialect == Dialect::Anthropic {
+            // No file: the requests go inline in the create call.
+            INLINE_FILE.to_owned()
+        } else {
+            let file_id = client
+                .upload(&key, &input_filename(&id), move || {
+                    let endpoint = endpoint.clone();
+                    store.window_lines(&id).map(move |row| {
+                        let (request, body) = row.map_err(std::io::Error::other)?;
+                        let mut line = Vec::with_capacity(body.len() + 96);
+                        write_input_line(dialect, request.as_str(), &endpoint, &body, &mut line)
+                            .map_err(std::io::Error::other)?;
+                        Ok::<Bytes, std::io::Error>(Bytes::from(line))
+                    })
                 })
-            })
-            .await?;
-        tracing::info!(window = %window.id, file = %file_id, "window input uploaded");
+                .await?;
+            tracing::info!(window = %window.id, file = %file_id, "window input uploaded");
+            file_id
+        };
         if !deferral.store.record_upload(&window.id, &file_id).await? {
             // Someone else moved the window on (another replica): our
             // upload is surplus.
@@ -401,7 +417,10 @@ pub async fn submit(deferral: &Deferral, window: WindowRecord) -> Result<(), Sub
         return Ok(());
     }
     let file_id = window.file_id.clone().unwrap_or_default();
-    let existing = if adopt {
+    let inline = client.dialect() == Dialect::Anthropic;
+    let existing = if adopt && inline {
+        super::inline::adopt(deferral, client, &key, &window).await?
+    } else if adopt {
         let since = window.sealed_at.unwrap_or(window.opened_at) / 1000 - 3600;
         client.find_job_for_window(&key, &window.id, since).await?
     } else {
@@ -413,15 +432,23 @@ pub async fn submit(deferral: &Deferral, window: WindowRecord) -> Result<(), Sub
             (job, false)
         }
         None => {
-            let attempt = client
-                .create_job(
-                    &key,
-                    &file_id,
-                    &window.key.model,
-                    &window.key.endpoint,
-                    &window.id,
-                )
-                .await;
+            let attempt = if inline {
+                match super::inline::create(deferral, client, &key, &window).await? {
+                    Ok(Created::Job(job)) => Ok(*job),
+                    Ok(Created::Settled) => return Ok(()),
+                    Err(err) => Err(err),
+                }
+            } else {
+                client
+                    .create_job(
+                        &key,
+                        &file_id,
+                        &window.key.model,
+                        &window.key.endpoint,
+                        &window.id,
+                    )
+                    .await
+            };
             match attempt {
                 Ok(job) => (job, true),
                 Err(err) if err.is_enqueued_token_limit() => {

@@ -17,12 +17,12 @@ use super::answer::{
 use super::backpressure::GateError;
 use super::engine::{now_ms, Deferral};
 use super::optin::{self, Answer};
-use super::{sse, sse_responses};
+use super::{sse, sse_anthropic, sse_responses};
 use crate::config::{AuthMode, UpstreamConfig};
 use crate::model::{prefixed_hex, Dialect, RequestId, Scope};
 use crate::proxy::classify::CALLBACK_HEADER;
 use crate::proxy::headers;
-use crate::server::auth::{bearer, Caller};
+use crate::server::auth::{caller_key, Caller};
 use crate::server::error::ApiError;
 use crate::store::{Accepted, DeliveryMode, NewRequest, RequestRecord, StoreError, WindowLimits};
 use crate::webhooks::target;
@@ -81,7 +81,7 @@ pub fn body_hash(endpoint: &str, scope: &Scope, body: &[u8]) -> String {
 pub async fn defer(deferral: &Deferral, call: Deferred<'_>) -> Result<Intake, ApiError> {
     // Under passthrough the caller's key pays for the batch: without one that
     // parses, the window could never be submitted, so nothing is stored.
-    if call.upstream.auth == AuthMode::Passthrough && bearer(call.headers).is_none() {
+    if call.upstream.auth == AuthMode::Passthrough && caller_key(call.headers).is_none() {
         return Err(ApiError::Unauthorized);
     }
     if !call.upstream.dialect.batchable(call.endpoint) {
@@ -346,7 +346,7 @@ fn scope(dialect: Dialect, headers: &HeaderMap) -> Result<Scope, ApiError> {
 /// key is in the config.
 fn window_key(call: &Deferred<'_>) -> Option<String> {
     match call.upstream.auth {
-        AuthMode::Passthrough => bearer(call.headers).map(str::to_owned),
+        AuthMode::Passthrough => caller_key(call.headers).map(str::to_owned),
         AuthMode::Managed => None,
     }
 }
@@ -408,8 +408,13 @@ fn with_preference(mut response: Response, answer: &Answer) -> Response {
 fn held_stream(deferral: Deferral, record: RequestRecord, credential: String) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let id = record.id.clone();
+    let keep_alive = if record.endpoint == "/v1/messages" {
+        sse_anthropic::KEEP_ALIVE
+    } else {
+        sse::KEEP_ALIVE
+    };
     deferral.clone().spawn(async move {
-        if tx.send(Bytes::from_static(sse::KEEP_ALIVE)).await.is_err() {
+        if tx.send(Bytes::from_static(keep_alive)).await.is_err() {
             return;
         }
         let done = loop {
@@ -417,7 +422,7 @@ fn held_stream(deferral: Deferral, record: RequestRecord, credential: String) ->
                 result = wait_final(&deferral, &id, &credential, Some(KEEP_ALIVE_EVERY)) => match result {
                     Ok(Some(r)) if r.status.is_final() => break r,
                     Ok(Some(_)) => {
-                        if tx.send(Bytes::from_static(sse::KEEP_ALIVE)).await.is_err() {
+                        if tx.send(Bytes::from_static(keep_alive)).await.is_err() {
                             return;
                         }
                     }
@@ -433,6 +438,8 @@ fn held_stream(deferral: Deferral, record: RequestRecord, credential: String) ->
         let (status, body) = final_status_and_body(&done);
         let events = if done.endpoint == "/v1/responses" {
             sse_responses::replay(status.as_u16(), &body)
+        } else if done.endpoint == "/v1/messages" {
+            sse_anthropic::replay(status.as_u16(), &body)
         } else {
             sse::replay(status.as_u16(), &body)
         };

@@ -11,6 +11,7 @@ pub mod backpressure;
 pub mod engine;
 pub mod flusher;
 pub mod handles;
+pub mod inline;
 pub mod intake;
 pub mod lease;
 pub mod optin;
@@ -18,6 +19,7 @@ pub mod policy;
 pub mod quota;
 pub mod refusals;
 pub mod sse;
+pub mod sse_anthropic;
 pub mod sse_responses;
 pub mod turnaround;
 

@@ -14,6 +14,8 @@ struct Probe {
     background: Option<Value>,
     #[serde(default)]
     model: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
 }
 
 /// `Ok` when the body may go to a batch line of `endpoint`.
@@ -39,6 +41,9 @@ pub fn check(endpoint: &str, body: &[u8]) -> Result<(), ApiError> {
             code: "missing_model",
         });
     }
+    if endpoint == "/v1/messages" {
+        return messages(&probe);
+    }
     if endpoint != "/v1/responses" {
         return Ok(());
     }
@@ -52,9 +57,52 @@ pub fn check(endpoint: &str, body: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `/v1/messages`: Anthropic's batch refuses the whole create for a
+/// request without a `model`, or whose `max_tokens` is missing or below 1
+/// (reference section 0).
+fn messages(probe: &Probe) -> Result<(), ApiError> {
+    if !matches!(&probe.model, Some(Value::String(_))) {
+        return Err(ApiError::BadRequest {
+            message: "model: Field required (a deferred call needs a \"model\" in its body)"
+                .to_owned(),
+            param: Some("model".to_owned()),
+            code: "missing_model",
+        });
+    }
+    match probe.max_tokens.as_ref().and_then(Value::as_i64) {
+        Some(n) if n >= 1 => Ok(()),
+        _ => Err(ApiError::BadRequest {
+            message:
+                "max_tokens: must be an integer of at least 1; the batch API refuses anything else"
+                    .to_owned(),
+            param: Some("max_tokens".to_owned()),
+            code: "invalid_max_tokens",
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_need_a_model_and_max_tokens_of_at_least_one() {
+        for bad in [
+            &br#"{"model":"claude","max_tokens":0,"messages":[]}"#[..],
+            br#"{"model":"claude","max_tokens":-3}"#,
+            br#"{"model":"claude","max_tokens":"5"}"#,
+            br#"{"model":"claude"}"#,
+            br#"{"max_tokens":5}"#,
+        ] {
+            assert!(
+                check("/v1/messages", bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(check("/v1/messages", br#"{"model":"claude","max_tokens":1}"#).is_ok());
+        assert!(check("/v1/chat/completions", br#"{"model":"m","max_tokens":0}"#).is_ok());
+    }
 
     #[test]
     fn background_true_is_refused_on_responses_only() {

@@ -2,7 +2,7 @@
 //!
 //! It starts the simulated provider and carpool (config `config/demo.toml`,
 //! embedded; SQLite in a temporary directory), sends a burst of deferred chat
-//! calls over two models (one per upstream dialect) and three opt-in styles,
+//! calls over three models (one per upstream dialect) and three opt-in styles,
 //! prints progress on stderr while the windows fill and the jobs run, and
 //! returns a [`DemoSummary`]: requests, answers checked against the
 //! provider's own, batch jobs per model, turnaround, and the realtime versus

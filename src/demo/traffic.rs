@@ -17,10 +17,15 @@ pub const CHAT: &str = "/v1/chat/completions";
 /// `client.responses.create` would send it.
 pub const RESPONSES: &str = "/v1/responses";
 
-/// The two models, one per upstream dialect (routed by the config's globs).
-pub const MODELS: [(&str, &str); 2] = [
+/// Anthropic's Messages API: the Anthropic model's calls, as
+/// `client.messages.create` sends them (`x-api-key`, `anthropic-version`).
+pub const MESSAGES: &str = "/v1/messages";
+
+/// The three models, one per upstream dialect (routed by the config's globs).
+pub const MODELS: [(&str, &str); 3] = [
     ("mistral-small-latest", "mistral"),
     ("gpt-4o-mini", "openai"),
+    ("claude-haiku-4-5", "anthropic"),
 ];
 
 /// Bounds on the pause between two polls of a handle, whatever `Retry-After` says.
@@ -72,6 +77,8 @@ pub fn plan(requests: usize) -> Vec<Call> {
             let style = Style::ALL[(i / MODELS.len()) % Style::ALL.len()];
             let (endpoint, body) = if dialect == "openai" && (i / round) % 2 == 1 {
                 (RESPONSES, responses_body(model, i))
+            } else if dialect == "anthropic" {
+                (MESSAGES, messages_body(model, i))
             } else {
                 (CHAT, chat_body(model, i))
             };
@@ -101,6 +108,20 @@ fn chat_body(model: &str, i: usize) -> Value {
         "max_tokens": 120,
         "messages": [
             {"role": "system", "content": "You triage customer support tickets. Reply with a category, an urgency from 1 to 5 and a one-sentence summary."},
+            {"role": "user", "content": format!("Ticket #{:05}: the customer writes about {topic}. They have contacted us before and would like an answer today.", 10_000 + i)},
+        ],
+    })
+}
+
+/// The same ticket as `client.messages.create(model=…, max_tokens=…,
+/// system=…, messages=…)` sends it.
+fn messages_body(model: &str, i: usize) -> Value {
+    let topic = TOPICS[i % TOPICS.len()];
+    json!({
+        "model": model,
+        "max_tokens": 120,
+        "system": "You triage customer support tickets. Reply with a category, an urgency from 1 to 5 and a one-sentence summary.",
+        "messages": [
             {"role": "user", "content": format!("Ticket #{:05}: the customer writes about {topic}. They have contacted us before and would like an answer today.", 10_000 + i)},
         ],
     })
@@ -209,9 +230,7 @@ impl Caller {
         };
         let started = Instant::now();
         let mut request = self
-            .client
-            .post(format!("{}{path}", self.base_url))
-            .bearer_auth(&self.credential)
+            .authed(self.client.post(format!("{}{path}", self.base_url)), call)
             .json(&call.body);
         if let Some((name, value)) = header {
             request = request.header(name, value);
@@ -233,9 +252,11 @@ impl Caller {
                 return (None, Err(CallError::Deadline));
             };
             let request = self
-                .client
-                .post(format!("{}{}", self.base_url, call.endpoint))
-                .bearer_auth(&self.credential)
+                .authed(
+                    self.client
+                        .post(format!("{}{}", self.base_url, call.endpoint)),
+                    call,
+                )
                 .header("prefer", "respond-async")
                 .json(&call.body);
             self.send(request).await
@@ -271,6 +292,18 @@ impl Caller {
                 Ok(r) => return (id, answer_of(r, accepted_at).await),
                 Err(err) => return (id, Err(err)),
             }
+        }
+    }
+
+    /// The caller's key as its SDK sends it: Anthropic's in `x-api-key`
+    /// with a version, the others as a bearer token.
+    fn authed(&self, request: reqwest::RequestBuilder, call: &Call) -> reqwest::RequestBuilder {
+        if call.endpoint == MESSAGES {
+            request
+                .header("x-api-key", &self.credential)
+                .header("anthropic-version", "2023-06-01")
+        } else {
+            request.bearer_auth(&self.credential)
         }
     }
 
@@ -326,14 +359,14 @@ mod tests {
 
     #[test]
     fn plan_spreads_calls_evenly_over_models_and_styles() {
-        let calls = plan(300);
+        let calls = plan(360);
         let mut per_pair = BTreeMap::<(&str, Style), usize>::new();
         for call in &calls {
             *per_pair.entry((call.model, call.style)).or_default() += 1;
             assert_eq!(call.body["model"], call.model);
         }
-        assert_eq!(per_pair.len(), 6);
-        assert!(per_pair.values().all(|n| *n == 50), "{per_pair:?}");
+        assert_eq!(per_pair.len(), 9);
+        assert!(per_pair.values().all(|n| *n == 40), "{per_pair:?}");
     }
 
     #[test]
@@ -347,12 +380,22 @@ mod tests {
     fn plan_sends_some_openai_calls_as_responses_in_every_style() {
         let calls = plan(60);
         let responses: Vec<&Call> = calls.iter().filter(|c| c.endpoint == RESPONSES).collect();
-        assert_eq!(responses.len(), 15);
+        assert_eq!(responses.len(), 9);
         assert!(responses
             .iter()
             .all(|c| c.model == "gpt-4o-mini" && c.body.get("input").is_some()));
         let styles: HashSet<Style> = responses.iter().map(|c| c.style).collect();
         assert_eq!(styles.len(), Style::ALL.len());
+    }
+
+    #[test]
+    fn plan_sends_the_anthropic_model_as_messages_calls() {
+        let calls = plan(30);
+        assert!(calls
+            .iter()
+            .filter(|c| c.model == "claude-haiku-4-5")
+            .all(|c| c.endpoint == MESSAGES && c.body["max_tokens"] == 120));
+        assert!(calls.iter().any(|c| c.endpoint == MESSAGES));
     }
 
     #[test]

@@ -46,8 +46,10 @@ pub fn list_query(dialect: Dialect, cursor: Option<&str>) -> String {
             "?purpose=batch&page={}&page_size={PAGE}",
             page.unwrap_or("0")
         ),
-        (Dialect::Openai, None) => format!("?purpose=batch&order=desc&limit={PAGE}"),
-        (Dialect::Openai, Some(after)) => {
+        (Dialect::Openai | Dialect::Anthropic, None) => {
+            format!("?purpose=batch&order=desc&limit={PAGE}")
+        }
+        (Dialect::Openai | Dialect::Anthropic, Some(after)) => {
             format!("?purpose=batch&order=desc&limit={PAGE}&after={after}")
         }
     }
@@ -72,7 +74,7 @@ pub fn parse_list(dialect: Dialect, v: &Value, cursor: Option<&str>) -> FilePage
             };
             (more && listed > 0).then(|| (page + 1).to_string())
         }
-        Dialect::Openai => {
+        Dialect::Openai | Dialect::Anthropic => {
             let more = v.get("has_more").and_then(Value::as_bool).unwrap_or(false);
             let last = v
                 .get("last_id")

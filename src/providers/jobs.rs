@@ -94,6 +94,7 @@ pub fn jobs_path(dialect: Dialect) -> &'static str {
     match dialect {
         Dialect::Mistral => "/v1/batch/jobs",
         Dialect::Openai => "/v1/batches",
+        Dialect::Anthropic => super::anthropic::BATCHES_PATH,
     }
 }
 
@@ -127,6 +128,8 @@ pub fn create_body(
             "completion_window": terms.completion_window,
             "metadata": metadata,
         }),
+        // Its requests go inline, streamed (`BatchClient::create_inline`).
+        Dialect::Anthropic => Value::Null,
     }
 }
 
@@ -158,6 +161,9 @@ fn count(v: &Value, key: &str) -> u64 {
 /// Reads a job object; `None` when it has no id. Some compatible
 /// providers wrap it (`{"job": {…}}`): the wrapper is taken off.
 pub fn parse_job(dialect: Dialect, v: &Value) -> Option<JobView> {
+    if dialect == Dialect::Anthropic {
+        return super::anthropic::parse_batch(v);
+    }
     let v = match v.get("job") {
         Some(inner) if v.get("id").is_none() && inner.is_object() => inner,
         _ => v,
@@ -190,7 +196,7 @@ pub fn parse_job(dialect: Dialect, v: &Value) -> Option<JobView> {
             window,
             created_at,
         },
-        Dialect::Openai => {
+        Dialect::Openai | Dialect::Anthropic => {
             let counts = v.get("request_counts").cloned().unwrap_or(Value::Null);
             JobView {
                 phase: phase_of(dialect, &raw_status),
@@ -243,10 +249,16 @@ pub fn list_query(dialect: Dialect, cursor: Option<&str>) -> String {
         ),
         (Dialect::Openai, None) => "?limit=100".to_owned(),
         (Dialect::Openai, Some(after)) => format!("?limit=100&after={after}"),
+        (Dialect::Anthropic, None) => "?limit=100".to_owned(),
+        (Dialect::Anthropic, Some(after)) => format!("?limit=100&after_id={after}"),
     }
 }
 
 pub fn parse_list(dialect: Dialect, v: &Value, cursor: Option<&str>) -> JobPage {
+    if dialect == Dialect::Anthropic {
+        let (jobs, next) = super::anthropic::parse_list(v);
+        return JobPage { jobs, next };
+    }
     let jobs: Vec<JobView> = v
         .get("data")
         .and_then(Value::as_array)
@@ -258,7 +270,7 @@ pub fn parse_list(dialect: Dialect, v: &Value, cursor: Option<&str>) -> JobPage 
             let seen = (page + 1) * 100;
             (count(v, "total") > seen && !jobs.is_empty()).then(|| (page + 1).to_string())
         }
-        Dialect::Openai => {
+        Dialect::Openai | Dialect::Anthropic => {
             let more = v.get("has_more").and_then(Value::as_bool).unwrap_or(false);
             match (more, jobs.last()) {
                 (true, Some(last)) => Some(last.id.clone()),

@@ -55,7 +55,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
 /// Appends one JSONL input line (with its trailing newline) to `out`.
 ///
 /// Mistral: `{"custom_id":…,"body":{…}}`; OpenAI adds `"method":"POST"` and
-/// `"url":<endpoint>`. The model stays in the body for both: OpenAI needs it
+/// `"url":<endpoint>`; Anthropic's is `{"custom_id":…,"params":{…}}`, one
+/// element of the create call's `requests` (the newline is whitespace there). The model stays in the body for both: OpenAI needs it
 /// there, and Mistral accepts it beside the job-level model.
 pub fn write_input_line(
     dialect: Dialect,
@@ -72,7 +73,11 @@ pub fn write_input_line(
         out.extend_from_slice(b",\"method\":\"POST\",\"url\":");
         push_json_string(out, endpoint);
     }
-    out.extend_from_slice(b",\"body\":{");
+    out.extend_from_slice(if dialect == Dialect::Anthropic {
+        b",\"params\":{".as_slice()
+    } else {
+        b",\"body\":{".as_slice()
+    });
     let mut first = true;
     for (key, value) in &object.0 {
         if STRIPPED_KEYS.contains(&key.as_str()) {
@@ -131,6 +136,9 @@ struct WireLine<'a> {
     response: Option<WireResponse<'a>>,
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,
+    /// Anthropic's `{type, message | error}`.
+    #[serde(default, borrow)]
+    result: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -141,7 +149,8 @@ struct WireResponse<'a> {
     body: Option<&'a RawValue>,
 }
 
-/// Reads one line of an output or error file, in either dialect.
+/// Reads one line of an output or error file, in any dialect (an
+/// Anthropic line is told by its `result`).
 ///
 /// Parsed defensively (reference A5, B5): `error` may be an object, a bare
 /// string or null; `response` may be null; `status_code` may be missing.
@@ -152,6 +161,11 @@ pub fn parse_result_line(line: &[u8]) -> Result<LineOutcome, LineError> {
         .custom_id
         .filter(|id| !id.is_empty())
         .ok_or(LineError::MissingCustomId)?;
+    if let Some(result) = wire.result {
+        let result: Value = serde_json::from_str(result.get())
+            .map_err(|e| LineError::InvalidJson(e.to_string()))?;
+        return Ok(super::anthropic::parse_result(custom_id, &result));
+    }
     let failure = wire.error.and_then(|raw| read_failure(raw.get()));
     let response = wire
         .response
@@ -283,6 +297,27 @@ mod tests {
         assert_eq!(parsed["method"], "POST");
         assert_eq!(parsed["url"], "/v1/chat/completions");
         assert_eq!(parsed["body"]["model"], "m");
+    }
+
+    #[test]
+    fn anthropic_input_line_carries_params() {
+        let mut out = Vec::new();
+        write_input_line(
+            Dialect::Anthropic,
+            "cpr_1",
+            "/v1/messages",
+            br#"{"model":"claude","max_tokens":5,"stream":true}"#,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"custom_id\":\"cpr_1\",\"params\":{\"model\":\"claude\",\"max_tokens\":5}}\n"
+        );
+        let line = br#"{"custom_id":"cpr_2","result":{"type":"succeeded","message":{"id":"m"}}}"#;
+        let outcome = parse_result_line(line).unwrap();
+        assert!(outcome.succeeded());
+        assert_eq!(&outcome.body[..], br#"{"id":"m"}"#);
     }
 
     #[test]

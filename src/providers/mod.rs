@@ -1,9 +1,12 @@
 //! Provider batch APIs (files and jobs) for each dialect, behind one client.
+//! Anthropic's inline batches, which have no files, are in [`anthropic`]
+//! (wire) and [`BatchClient::create_inline`].
 //!
 //! Owns: the wire formats ([`lines`], [`jobs`]), the HTTP calls, and their
 //! retries ([`retry`]). Does not own: when to submit or poll (the deferral
 //! and resolution workers decide), nor what is stored.
 
+pub mod anthropic;
 pub mod files;
 pub mod jobs;
 pub mod lines;
@@ -384,6 +387,106 @@ impl BatchClient {
         format!("{}{}", self.base_url, path)
     }
 
+    /// `request` with the key as this dialect sends it (Anthropic:
+    /// `x-api-key` and `anthropic-version`; else a bearer token) and the
+    /// window's scope.
+    fn authed(&self, request: reqwest::RequestBuilder, key: &str) -> reqwest::RequestBuilder {
+        let request = match self.dialect {
+            Dialect::Anthropic => request
+                .header("x-api-key", key)
+                .header("anthropic-version", anthropic::API_VERSION),
+            Dialect::Mistral | Dialect::Openai => request.bearer_auth(key),
+        };
+        with_scope(request, &self.scope)
+    }
+
+    /// Creates an Anthropic batch from inline requests: `lines` are the
+    /// `{custom_id, params}` objects, streamed into the body between its
+    /// head and tail, so the window is never built in memory.
+    ///
+    /// Tried once, like [`Self::create_job`]: a create that failed may
+    /// still have made the batch, which recovery looks for
+    /// ([`Self::batches_since`]) before trying again. Times out when
+    /// neither a body chunk was taken nor an answer came for the call limit.
+    pub async fn create_inline<S>(&self, key: &str, lines: S) -> Result<JobView, ProviderError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    {
+        const OP: &str = "create";
+        let progress = Progress::new();
+        let moved = progress.clone();
+        let framed = futures_util::stream::once(async {
+            Ok::<_, std::io::Error>(Bytes::from_static(anthropic::CREATE_HEAD))
+        })
+        .chain(lines.enumerate().map(|(i, line)| {
+            let line = line?;
+            if i == 0 {
+                return Ok(line);
+            }
+            let mut with_comma = Vec::with_capacity(line.len() + 1);
+            with_comma.push(b',');
+            with_comma.extend_from_slice(&line);
+            Ok(Bytes::from(with_comma))
+        }))
+        .chain(futures_util::stream::once(async {
+            Ok(Bytes::from_static(anthropic::CREATE_TAIL))
+        }))
+        .inspect(move |_| moved.moved());
+        let url = self.url(anthropic::BATCHES_PATH);
+        let request = self
+            .authed(self.http.post(&url), key)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(reqwest::Body::wrap_stream(framed));
+        let limit = self.limits.call;
+        let call = async move {
+            let resp = request
+                .send()
+                .await
+                .map_err(|e| ProviderError::transport(OP, e))?;
+            json_of(OP, resp).await
+        };
+        let value = tokio::select! {
+            answer = call => answer?,
+            () = progress.stalled(limit) => return Err(timed_out(OP, limit)),
+        };
+        self.job_from(OP, &value)
+    }
+
+    /// The key's jobs created at or after `not_before` (unix seconds),
+    /// newest first: where recovery looks for a batch that carries no
+    /// metadata (Anthropic's). Bounded to a few thousand.
+    pub async fn batches_since(
+        &self,
+        key: &str,
+        not_before: i64,
+    ) -> Result<Vec<JobView>, ProviderError> {
+        const OP: &str = "list";
+        let mut cursor: Option<String> = None;
+        let mut found = Vec::new();
+        for _ in 0..50 {
+            let url = self.url(&format!(
+                "{}{}",
+                jobs::jobs_path(self.dialect),
+                jobs::list_query(self.dialect, cursor.as_deref())
+            ));
+            let value = self.get_json(OP, key, &url).await?;
+            let page = jobs::parse_list(self.dialect, &value, cursor.as_deref());
+            let mut older = false;
+            for job in page.jobs {
+                if job.created_at != 0 && job.created_at < not_before {
+                    older = true;
+                } else {
+                    found.push(job);
+                }
+            }
+            match page.next {
+                Some(next) if !older => cursor = Some(next),
+                _ => break,
+            }
+        }
+        Ok(found)
+    }
+
     /// Uploads a JSONL batch input file, streamed: `body` is called again
     /// for each attempt, so nothing is buffered to make a retry possible.
     /// An attempt times out when neither a body chunk was taken nor an
@@ -468,7 +571,8 @@ impl BatchClient {
         let body = jobs::create_body(self.dialect, file_id, &terms, window);
         let url = self.url(jobs::jobs_path(self.dialect));
         let value = bounded(OP, self.limits.call, async {
-            let resp = with_scope(self.http.post(&url).bearer_auth(key), &self.scope)
+            let resp = self
+                .authed(self.http.post(&url), key)
                 .json(&body)
                 .send()
                 .await
@@ -497,7 +601,8 @@ impl BatchClient {
             .retry
             .run(OP, || {
                 bounded(OP, self.limits.call, async {
-                    let resp = with_scope(self.http.post(&url).bearer_auth(key), &self.scope)
+                    let resp = self
+                        .authed(self.http.post(&url), key)
                         .send()
                         .await
                         .map_err(|e| ProviderError::transport(OP, e))?;
@@ -557,6 +662,10 @@ impl BatchClient {
         not_before: i64,
     ) -> Result<Vec<FileView>, ProviderError> {
         const OP: &str = "list files";
+        // Message Batches take their requests inline: no input files.
+        if self.dialect == Dialect::Anthropic {
+            return Ok(Vec::new());
+        }
         let mut cursor: Option<String> = None;
         let mut found = Vec::new();
         for _ in 0..MAX_FILE_PAGES {
@@ -594,12 +703,19 @@ impl BatchClient {
     ) -> Result<impl Stream<Item = Result<Bytes, ProviderError>> + Send + 'static, ProviderError>
     {
         const OP: &str = "download";
-        let url = self.url(&format!("/v1/files/{file_id}/content"));
+        // An Anthropic batch's results stand where a file's content would.
+        let url = match self.dialect {
+            Dialect::Anthropic => {
+                self.url(&format!("{}/{file_id}/results", anthropic::BATCHES_PATH))
+            }
+            Dialect::Mistral | Dialect::Openai => self.url(&format!("/v1/files/{file_id}/content")),
+        };
         let resp = self
             .retry
             .run(OP, || {
                 bounded(OP, self.limits.call, async {
-                    let resp = with_scope(self.http.get(&url).bearer_auth(key), &self.scope)
+                    let resp = self
+                        .authed(self.http.get(&url), key)
                         .send()
                         .await
                         .map_err(|e| ProviderError::transport(OP, e))?;
@@ -615,11 +731,16 @@ impl BatchClient {
 
     pub async fn delete_file(&self, key: &str, file_id: &str) -> Result<(), ProviderError> {
         const OP: &str = "delete";
+        if self.dialect == Dialect::Anthropic {
+            // Inline batches have no files; results go when the batch is archived.
+            return Ok(());
+        }
         let url = self.url(&format!("/v1/files/{file_id}"));
         self.retry
             .run(OP, || {
                 bounded(OP, self.limits.call, async {
-                    let resp = with_scope(self.http.delete(&url).bearer_auth(key), &self.scope)
+                    let resp = self
+                        .authed(self.http.delete(&url), key)
                         .send()
                         .await
                         .map_err(|e| ProviderError::transport(OP, e))?;
@@ -643,7 +764,8 @@ impl BatchClient {
         self.retry
             .run(operation, || {
                 bounded(operation, self.limits.call, async {
-                    let resp = with_scope(self.http.get(url).bearer_auth(key), &self.scope)
+                    let resp = self
+                        .authed(self.http.get(url), key)
                         .send()
                         .await
                         .map_err(|e| ProviderError::transport(operation, e))?;

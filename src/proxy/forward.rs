@@ -22,6 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::headers;
 use crate::config::{AuthMode, ServerConfig, UpstreamConfig};
 use crate::metrics::Metrics;
+use crate::model::Dialect;
+use crate::server::auth::X_API_KEY;
 use crate::server::{ApiError, Caller};
 
 /// A request body on its way upstream.
@@ -177,12 +179,29 @@ impl Forwarder {
                         ),
                     })?;
                 value.set_sensitive(true);
-                headers.insert(header::AUTHORIZATION, value);
+                if out.upstream.dialect == Dialect::Anthropic {
+                    // Anthropic reads its key from `x-api-key`.
+                    let mut key_value =
+                        HeaderValue::from_str(key.expose()).map_err(|_| ApiError::Internal {
+                            reason: format!(
+                                "the key of upstream {} is not a valid header value",
+                                out.upstream.name
+                            ),
+                        })?;
+                    key_value.set_sensitive(true);
+                    headers.remove(header::AUTHORIZATION);
+                    headers.insert(X_API_KEY, key_value);
+                } else {
+                    headers.insert(header::AUTHORIZATION, value);
+                }
             }
             // A managed upstream without a key of its own: the caller's key
             // is for carpool and never goes upstream.
             (None, AuthMode::Managed) => {
                 headers.remove(header::AUTHORIZATION);
+                if out.upstream.dialect == Dialect::Anthropic {
+                    headers.remove(X_API_KEY);
+                }
             }
             (None, AuthMode::Passthrough) => {}
         }

@@ -146,7 +146,10 @@ async fn fail_named(
 
 /// Puts every other open request of the window back in the open window of
 /// its key, uncounted, and seals that window so it is submitted now.
-async fn resubmit_rest(deferral: &Deferral, window: &WindowRecord) -> Result<u64, ReconcileError> {
+pub(crate) async fn resubmit_rest(
+    deferral: &Deferral,
+    window: &WindowRecord,
+) -> Result<u64, ReconcileError> {
     let open = deferral.store.open_request_ids(&window.id).await?;
     if open.is_empty() {
         return Ok(0);

@@ -122,6 +122,15 @@ pub fn result_line(line: &[u8], now: i64) -> Result<ResultLine, Option<String>> 
     })
 }
 
+/// The `model` an answer names.
+fn answer_model(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body).ok()?.model
+}
+
 pub(crate) fn upstream_message(body: &Bytes) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -186,6 +195,8 @@ async fn apply_file(
 struct Chunk {
     resolutions: Vec<Resolution>,
     usage: Vec<Option<TokenUsage>>,
+    /// The answer's `model`, where a window mixes models.
+    models: Vec<Option<String>>,
 }
 
 /// The results of the next lines of the spool; `None` once it is empty.
@@ -197,9 +208,11 @@ async fn next_chunk(
     tally: &mut Tally,
 ) -> Result<Option<Chunk>, ReconcileError> {
     while spool.left() > 0 {
+        let mixed = window.key.model == crate::model::MIXED_MODELS;
         let mut chunk = Chunk {
             resolutions: Vec::with_capacity(CHUNK),
             usage: Vec::with_capacity(CHUNK),
+            models: Vec::with_capacity(CHUNK),
         };
         for line in spool.take(CHUNK).await? {
             match result_line(&line, now_ms()) {
@@ -212,6 +225,13 @@ async fn next_chunk(
                             .response_body
                             .as_deref()
                             .and_then(TokenUsage::from_body),
+                    );
+                    chunk.models.push(
+                        resolution
+                            .response_body
+                            .as_deref()
+                            .filter(|_| mixed)
+                            .and_then(answer_model),
                     );
                     chunk.resolutions.push(resolution);
                 }
@@ -257,13 +277,21 @@ async fn store_chunk(
 ) -> Result<Stored, ReconcileError> {
     // Counted once stored, and only what the store applied: a re-run after
     // a crash must not count the same answers twice.
-    let price = deferral
-        .config
-        .prices
-        .for_call(&window.key.upstream, &window.key.model);
+    // A window of several models (Anthropic's) counts and prices each
+    // result under the model that answered it.
+    let mixed = window.key.model == crate::model::MIXED_MODELS;
+    let models: Vec<String> = chunk
+        .models
+        .iter()
+        .map(|m| match m.as_deref() {
+            Some(model) if mixed => model.to_owned(),
+            _ => window.key.model.clone(),
+        })
+        .collect();
     let mut resolutions = chunk.resolutions;
-    for (r, usage) in resolutions.iter_mut().zip(chunk.usage) {
+    for ((r, usage), model) in resolutions.iter_mut().zip(chunk.usage).zip(&models) {
         let served_by = r.served_by.unwrap_or(ServedBy::Batch);
+        let price = deferral.config.prices.for_call(&window.key.upstream, model);
         r.charge = usage.map(|usage| Charge::of(usage, price, served_by));
     }
     let facts: Vec<_> = resolutions
@@ -280,7 +308,7 @@ async fn store_chunk(
     let changed = deferral.store.resolve(&window.id, resolutions).await?;
     let applied: HashSet<&RequestId> = changed.iter().collect();
     let mut stored = Stored::default();
-    for (id, status, served_by, charge) in &facts {
+    for ((id, status, served_by, charge), model) in facts.iter().zip(&models) {
         if !applied.contains(id) {
             stored.not_open += 1;
             continue;
@@ -292,7 +320,7 @@ async fn store_chunk(
         }
         deferral
             .metrics
-            .record_result(&window.key.model, *status, *served_by, charge.as_ref());
+            .record_result(model, *status, *served_by, charge.as_ref());
     }
     deferral.waiters.wake(&changed);
     Ok(stored)

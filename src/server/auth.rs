@@ -1,5 +1,7 @@
-//! Who is calling: the presented bearer key checked against `[[clients]]`
-//! (managed upstreams) or carried upstream as is (passthrough upstreams).
+//! Who is calling: the presented key (a bearer token, or Anthropic's
+//! `x-api-key` when there is no `Authorization`) checked against
+//! `[[clients]]` (managed upstreams) or carried upstream as is
+//! (passthrough upstreams).
 //! The deferral path reuses [`Caller`] to bind handles to credentials.
 
 use axum::http::{header, HeaderMap};
@@ -96,7 +98,15 @@ pub enum Presented<'h> {
 impl<'h> Presented<'h> {
     pub fn of(headers: &'h HeaderMap) -> Self {
         let Some(value) = headers.get(header::AUTHORIZATION) else {
-            return Self::Nothing;
+            // Anthropic's SDK sends its key here; the same key is the same
+            // credential whichever header carried it.
+            return match headers.get(X_API_KEY) {
+                None => Self::Nothing,
+                Some(value) => match api_key(headers) {
+                    Some(key) => Self::Bearer(key),
+                    None => Self::Malformed(value.as_bytes()),
+                },
+            };
         };
         match bearer(headers) {
             Some(key) => Self::Bearer(key),
@@ -132,6 +142,24 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         && !token.is_empty()
         && !token.contains(|c: char| c.is_ascii_whitespace()))
     .then_some(token)
+}
+
+/// Anthropic's key header.
+pub const X_API_KEY: &str = "x-api-key";
+
+/// A well-formed `x-api-key`: text, no whitespace inside, not empty.
+pub fn api_key(headers: &HeaderMap) -> Option<&str> {
+    let key = headers.get(X_API_KEY)?.to_str().ok()?.trim();
+    (!key.is_empty() && !key.contains(|c: char| c.is_ascii_whitespace())).then_some(key)
+}
+
+/// The caller's key as the upstream would read it: the bearer token, or
+/// without an `Authorization` header the `x-api-key`.
+pub fn caller_key(headers: &HeaderMap) -> Option<&str> {
+    match headers.get(header::AUTHORIZATION) {
+        Some(_) => bearer(headers),
+        None => api_key(headers),
+    }
 }
 
 /// Compares against every client, in constant time per comparison and
@@ -231,6 +259,20 @@ mod tests {
             hash(&headers(Some("Bearer one"))),
             hash(&headers(Some("one")))
         );
+    }
+
+    #[test]
+    fn an_x_api_key_is_the_same_credential_as_that_bearer_key() {
+        let mut h = HeaderMap::new();
+        h.insert(X_API_KEY, "k1".parse().unwrap());
+        assert_eq!(
+            Presented::of(&h).credential_hash(),
+            Presented::of(&headers(Some("Bearer k1"))).credential_hash()
+        );
+        assert_eq!(caller_key(&h), Some("k1"));
+        h.insert(X_API_KEY, "a b".parse().unwrap());
+        assert!(matches!(Presented::of(&h), Presented::Malformed(_)));
+        assert_eq!(caller_key(&h), None);
     }
 
     #[test]

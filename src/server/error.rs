@@ -1,6 +1,8 @@
 //! The one place an error becomes an HTTP status and an OpenAI-style body,
 //! `{"error":{"message","type","param","code"}}`. Other layers define their
-//! own error enums and convert into [`ApiError`]; handlers return it.
+//! own error enums and convert into [`ApiError`]; handlers return it. On
+//! Anthropic's routes the same errors take Anthropic's shape
+//! ([`in_anthropic_shape`]).
 
 use std::time::Duration;
 
@@ -191,6 +193,62 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Whether a call's errors take Anthropic's shape (SPEC section 1): its
+/// route (the defer prefix already removed) is Anthropic's, or it is a
+/// handle call that presents `x-api-key` rather than `Authorization`.
+pub fn anthropic_caller(path: &str, headers: &axum::http::HeaderMap) -> bool {
+    path == "/v1/messages"
+        || path.starts_with("/v1/messages/")
+        || (path.starts_with("/v1/carpool/")
+            && headers.contains_key("x-api-key")
+            && !headers.contains_key(header::AUTHORIZATION))
+}
+
+/// Largest error body [`in_anthropic_shape`] rewrites; carpool's are tiny.
+const REWRITTEN_MAX: usize = 64 * 1024;
+
+/// An error carpool made, `{"error":{"message","type",…}}`, as Anthropic's
+/// `{"type":"error","error":{"type","message"}}`, the type following the
+/// status. Only errors of carpool's own (its refusals, and the answers it
+/// makes for deferred requests) are touched: an upstream's answer, already
+/// in Anthropic's shape, passes as it is.
+pub async fn in_anthropic_shape(response: Response) -> Response {
+    let status = response.status();
+    let ours = response.extensions().get::<ProducedByCarpool>().is_some()
+        || response.headers().contains_key("carpool-request-id");
+    if !ours || status.as_u16() < 400 {
+        return response;
+    }
+    // Only a body known to be small is read: a larger one (or a stream)
+    // is not one of carpool's errors, and goes out untouched.
+    let small = axum::body::HttpBody::size_hint(response.body())
+        .upper()
+        .is_some_and(|n| n <= REWRITTEN_MAX as u64);
+    if !small {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, REWRITTEN_MAX).await else {
+        return (parts.status, parts.headers).into_response();
+    };
+    let rewritten = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .filter(|v| v.get("type").and_then(|t| t.as_str()) != Some("error"))
+        .and_then(|v| {
+            let message = v.pointer("/error/message")?.as_str()?.to_owned();
+            let kind = crate::providers::anthropic::error_type_of_status(status.as_u16());
+            Some(crate::providers::anthropic::error_body(kind, &message).to_string())
+        });
+    let body = match rewritten {
+        Some(text) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            axum::body::Body::from(text)
+        }
+        None => axum::body::Body::from(bytes),
+    };
+    Response::from_parts(parts, body)
+}
+
 /// `axum::extract::Query`, refusing a query string that does not parse with
 /// an OpenAI-style 400 naming the parameter where axum can tell, instead
 /// of axum's plain-text rejection.
@@ -266,6 +324,33 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(retry.as_deref(), Some("7"));
+    }
+
+    #[tokio::test]
+    async fn errors_on_anthropic_routes_take_anthropic_shape() {
+        let resp = in_anthropic_shape(ApiError::Unauthorized.into_response()).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "authentication_error");
+        assert_eq!(body["error"]["message"], "invalid or missing API key");
+        // An upstream's own answer is not carpool's to rewrite.
+        let upstream = (StatusCode::BAD_REQUEST, "{\"error\":{\"message\":\"x\"}}").into_response();
+        let bytes = in_anthropic_shape(upstream)
+            .await
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&bytes[..], b"{\"error\":{\"message\":\"x\"}}");
+        let mut h = axum::http::HeaderMap::new();
+        assert!(anthropic_caller("/v1/messages", &h));
+        assert!(!anthropic_caller("/v1/carpool/requests", &h));
+        h.insert("x-api-key", HeaderValue::from_static("k"));
+        assert!(anthropic_caller("/v1/carpool/requests/x", &h));
+        assert!(!anthropic_caller("/v1/chat/completions", &h));
     }
 
     #[test]

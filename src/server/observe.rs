@@ -46,6 +46,11 @@ const ROUTES: &[&str] = &[
     "/v1/chat/classifications",
     "/v1/completions",
     "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/batches",
+    "/v1/messages/batches/{id}",
+    "/v1/messages/batches/{id}/cancel",
+    "/v1/messages/batches/{id}/results",
     "/v1/models",
     "/v1/models/{id}",
     "/v1/files",
@@ -117,11 +122,15 @@ pub async fn observe(
     let path = request.uri().path().to_owned();
     let (target, _) = crate::proxy::strip_defer_prefix(&path, &state.config.server.defer_prefix);
     let route = route_template(target);
+    let anthropic = super::error::anthropic_caller(target, request.headers());
     request.extensions_mut().insert(RequestStart(start));
     request.extensions_mut().insert(RouteLabel(route));
 
     let span = tracing::info_span!("request", id = %id);
-    let response = next.run(request).instrument(span.clone()).await;
+    let mut response = next.run(request).instrument(span.clone()).await;
+    if anthropic {
+        response = super::error::in_anthropic_shape(response).await;
+    }
 
     let mode = response
         .extensions()

@@ -21,6 +21,7 @@ pub const ENDPOINTS: &[&str] = &[
     "/v1/chat/moderations",
     "/v1/completions",
     "/v1/responses",
+    "/v1/messages",
 ];
 
 /// Models `/v1/models` lists. Any model name is accepted everywhere.
@@ -62,6 +63,7 @@ pub fn respond(endpoint: &str, body: &Value) -> Result<Value, ApiError> {
         "/v1/chat/moderations" => moderations(obj, &digest, true),
         "/v1/completions" => completions(obj, &digest),
         "/v1/responses" => super::responses::answer(obj, &digest),
+        "/v1/messages" => super::anthropic::answer(obj, &digest),
         other => Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "invalid_request_error",

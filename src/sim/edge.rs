@@ -19,12 +19,26 @@ use super::state::{lock, CallIds, CallRecord, Sim};
 #[derive(Clone, Copy, Debug)]
 pub struct DropConnection;
 
-/// The bearer token of a request, if it carries a non-empty one.
+/// The bearer token of a request, if it carries a non-empty one, else
+/// its non-empty `x-api-key` (Anthropic's).
 pub fn credential(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|value| {
+            let (scheme, token) = value.split_once(' ')?;
+            let token = token.trim();
+            (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
+        });
+    bearer.or_else(|| {
+        let key = headers.get("x-api-key")?.to_str().ok()?.trim();
+        (!key.is_empty()).then(|| key.to_owned())
+    })
+}
+
+/// Whether `path` is one of Anthropic's, whose errors take its shape.
+fn anthropic_route(path: &str) -> bool {
+    path == "/v1/messages" || path.starts_with("/v1/messages/")
 }
 
 pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Response {
@@ -39,7 +53,7 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
-        .filter(|(name, _)| *name != header::AUTHORIZATION)
+        .filter(|(name, _)| *name != header::AUTHORIZATION && name.as_str() != "x-api-key")
         .filter_map(|(name, value)| {
             Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
         })
@@ -62,6 +76,19 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let error = ApiError::injected(status, retry_after);
         let mut r = match &verdict.error_code {
+            _ if anthropic_route(&path) => {
+                let mut body = super::anthropic::envelope(&error);
+                if let Some(code) = &verdict.error_code {
+                    body["error"]["type"] = code.clone().into();
+                }
+                let mut r = (status, axum::Json(body)).into_response();
+                if let Some(secs) = retry_after {
+                    if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                        r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+                    }
+                }
+                r
+            }
             Some(code) => {
                 let mut body = error.envelope();
                 body["error"]["type"] = code.clone().into();
@@ -77,6 +104,13 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resp
             }
         }
         r
+    } else if credential.is_none() && anthropic_route(&path) {
+        super::anthropic::AnthropicError(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "x-api-key header is required",
+        ))
+        .into_response()
     } else if credential.is_none() {
         ApiError::unauthorized().into_response()
     } else {

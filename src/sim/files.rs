@@ -83,7 +83,8 @@ impl StoredFile {
             FileKind::Upload => mistral("instruct", "upload"),
             FileKind::Output(Dialect::Mistral) => mistral("batch_result", "mistral"),
             FileKind::Errors(Dialect::Mistral) => mistral("batch_error", "mistral"),
-            FileKind::Output(Dialect::Openai) | FileKind::Errors(Dialect::Openai) => json!({}),
+            FileKind::Output(Dialect::Openai | Dialect::Anthropic)
+            | FileKind::Errors(Dialect::Openai | Dialect::Anthropic) => json!({}),
         };
         if let (Some(obj), Some(extra)) = (obj.as_object_mut(), extra.as_object()) {
             obj.extend(extra.clone());

@@ -101,6 +101,13 @@ impl Stage {
                 Self::Expired => "expired",
                 Self::Cancelled => "cancelled",
             },
+            // Anthropic has one terminal status; how lines ended is in
+            // the results.
+            Dialect::Anthropic => match self {
+                Self::Queued | Self::Running | Self::Finalizing => "in_progress",
+                Self::Cancelling => "canceling",
+                Self::Completed | Self::Failed | Self::Expired | Self::Cancelled => "ended",
+            },
         }
     }
 }
@@ -391,8 +398,14 @@ impl Job {
                     }
                 } else if stage == Stage::Expired {
                     errors.push(expired_line(dialect, &self.id, &line.custom_id));
+                } else if stage == Stage::Cancelled && dialect == Dialect::Anthropic {
+                    errors.push(super::anthropic::canceled_line(&line.custom_id));
                 }
             }
+        }
+        if dialect == Dialect::Anthropic {
+            // One results file holds every result type.
+            output.append(&mut errors);
         }
         let mut rng = rand::thread_rng();
         output.shuffle(&mut rng);
@@ -465,6 +478,10 @@ fn success_line(dialect: Dialect, job_id: &str, custom_id: &str, body: Value) ->
             "custom_id": custom_id,
             "response": {"status_code": 200, "body": body},
         }),
+        Dialect::Anthropic => json!({
+            "custom_id": custom_id,
+            "result": {"type": "succeeded", "message": body},
+        }),
     }
 }
 
@@ -490,6 +507,10 @@ fn http_error_line(dialect: Dialect, job_id: &str, custom_id: &str, err: &ApiErr
             "response": {"status_code": err.status.as_u16(), "body": err.envelope()},
             "error": err.message,
         }),
+        Dialect::Anthropic => json!({
+            "custom_id": custom_id,
+            "result": {"type": "errored", "error": super::anthropic::envelope(err)},
+        }),
     }
 }
 
@@ -512,6 +533,7 @@ fn expired_line(dialect: Dialect, job_id: &str, custom_id: &str) -> Value {
                 "message": "This request was not processed before the job timed out.",
             },
         }),
+        Dialect::Anthropic => json!({"custom_id": custom_id, "result": {"type": "expired"}}),
     }
 }
 

@@ -1,4 +1,4 @@
-//! The simulated provider: both batch dialects on one port, faults on demand.
+//! The simulated provider: all three batch dialects on one port, faults on demand.
 //!
 //! It owns an in-memory imitation of the Mistral and OpenAI APIs carpool
 //! talks to (reference: `provider-apis.md`), used by tests, benches and
@@ -11,7 +11,8 @@
 //! - [`responses`]: OpenAI's Responses API, plain and as its event stream.
 //! - [`files`]: the Files API shared by both dialects.
 //! - [`jobs`]: the batch engine: validation, timeline, result files.
-//! - [`mistral`] / [`openai`]: each dialect's batch routes and shapes.
+//! - [`mistral`] / [`openai`] / [`anthropic`]: each dialect's batch routes
+//!   and shapes ([`anthropic`] also serves `/v1/messages`).
 //! - [`faults`]: what can go wrong, and the book that hands it out.
 //! - [`edge`]: faults, latency, bearer auth and the call log around `/v1`.
 //! - [`control`]: the `/_sim/` JSON API mirroring [`SimHandle`].
@@ -20,6 +21,7 @@
 //! ([`serve_cli`]).
 
 mod answers;
+mod anthropic;
 mod control;
 mod edge;
 mod error;
@@ -51,6 +53,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 pub use answers::{canonical_hash, chat_stream_events, expected_response, token_estimate};
+pub use anthropic::stream_events as messages_stream_events;
 pub use control::OptionsPatch;
 pub use faults::{Fault, JobOutcome};
 pub use responses::stream_events as responses_stream_events;
@@ -325,6 +328,20 @@ fn router(sim: Arc<Sim>) -> Router {
             get(mistral::get).delete(mistral::delete),
         )
         .route("/v1/batch/jobs/{job_id}/cancel", post(mistral::cancel))
+        .route("/v1/messages", post(anthropic::messages))
+        .route(
+            "/v1/messages/batches",
+            post(anthropic::create).get(anthropic::list),
+        )
+        .route("/v1/messages/batches/{batch_id}", get(anthropic::get))
+        .route(
+            "/v1/messages/batches/{batch_id}/cancel",
+            post(anthropic::cancel),
+        )
+        .route(
+            "/v1/messages/batches/{batch_id}/results",
+            get(anthropic::results),
+        )
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

@@ -142,8 +142,13 @@ impl NewRequest {
             credential_hash: self.credential_hash.clone(),
             scope: self.scope.clone(),
             endpoint: self.endpoint.clone(),
-            model: self.model.clone(),
+            model: self.window_model().to_owned(),
         }
+    }
+
+    /// The model its window is keyed by ([`crate::model::window_model`]).
+    pub(crate) fn window_model(&self) -> &str {
+        crate::model::window_model(&self.endpoint, &self.model)
     }
 }
 

@@ -51,13 +51,17 @@ macro_rules! read_ops {
             })
         }
 
+        /// From a window's row, or a request's (whose model becomes its
+        /// window's, [`crate::model::window_model`]).
         fn window_key(row: &DbRow) -> Result<WindowKey, StoreError> {
+            let endpoint: String = row.try_get("endpoint")?;
+            let model: String = row.try_get("model")?;
             Ok(WindowKey {
                 upstream: row.try_get("upstream")?,
                 credential_hash: row.try_get("credential_hash")?,
                 scope: scope_from_stored(row.try_get("scope")?)?,
-                endpoint: row.try_get("endpoint")?,
-                model: row.try_get("model")?,
+                model: crate::model::window_model(&endpoint, &model).to_owned(),
+                endpoint,
             })
         }
 

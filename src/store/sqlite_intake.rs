@@ -69,7 +69,7 @@ pub(crate) async fn accept_run(
             r.upstream.as_str(),
             r.credential_hash.as_str(),
             r.endpoint.as_str(),
-            r.model.as_str(),
+            r.window_model(),
             &r.scope,
         );
         let slot_index = match current.get(&key) {

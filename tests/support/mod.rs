@@ -245,6 +245,7 @@ pub fn submissions(sim: &SimHandle) -> Vec<(String, usize)> {
 pub fn create_route(dialect: &str) -> &'static str {
     match dialect {
         "mistral" => "POST /v1/batch/jobs",
+        "anthropic" => "POST /v1/messages/batches",
         _ => "POST /v1/batches",
     }
 }
