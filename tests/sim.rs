@@ -993,7 +993,7 @@ async fn openai_batch_validation_rejects_each_bad_input_with_its_code() {
 async fn openai_create_refuses_bad_requests_outright() {
     let s = start(SimOptions::default()).await;
     let file = s.upload(&jsonl(&[openai_line("a", "m", "x")])).await;
-    let (status, _) = s.post("/v1/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "48h"})).await;
+    let (status, _) = s.post("/v1/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "5d"})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = s.post("/v1/batches", &json!({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
