@@ -140,17 +140,7 @@ async fn fail_refused(
             charge: None,
         })
         .collect();
-    let changed = deferral.store.resolve(&window.id, resolutions).await?;
-    for _ in &changed {
-        deferral.metrics.record_result(
-            &window.key.model,
-            ResolvedStatus::Failed,
-            ServedBy::Batch,
-            None,
-        );
-    }
-    deferral.waiters.wake(&changed);
-    Ok(changed.len() as u64)
+    Ok(crate::resolution::badlines::store_refused(deferral, window, resolutions).await?)
 }
 
 /// The batch created for a window found in `creating`, if there is one

@@ -25,7 +25,7 @@ use super::reconcile::ReconcileError;
 use crate::deferral::engine::{now_ms, BatchUpstream, Deferral};
 use crate::model::{RequestId, ServedBy};
 use crate::providers::{BatchClient, JobPhase, JobView, LineReader, NamedLine};
-use crate::store::{FlushReason, Resolution, ResolvedStatus, WindowRecord};
+use crate::store::{FlushReason, Resolution, ResolvedStatus, StoreError, WindowRecord};
 
 /// Handles a job refused for named lines; `None` when the usual failure
 /// chain must run instead (no line named, or none of ours found).
@@ -131,6 +131,16 @@ async fn fail_named(
             }
         })
         .collect();
+    Ok(store_refused(deferral, window, resolutions).await?)
+}
+
+/// Stores the failures of requests a provider refused by name, then counts
+/// and wakes those still open (shared with the inline create's refusals).
+pub(crate) async fn store_refused(
+    deferral: &Deferral,
+    window: &WindowRecord,
+    resolutions: Vec<Resolution>,
+) -> Result<u64, StoreError> {
     let changed = deferral.store.resolve(&window.id, resolutions).await?;
     for _ in &changed {
         deferral.metrics.record_result(
