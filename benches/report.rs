@@ -4,6 +4,7 @@
 //! ```text
 //! cargo install oha --locked      # the load generator (once)
 //! apt-get install wrk             # the intake's closed-loop generator (once)
+//! apt-get install nginx           # the reverse-proxy anchor of the pass-through (once)
 //! cargo bench --bench report
 //! ```
 //!
@@ -20,7 +21,8 @@
 //! picks some):
 //! 1. passthrough: oha at fixed rates (`-q`, latency corrected for
 //!    coordinated omission), then wrk at full speed, against the sim
-//!    directly and through carpool, alternating.
+//!    directly, through carpool and through nginx as a reverse proxy
+//!    (pinned like carpool, kept-alive upstream), alternating.
 //! 2. streams: streamed completions (sim `chunk_delay`), time to first event
 //!    and gap between events, direct and through carpool.
 //! 3. held: RSS of carpool holding 10,000 and 50,000 wait-mode callers
@@ -917,6 +919,81 @@ fn ms(v: f64) -> String {
 
 // ---------------------------------------------------------------- 1. passthrough
 
+/// nginx as a plain reverse proxy to the sim: what an operator would
+/// otherwise put in front of an API. Pinned like carpool, one worker per
+/// CPU it may use, kept-alive upstream connections, no access log.
+struct Nginx {
+    proc: Proc,
+    url: String,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM to the master stops its workers too (SIGKILL would
+        // orphan them).
+        if let Ok(pid) = i32::try_from(self.proc.pid()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = self.proc.child.wait();
+    }
+}
+
+fn find_nginx() -> Option<PathBuf> {
+    which("nginx").or_else(|| Some(PathBuf::from("/usr/sbin/nginx")).filter(|p| p.exists()))
+}
+
+fn start_nginx(s: &Settings, sim: &Sim) -> Res<Option<Nginx>> {
+    let Some(nginx) = find_nginx() else {
+        return Ok(None);
+    };
+    let port = free_port()?;
+    let dir = s.dir.path().join("nginx");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    let upstream = sim.url.trim_start_matches("http://");
+    let conf = format!(
+        "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         upstream sim {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n\
+         location / {{\n      proxy_pass http://sim;\n      proxy_http_version 1.1;\n\
+         proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+        workers = s.proxy_threads(),
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let mut cmd = s.command(&nginx, s.proxy_cpu());
+    cmd.arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let proc = Proc {
+        child: cmd.spawn()?,
+        name: "nginx",
+    };
+    let nginx = Nginx {
+        proc,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("nginx did not listen; see {d}/error.log").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Some(nginx))
+}
+
 async fn passthrough(
     s: &Settings,
     http: &reqwest::Client,
@@ -928,10 +1005,20 @@ async fn passthrough(
     let direct_url = format!("{}/v1/chat/completions", sim.url);
     let proxy_url = format!("{}/v1/chat/completions", carpool.url);
     let conns = 32;
+    let nginx = start_nginx(s, sim)?;
+    let nginx_url = nginx
+        .as_ref()
+        .map(|n| format!("{}/v1/chat/completions", n.url));
+    if nginx.is_none() {
+        report
+            .notes
+            .push("pass-through: no nginx-proxy row (apt-get install nginx)".to_owned());
+    }
     // Warm both paths (connections, allocator).
     for url in [&direct_url, &proxy_url] {
         oha(s, url, None, Some(5_000), conns, CHAT_BODY, &[], 200)?;
     }
+    let mut max_nginx = Vec::new();
     // rate → (direct runs, carpool runs)
     let mut points: BTreeMap<u32, (Vec<Load>, Vec<Load>)> = BTreeMap::new();
     let mut max_direct = Vec::new();
@@ -954,6 +1041,11 @@ async fn passthrough(
         let d = wrk(s, &direct_url, s.secs, conns, CHAT_BODY, &[])?.load();
         let c = wrk(s, &proxy_url, s.secs, conns, CHAT_BODY, &[])?.load();
         eprintln!("  max: direct {:.0}/s | carpool {:.0}/s", d.rps, c.rps);
+        if let Some(url) = &nginx_url {
+            let n = wrk(s, url, s.secs, conns, CHAT_BODY, &[])?.load();
+            eprintln!("  max: nginx-proxy {:.0}/s p99 {:.3}", n.rps, n.p99_ms);
+            max_nginx.push(n);
+        }
         max_direct.push(d);
         max_proxy.push(c);
     }
@@ -1062,6 +1154,40 @@ async fn passthrough(
         "",
         None,
     );
+    if !max_nginx.is_empty() {
+        let nm = field(&max_nginx, |l| l.rps);
+        report.row(
+            "pass-through",
+            format!("nginx reverse proxy, max throughput ({conns} connections): p50 / p99"),
+            format!(
+                "{nm:.0}/s: {} / {}",
+                ms(field(&max_nginx, |l| l.p50_ms)),
+                ms(field(&max_nginx, |l| l.p99_ms))
+            ),
+            format!("{dm:.0}/s direct"),
+            "",
+            None,
+        );
+        // Per run, carpool and nginx measured back to back.
+        let per_run = |f: fn(&Load) -> f64| {
+            median(
+                &max_proxy
+                    .iter()
+                    .zip(&max_nginx)
+                    .map(|(c, n)| f(c) / f(n))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (throughput, p99) = (per_run(|l| l.rps), per_run(|l| l.p99_ms));
+        report.row(
+            "pass-through",
+            "carpool / nginx-proxy: throughput, p99",
+            format!("{:.0}%, {p99:.2}x", 100.0 * throughput),
+            "nginx-proxy, same run",
+            "≥ 90%, p99 ≤ 1.1x",
+            Some(throughput >= 0.9 && p99 <= 1.1),
+        );
+    }
     report.row(
         "pass-through",
         "highest rate with p99 added < 1 ms",
