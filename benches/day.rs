@@ -610,9 +610,7 @@ struct Ctx {
 }
 
 fn header(h: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
-    h.get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
 fn secs(prod: u32) -> String {
@@ -758,15 +756,24 @@ async fn poll(ctx: &Ctx, id: &str, until: tokio::time::Instant) -> Res<Option<Va
 
 // ---------------------------------------------------------------- counting
 
-/// The answer without the `service_tier: "flex"` the provider adds when
-/// flex served it; the sim's answer is otherwise the same for any tier.
-fn untiered(mut body: Value, served_by: Option<&str>) -> Value {
-    if served_by == Some("flex") && body["service_tier"] == "flex" {
-        if let Some(o) = body.as_object_mut() {
+/// Whether `answer` is the sim's own answer to `body`. A flex answer names
+/// its tier (`service_tier: "flex"`) where the standard one names none
+/// (chat) or `default` (Responses); the rest must be equal.
+fn checks_out(endpoint: &str, body: &Value, answer: &Value, served_by: Option<&str>) -> bool {
+    let mut expected = carpool::sim::expected_response(endpoint, body);
+    if served_by != Some("flex") {
+        return *answer == expected;
+    }
+    let mut answer = answer.clone();
+    if answer["service_tier"] != "flex" {
+        return false;
+    }
+    for v in [&mut answer, &mut expected] {
+        if let Some(o) = v.as_object_mut() {
             o.remove("service_tier");
         }
     }
-    body
+    answer == expected
 }
 
 #[derive(Default)]
@@ -810,7 +817,10 @@ impl Tally {
         let (Some(200), Some(body)) = (o.status, o.body.clone()) else {
             self.good_failed += 1;
             let why = o.failure.clone().unwrap_or_else(|| {
-                let code = o.body.as_ref().map_or(Value::Null, |b| b["error"]["code"].clone());
+                let code = o
+                    .body
+                    .as_ref()
+                    .map_or(Value::Null, |b| b["error"]["code"].clone());
                 format!("HTTP {} {code}", o.status.unwrap_or(0))
             });
             *self.failures.entry(why).or_default() += 1;
@@ -821,11 +831,18 @@ impl Tally {
         if eligible && tier == "batch" {
             self.eligible_batch += 1;
         }
-        let body = untiered(body, o.served_by.as_deref());
-        if body == carpool::sim::expected_response(call.endpoint, &call.body) {
+        if checks_out(call.endpoint, &call.body, &body, o.served_by.as_deref()) {
             self.right += 1;
         } else {
             self.wrong += 1;
+            if self.wrong <= 3 {
+                eprintln!(
+                    "day: wrong answer ({} {}, served by {tier}): {body}\n  expected {}",
+                    call.endpoint,
+                    call.kind.label(),
+                    carpool::sim::expected_response(call.endpoint, &call.body)
+                );
+            }
         }
         if let Some(u) = TokenUsage::from_answer(&body) {
             let realtime = (u.prompt as f64 * price.0 + u.completion as f64 * price.1) / 1e6;
@@ -910,7 +927,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 async fn day() -> Res<bool> {
-    let quick = std::env::args().any(|a| a == "--quick") || std::env::var_os("CARPOOL_DAY_QUICK").is_some();
+    let quick =
+        std::env::args().any(|a| a == "--quick") || std::env::var_os("CARPOOL_DAY_QUICK").is_some();
     let day_secs: f64 = env_or("CARPOOL_DAY_SECS", if quick { 120.0 } else { 600.0 });
     let rate: f64 = env_or("CARPOOL_DAY_RATE", 20.0);
     let fraction: f64 = env_or("CARPOOL_DAY_QUOTA", 0.6);
@@ -980,7 +998,12 @@ async fn day() -> Res<bool> {
     }
     let elapsed = wall.elapsed();
 
-    let metrics = http.get(format!("{base}/metrics")).send().await?.text().await?;
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
     let savings: Value = http
         .get(format!("{base}/admin/savings?group_by=upstream"))
         .bearer_auth(ADMIN)
@@ -1026,7 +1049,10 @@ async fn day() -> Res<bool> {
             .iter()
             .find(|m| m.0 == call.model)
             .map_or((0.0, 0.0), |m| (m.3, m.4));
-        tallies.entry(call.dialect.name()).or_default().add(call, o, price);
+        tallies
+            .entry(call.dialect.name())
+            .or_default()
+            .add(call, o, price);
         tallies.entry("all").or_default().add(call, o, price);
         kinds.entry(call.kind).or_default().add(call, o, price);
     }
@@ -1046,7 +1072,10 @@ async fn day() -> Res<bool> {
             .iter()
             .map(|c| tallies.get(c).map_or("-".to_owned(), |t| f(t, c)))
             .collect();
-        println!("  {label:<46} {:>14} {:>14} {:>14}", cells[0], cells[1], cells[2]);
+        println!(
+            "  {label:<46} {:>14} {:>14} {:>14}",
+            cells[0], cells[1], cells[2]
+        );
     };
     println!();
     println!(
@@ -1063,27 +1092,46 @@ async fn day() -> Res<bool> {
         "  enqueued-token limit {limit} per key and model (sim and max_enqueued_tokens): {fraction} of the busiest model's peak"
     );
     println!();
-    println!("  {:<46} {:>14} {:>14} {:>14}", "", cols[0], cols[1], cols[2]);
-    row("calls (good + bad lines)", &|t, _| format!("{} + {}", t.good, t.bad));
+    println!(
+        "  {:<46} {:>14} {:>14} {:>14}",
+        "", cols[0], cols[1], cols[2]
+    );
+    row("calls (good + bad lines)", &|t, _| {
+        format!("{} + {}", t.good, t.bad)
+    });
     row("good calls answered 200", &|t, _| t.answered().to_string());
     for tier in ["batch", "flex", "realtime"] {
-        row(&format!("  served by {tier}"), &|t, _| pct(t.tier(tier), t.answered()));
+        row(&format!("  served by {tier}"), &|t, _| {
+            pct(t.tier(tier), t.answered())
+        });
     }
-    row("deadline leaves time for a batch", &|t, _| t.eligible.to_string());
+    row("deadline leaves time for a batch", &|t, _| {
+        t.eligible.to_string()
+    });
     row("  of them served by batch (target >= 97%)", &|t, _| {
         pct(t.eligible_batch, t.eligible)
     });
-    row("good callers failed (target 0)", &|t, _| t.good_failed.to_string());
+    row("good callers failed (target 0)", &|t, _| {
+        t.good_failed.to_string()
+    });
     row("bad lines failed (of them at intake)", &|t, _| {
         format!("{}/{} ({})", t.bad_failed, t.bad, t.bad_at_intake)
     });
     row("answers checked: right / wrong (target 0)", &|t, _| {
         format!("{} / {}", t.right, t.wrong)
     });
-    row("cost all-realtime, USD (answers' usage)", &|t, _| format!("{:.4}", t.realtime_usd));
-    row("cost as served, USD (answers' usage)", &|t, _| format!("{:.4}", t.served_usd));
-    row("  the ledger: all-realtime, USD", &|_, c| format!("{:.4}", ledger(c, "realtime_usd")));
-    row("  the ledger: as served, USD", &|_, c| format!("{:.4}", ledger(c, "served_usd")));
+    row("cost all-realtime, USD (answers' usage)", &|t, _| {
+        format!("{:.4}", t.realtime_usd)
+    });
+    row("cost as served, USD (answers' usage)", &|t, _| {
+        format!("{:.4}", t.served_usd)
+    });
+    row("  the ledger: all-realtime, USD", &|_, c| {
+        format!("{:.4}", ledger(c, "realtime_usd"))
+    });
+    row("  the ledger: as served, USD", &|_, c| {
+        format!("{:.4}", ledger(c, "served_usd"))
+    });
     row("saved against all-realtime (ledger)", &|_, c| {
         let rt = ledger(c, "realtime_usd");
         if rt > 0.0 {
@@ -1102,7 +1150,13 @@ async fn day() -> Res<bool> {
             "  {:<34} {:>6} {:>9} {:>8} {:>8} {:>9} {:>7}",
             kind.label(),
             t.good,
-            if t.eligible == t.good { "yes" } else if t.eligible == 0 { "no" } else { "some" },
+            if t.eligible == t.good {
+                "yes"
+            } else if t.eligible == 0 {
+                "no"
+            } else {
+                "some"
+            },
             pct(t.tier("batch"), t.answered()),
             pct(t.tier("flex"), t.answered()),
             pct(t.tier("realtime"), t.answered()),
@@ -1123,9 +1177,9 @@ async fn day() -> Res<bool> {
         .map(|(l, v)| format!("{l} {v}"))
         .collect();
     println!(
-        "  batch jobs at the sim {}; jobs mixing two projects {mixed}; double-paid {}; windows waiting for quota at most {waiting_max}",
+        "  batch jobs at the sim {}; jobs mixing two projects {mixed}; double-paid {:.0}; windows waiting for quota at most {waiting_max:.0}",
         jobs.len(),
-        metric(&metrics, "carpool_double_paid_total", "")
+        metric(&metrics, "carpool_double_paid_total", "").abs()
     );
     println!("  flex calls: {}", flex.join(", "));
     println!("  flushes: {}", flushes.join(", "));
