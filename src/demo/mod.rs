@@ -2,7 +2,8 @@
 //!
 //! It starts the simulated provider and carpool (config `config/demo.toml`,
 //! embedded; SQLite in a temporary directory), sends a burst of deferred chat
-//! calls over three models (one per upstream dialect) and three opt-in styles,
+//! calls over three models (one per upstream dialect) and three opt-in styles
+//! (plus a few whose deadline no batch can meet, answered by flex),
 //! prints progress on stderr while the windows fill and the jobs run, and
 //! returns a [`DemoSummary`]: requests, answers checked against the
 //! provider's own, batch jobs per model, turnaround, and the realtime versus
@@ -52,8 +53,13 @@ const UPSTREAM_KEY: &str = "sk-simulated-provider";
 /// What to send and how the simulated provider behaves.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
-    /// Deferred calls to send, spread over [`MODELS`] and every [`Style`].
+    /// Deferred calls to send, spread over [`MODELS`] and the styles of
+    /// [`Style::ALL`].
     pub requests: usize,
+    /// Calls sent first, besides `requests`, whose deadline no batch can
+    /// meet ([`Style::NearDeadline`]): the OpenAI upstream answers them by
+    /// flex.
+    pub near_deadline: usize,
     /// Most calls in flight at once (a held call keeps its slot until answered).
     pub concurrency: usize,
     /// Most handle polls in flight at once, besides the calls.
@@ -74,6 +80,7 @@ impl Default for DemoOptions {
     fn default() -> Self {
         Self {
             requests: 300,
+            near_deadline: 6,
             concurrency: 50,
             poll_concurrency: 10,
             job_duration: Duration::from_millis(1500),
@@ -162,7 +169,7 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoSummary, DemoError> {
         eprintln!(
             "carpool demo: provider (simulated) at {}, carpool at http://{addr}; sending {} deferred calls, at most {} (and {} polls) at a time",
             provider.base_url(),
-            options.requests,
+            options.requests + options.near_deadline,
             options.concurrency,
             options.poll_concurrency
         );
@@ -197,11 +204,13 @@ async fn drive(
     provider: &sim::SimHandle,
 ) -> DemoSummary {
     let started = Instant::now();
-    let calls = join_all(
-        traffic::plan(options.requests)
-            .into_iter()
-            .map(|call| caller.run(call)),
-    );
+    let total = options.requests + options.near_deadline;
+    // The near-deadline calls first: before any job has finished, the
+    // configured turnaround is what carpool plans with.
+    let plan = traffic::near_deadline_calls(options.near_deadline)
+        .into_iter()
+        .chain(traffic::plan(options.requests));
+    let calls = join_all(plan.map(|call| caller.run(call)));
     tokio::pin!(calls);
     let mut ticker = tokio::time::interval_at(
         Instant::now() + Duration::from_secs(1),
@@ -211,7 +220,7 @@ async fn drive(
         tokio::select! {
             outcomes = &mut calls => break outcomes,
             _ = ticker.tick(), if options.progress => {
-                eprintln!("{}", progress_line(started.elapsed(), options.requests, &caller.answered, state));
+                eprintln!("{}", progress_line(started.elapsed(), total, &caller.answered, state));
             }
         }
     };

@@ -16,6 +16,14 @@ pub struct DemoSummary {
     pub checked: usize,
     /// Answers carrying `Carpool-Served-By: batch`.
     pub served_by_batch: usize,
+    /// Answers carrying `Carpool-Served-By: flex`: the calls whose
+    /// deadline no batch could meet, on an upstream that sells flex.
+    pub served_by_flex: usize,
+    /// Answers carrying `Carpool-Served-By: realtime`.
+    pub served_by_realtime: usize,
+    /// Calls not served by batch (flex, realtime, or no answer): left out
+    /// of the placement counts below.
+    pub not_batched: usize,
     pub styles: Vec<StyleSummary>,
     /// Calls sent to (and answered by) OpenAI's Responses API
     /// (`/v1/responses`) rather than chat completions.
@@ -24,7 +32,8 @@ pub struct DemoSummary {
     pub models: Vec<ModelSummary>,
     /// Jobs the simulated provider received.
     pub batch_jobs: usize,
-    /// The demo's requests found in exactly one job, in several, in none.
+    /// The demo's batch-served requests found in exactly one job, in
+    /// several, in none.
     pub in_one_job: usize,
     pub in_several_jobs: usize,
     pub in_no_job: usize,
@@ -56,10 +65,14 @@ pub struct ModelSummary {
     pub answered: usize,
     pub checked: usize,
     pub served_by_batch: usize,
+    pub served_by_flex: usize,
+    pub served_by_realtime: usize,
     /// Requests in each of its jobs, in submission order.
     pub job_sizes: Vec<usize>,
     pub usage: TokenUsage,
-    /// `None` when the price table has no entry for the model.
+    /// `None` when the price table has no entry for the model. Its
+    /// `batch` is the price as served: batch and flex answers at their
+    /// discounts, realtime ones at the full price.
     pub cost: Option<Cost>,
 }
 
@@ -99,8 +112,12 @@ impl fmt::Display for DemoSummary {
         writeln!(f, "Requests")?;
         writeln!(
             f,
-            "  sent {}, answered {} ({} served by batch)",
-            self.requests, self.answered, self.served_by_batch
+            "  sent {}, answered {}: served by batch {}, by flex {}, by realtime {}",
+            self.requests,
+            self.answered,
+            self.served_by_batch,
+            self.served_by_flex,
+            self.served_by_realtime
         )?;
         for s in &self.styles {
             writeln!(
@@ -123,7 +140,7 @@ impl fmt::Display for DemoSummary {
         )?;
         writeln!(f)?;
         let placement = if self.in_several_jobs == 0 && self.in_no_job == 0 {
-            "every request in exactly one job".to_owned()
+            "every batch-served request in exactly one job".to_owned()
         } else {
             format!(
                 "{} in one job, {} in several, {} in none",
@@ -132,17 +149,26 @@ impl fmt::Display for DemoSummary {
         };
         writeln!(
             f,
-            "Batch jobs: {} for {} requests ({placement})",
-            self.batch_jobs, self.requests
+            "Batch jobs: {} for {} requests served by batch ({placement})",
+            self.batch_jobs,
+            self.requests - self.not_batched
         )?;
         for m in &self.models {
             let sizes: Vec<String> = m.job_sizes.iter().map(ToString::to_string).collect();
+            let others = if m.served_by_flex + m.served_by_realtime > 0 {
+                format!(
+                    " (and {} by flex, {} by realtime)",
+                    m.served_by_flex, m.served_by_realtime
+                )
+            } else {
+                String::new()
+            };
             writeln!(
                 f,
-                "  {:<22} {:<10} {:>5} requests in {} jobs: {}",
+                "  {:<22} {:<10} {:>5} requests in {} jobs: {}{others}",
                 m.model,
                 format!("({})", m.upstream),
-                m.requests,
+                m.served_by_batch,
                 m.job_sizes.len(),
                 sizes.join(", ")
             )?;
@@ -192,8 +218,12 @@ impl DemoSummary {
         )?;
         writeln!(
             f,
+            "  (as served: batch and flex answers at their discounts, realtime ones at full price)"
+        )?;
+        writeln!(
+            f,
             "  {:<22} {:>18} {:>12} {:>12} {:>12}",
-            "model", "tokens in / out", "realtime", "batch", "saved"
+            "model", "tokens in / out", "realtime", "as served", "saved"
         )?;
         for m in &self.models {
             let tokens = format!(

@@ -4,10 +4,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use crate::config::PricesConfig;
+use serde_json::Value;
+
+use crate::config::{ModelPrice, PricesConfig};
 use crate::sim::{self, JobRecord};
 
-use super::cost::{cost_of, TokenUsage};
+use super::cost::{batch_cost, realtime_cost, Cost, TokenUsage};
 use super::summary::{DemoSummary, ModelSummary, StyleSummary};
 use super::traffic::{Outcome, Style, MODELS, RESPONSES};
 
@@ -22,9 +24,21 @@ pub struct ModelTally {
     /// Answered 200 with exactly the provider's answer to that very body.
     pub checked: usize,
     pub served_by_batch: usize,
+    /// Answers carrying `Carpool-Served-By: flex` (and `service_tier: "flex"`).
+    pub served_by_flex: usize,
+    /// Answers carrying `Carpool-Served-By: realtime`.
+    pub served_by_realtime: usize,
     pub usage: TokenUsage,
-    /// carpool's request ids, i.e. the `custom_id`s expected in jobs.
+    /// The part of `usage` in answers served by flex, and by realtime
+    /// (the rest was served by batch).
+    pub flex_usage: TokenUsage,
+    pub realtime_usage: TokenUsage,
+    /// carpool's request ids of the answers served by batch, i.e. the
+    /// `custom_id`s expected in exactly one job.
     pub request_ids: Vec<String>,
+    /// Requests answered by flex or realtime, or not at all: not matched
+    /// to jobs (a late batch may still hold them).
+    pub unbatched: usize,
 }
 
 /// Everything the callers saw, folded one outcome at a time.
@@ -51,30 +65,41 @@ impl Tally {
         if responses {
             self.responses.0 += 1;
         }
-        if let Some(id) = &outcome.request_id {
-            model.request_ids.push(id.clone());
-        }
         let answer = match &outcome.answer {
             Ok(answer) => answer,
             Err(err) => {
+                model.unbatched += 1;
                 self.problem(format!("{} call got no answer: {err}", call.model));
                 return;
             }
         };
+        let tier = answer.served_by.as_deref();
+        match (tier, &outcome.request_id) {
+            (Some("batch"), Some(id)) => model.request_ids.push(id.clone()),
+            _ => model.unbatched += 1,
+        }
         model.answered += 1;
         style.1 += 1;
         if responses {
             self.responses.1 += 1;
         }
         self.turnarounds.push(answer.turnaround);
-        if answer.served_by.as_deref() == Some("batch") {
-            model.served_by_batch += 1;
-        }
-        if let Some(usage) = TokenUsage::from_answer(&answer.body) {
-            model.usage += usage;
+        let usage = TokenUsage::from_answer(&answer.body).unwrap_or_default();
+        model.usage += usage;
+        match tier {
+            Some("batch") => model.served_by_batch += 1,
+            Some("flex") => {
+                model.served_by_flex += 1;
+                model.flex_usage += usage;
+            }
+            Some("realtime") => {
+                model.served_by_realtime += 1;
+                model.realtime_usage += usage;
+            }
+            _ => {}
         }
         let expected = sim::expected_response(call.endpoint, &call.body);
-        if answer.status == 200 && answer.body == expected {
+        if answer.status == 200 && untiered(&answer.body, tier) == expected {
             model.checked += 1;
         } else {
             let id = outcome.request_id.as_deref().unwrap_or("(no id)");
@@ -133,9 +158,11 @@ impl Tally {
                 answered: t.answered,
                 checked: t.checked,
                 served_by_batch: t.served_by_batch,
+                served_by_flex: t.served_by_flex,
+                served_by_realtime: t.served_by_realtime,
                 job_sizes,
                 usage: t.usage,
-                cost: prices.for_model(model).map(|p| cost_of(t.usage, p)),
+                cost: prices.for_model(model).map(|p| served_cost(t, p)),
             });
         }
         let styles = self
@@ -154,6 +181,9 @@ impl Tally {
             answered: models.iter().map(|m| m.answered).sum(),
             checked: models.iter().map(|m| m.checked).sum(),
             served_by_batch: models.iter().map(|m| m.served_by_batch).sum(),
+            served_by_flex: models.iter().map(|m| m.served_by_flex).sum(),
+            served_by_realtime: models.iter().map(|m| m.served_by_realtime).sum(),
+            not_batched: self.models.values().map(|t| t.unbatched).sum(),
             styles,
             responses_calls: self.responses.0,
             responses_answered: self.responses.1,
@@ -169,6 +199,35 @@ impl Tally {
             problems: self.problems,
             problem_count: self.problem_count,
         }
+    }
+}
+
+/// An answer without the `service_tier: "flex"` the provider adds when
+/// flex served it (the sim's answer is otherwise the same for every tier);
+/// any other answer as it is, so a tier named wrongly does not check out.
+fn untiered(body: &Value, tier: Option<&str>) -> Value {
+    let mut body = body.clone();
+    if tier == Some("flex") && body.get("service_tier") == Some(&Value::from("flex")) {
+        if let Some(object) = body.as_object_mut() {
+            object.remove("service_tier");
+        }
+    }
+    body
+}
+
+/// Realtime price of the model's tokens, and the price as served: each
+/// tier's tokens at that tier's discount (realtime at none).
+fn served_cost(t: &ModelTally, price: &ModelPrice) -> Cost {
+    let at = |usage: TokenUsage| realtime_cost(usage, price.input, price.output);
+    let batch_usage = TokenUsage {
+        prompt: t.usage.prompt - t.flex_usage.prompt - t.realtime_usage.prompt,
+        completion: t.usage.completion - t.flex_usage.completion - t.realtime_usage.completion,
+    };
+    Cost {
+        realtime: at(t.usage),
+        batch: batch_cost(at(batch_usage), price.batch_discount)
+            + batch_cost(at(t.flex_usage), price.flex_discount)
+            + at(t.realtime_usage),
     }
 }
 

@@ -41,9 +41,15 @@ pub enum Style {
     PreferAsync,
     /// The `/defer/v1/...` base URL: held, like `wait`.
     DeferPrefix,
+    /// `Carpool-Mode: wait` with a `Carpool-Deadline` nearer than any
+    /// batch could answer: carpool answers at once by the cheapest
+    /// synchronous tier, flex on the OpenAI upstream.
+    NearDeadline,
 }
 
 impl Style {
+    /// The styles [`plan`] cycles through; [`Style::NearDeadline`] calls
+    /// come from [`near_deadline_calls`].
     pub const ALL: [Style; 3] = [Style::Wait, Style::PreferAsync, Style::DeferPrefix];
 
     pub fn label(self) -> &'static str {
@@ -51,6 +57,7 @@ impl Style {
             Style::Wait => "Carpool-Mode: wait (held)",
             Style::PreferAsync => "Prefer: respond-async, then polled",
             Style::DeferPrefix => "/defer/v1 base URL (held)",
+            Style::NearDeadline => "Carpool-Deadline: 3 (too near: flex)",
         }
     }
 }
@@ -88,6 +95,29 @@ pub fn plan(requests: usize) -> Vec<Call> {
                 endpoint,
                 body,
             }
+        })
+        .collect()
+}
+
+/// The deadline of a [`Style::NearDeadline`] call, in seconds: less than
+/// the demo config's `expected_turnaround` leaves for a batch, and enough
+/// for a flex call (carpool gives flex half of what is left, at least 1 s).
+pub const NEAR_DEADLINE_SECS: &str = "3";
+
+/// `n` calls to the OpenAI model whose deadline no batch can meet, each
+/// body different from every other call's. Sent first, before any job has
+/// taught carpool a shorter turnaround than the configured one.
+pub fn near_deadline_calls(n: usize) -> Vec<Call> {
+    let model = MODELS
+        .iter()
+        .find(|(_, dialect)| *dialect == "openai")
+        .map_or("gpt-4o-mini", |(m, _)| m);
+    (0..n)
+        .map(|i| Call {
+            model,
+            style: Style::NearDeadline,
+            endpoint: CHAT,
+            body: chat_body(model, 90_000 + i),
         })
         .collect()
 }
@@ -191,11 +221,18 @@ impl Caller {
     pub async fn run(&self, call: Call) -> Outcome {
         let (request_id, answer) = match call.style {
             Style::Wait => {
-                self.held(&call, call.endpoint, Some(("carpool-mode", "wait")))
+                self.held(&call, call.endpoint, &[("carpool-mode", "wait")])
                     .await
             }
+            Style::NearDeadline => {
+                let headers = [
+                    ("carpool-mode", "wait"),
+                    ("carpool-deadline", NEAR_DEADLINE_SECS),
+                ];
+                self.held(&call, call.endpoint, &headers).await
+            }
             Style::DeferPrefix => {
-                self.held(&call, &format!("/defer{}", call.endpoint), None)
+                self.held(&call, &format!("/defer{}", call.endpoint), &[])
                     .await
             }
             Style::PreferAsync => self.asynchronous(&call).await,
@@ -223,7 +260,7 @@ impl Caller {
         &self,
         call: &Call,
         path: &str,
-        header: Option<(&str, &str)>,
+        headers: &[(&str, &str)],
     ) -> (Option<String>, Result<Answer, CallError>) {
         let Some(_slot) = self.slot(&self.in_flight).await else {
             return (None, Err(CallError::Deadline));
@@ -232,8 +269,8 @@ impl Caller {
         let mut request = self
             .authed(self.client.post(format!("{}{path}", self.base_url)), call)
             .json(&call.body);
-        if let Some((name, value)) = header {
-            request = request.header(name, value);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         match self.send(request).await {
             Ok(response) => {
@@ -396,6 +433,20 @@ mod tests {
             .filter(|c| c.model == "claude-haiku-4-5")
             .all(|c| c.endpoint == MESSAGES && c.body["max_tokens"] == 120));
         assert!(calls.iter().any(|c| c.endpoint == MESSAGES));
+    }
+
+    #[test]
+    fn near_deadline_calls_go_to_the_openai_model_with_bodies_of_their_own() {
+        let near = near_deadline_calls(4);
+        let planned: HashSet<String> = plan(300).iter().map(|c| c.body.to_string()).collect();
+        assert_eq!(near.len(), 4);
+        for call in &near {
+            assert_eq!(call.model, "gpt-4o-mini");
+            assert_eq!(call.style, Style::NearDeadline);
+            assert!(!planned.contains(&call.body.to_string()));
+        }
+        let own: HashSet<String> = near.iter().map(|c| c.body.to_string()).collect();
+        assert_eq!(own.len(), 4);
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct OptionsPatch {
     pub max_inline_requests: Option<usize>,
     pub max_file_bytes: Option<u64>,
     pub record_calls: Option<bool>,
+    /// [`SimOptions::enqueued_token_limit`]; once set, a patch cannot lift it.
+    pub enqueued_token_limit: Option<u64>,
 }
 
 impl OptionsPatch {
@@ -78,6 +80,9 @@ impl OptionsPatch {
         if let Some(v) = self.record_calls {
             o.record_calls = v;
         }
+        if let Some(v) = self.enqueued_token_limit {
+            o.enqueued_token_limit = Some(v);
+        }
     }
 
     /// The current options in patch form (every field set).
@@ -94,6 +99,7 @@ impl OptionsPatch {
             max_inline_requests: Some(o.max_inline_requests),
             max_file_bytes: Some(o.max_file_bytes),
             record_calls: Some(o.record_calls),
+            enqueued_token_limit: o.enqueued_token_limit,
         }
     }
 }
