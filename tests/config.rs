@@ -180,3 +180,75 @@ api_key_env = "MISTRAL_API_KEY"
         "{stdout}"
     );
 }
+
+/// Issue 23's terms, checked: flex and completion windows only where the
+/// dialect sells them, one way of naming flex models, discounts that are
+/// fractions and prices of upstreams that exist, each named in one run; a
+/// 48h window and a batch without discount are accepted and shown.
+#[test]
+fn check_config_reports_contradicting_batch_terms_and_accepts_honest_ones() {
+    let bad = r#"
+[[upstreams]]
+name = "mistral"
+dialect = "mistral"
+base_url = "https://api.mistral.ai"
+api_key_env = "UPSTREAM_KEY"
+flex = true
+completion_window = "48h"
+
+[[upstreams]]
+name = "openai"
+dialect = "openai"
+base_url = "https://api.openai.com"
+api_key_env = "UPSTREAM_KEY"
+flex = true
+flex_models = ["gpt-5*"]
+completion_window = "30m"
+
+[prices]
+flex_discount = 1.5
+[[prices.models]]
+model = "gpt-5*"
+upstream = "azure"
+input = 1.0
+output = 2.0
+batch_discount = -0.1
+"#;
+    let (ok, _, stderr) = check_config(bad, &[("UPSTREAM_KEY", "sk-u")]);
+    assert!(!ok, "check-config accepted contradicting terms");
+    for expected in [
+        "upstreams[0].flex: flex is a service tier of the openai dialect",
+        "upstreams[0].completion_window: only an openai-dialect upstream's batches take a completion_window",
+        "upstreams[1].flex_models: contradicts flex = true",
+        "upstreams[1].completion_window: invalid window \"30m\", expected a duration from 1h to 7d",
+        "prices.flex_discount: invalid discount 1.5, expected a fraction from 0 to 1",
+        "prices.models[0].upstream: names no [[upstreams]] entry: \"azure\"",
+        "prices.models[0].batch_discount: invalid discount -0.1",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+
+    let honest = r#"
+[[upstreams]]
+name = "compatible"
+dialect = "openai"
+base_url = "https://llm.example.net"
+api_key_env = "UPSTREAM_KEY"
+completion_window = "48h"
+flex_models = ["gpt-5*"]
+
+[[prices.models]]
+model = "gpt-5*"
+upstream = "compatible"
+input = 1.0
+output = 2.0
+batch_discount = 0.0
+"#;
+    let (ok, stdout, stderr) = check_config(honest, &[("UPSTREAM_KEY", "sk-u")]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("completion_window = \"48h\""), "{stdout}");
+    assert!(stdout.contains("batch_discount = 0.0"), "{stdout}");
+}

@@ -600,6 +600,14 @@ mod cases {
             ..charged(&c.record.id, 5, 300, 300)
         };
         assert!(store.resolve_one(realtime).await.unwrap());
+        // Its batch line comes back after all (paid twice), and once more
+        // (a re-download): its price is added to its row once.
+        for _ in 0..2 {
+            assert!(!store
+                .resolve_one(charged(&c.record.id, 5, 300, 150))
+                .await
+                .unwrap());
+        }
 
         let by_model = store
             .ledger(LedgerGroup::Model, i64::MIN, i64::MAX)
@@ -622,6 +630,11 @@ mod cases {
             sums,
             vec![("m", 2, 30, 2, 3_000, 1_500), ("n", 1, 5, 1, 300, 300)]
         );
+        let doubles: Vec<_> = by_model
+            .iter()
+            .map(|s| (s.double_paid, s.double_paid_nusd))
+            .collect();
+        assert_eq!(doubles, vec![(0, 0), (1, 150)]);
         let by_credential = store
             .ledger(LedgerGroup::Credential, i64::MIN, i64::MAX)
             .await

@@ -33,6 +33,8 @@ pub struct SavingsQuery {
 }
 
 /// One group as shown: the store's sums under the caller-facing key.
+/// `served_nusd` is everything paid, second payments included, so a
+/// request paid twice shows as a loss in `saved_usd`.
 #[derive(Default)]
 struct Row {
     requests: u64,
@@ -40,6 +42,8 @@ struct Row {
     output_tokens: u64,
     realtime_nusd: i64,
     served_nusd: i64,
+    double_paid: u64,
+    double_paid_nusd: i64,
 }
 
 impl Row {
@@ -48,7 +52,9 @@ impl Row {
         self.input_tokens += sum.input_tokens;
         self.output_tokens += sum.output_tokens;
         self.realtime_nusd += sum.realtime_nusd;
-        self.served_nusd += sum.served_nusd;
+        self.served_nusd += sum.served_nusd + sum.double_paid_nusd;
+        self.double_paid += sum.double_paid;
+        self.double_paid_nusd += sum.double_paid_nusd;
     }
 
     fn json(&self) -> Value {
@@ -59,6 +65,8 @@ impl Row {
             "realtime_usd": usd(self.realtime_nusd),
             "served_usd": usd(self.served_nusd),
             "saved_usd": usd(self.realtime_nusd - self.served_nusd),
+            "double_paid": self.double_paid,
+            "double_paid_usd": usd(self.double_paid_nusd),
         })
     }
 }
@@ -222,11 +230,13 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 /// The groups as CSV, one row each, USD to the nano-dollar.
 fn csv(name: &str, groups: &BTreeMap<String, Row>) -> impl IntoResponse {
-    let mut out =
-        format!("{name},requests,input_tokens,output_tokens,realtime_usd,served_usd,saved_usd\n");
+    let mut out = format!(
+        "{name},requests,input_tokens,output_tokens,realtime_usd,served_usd,saved_usd,\
+         double_paid,double_paid_usd\n"
+    );
     for (key, row) in groups {
         out.push_str(&format!(
-            "{},{},{},{},{:.9},{:.9},{:.9}\n",
+            "{},{},{},{},{:.9},{:.9},{:.9},{},{:.9}\n",
             csv_field(key),
             row.requests,
             row.input_tokens,
@@ -234,6 +244,8 @@ fn csv(name: &str, groups: &BTreeMap<String, Row>) -> impl IntoResponse {
             usd(row.realtime_nusd),
             usd(row.served_nusd),
             usd(row.realtime_nusd - row.served_nusd),
+            row.double_paid,
+            usd(row.double_paid_nusd),
         ));
     }
     ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out)

@@ -251,6 +251,15 @@ pub(crate) const LEDGER_INSERT: &str = "INSERT INTO ledger (request_id, complete
     SELECT $1, $2, upstream, model, credential_hash, $3, $4, $5, $6, $7 FROM requests WHERE id = $1 \
     ON CONFLICT (request_id) DO NOTHING";
 
+/// The second charge of a request paid twice: its batch line came back
+/// after the request was answered another way (a deadline fallback while
+/// the line was in a live batch). Recorded once: a re-download of the same
+/// file finds the row already served by that tier, or the charge already
+/// set. `$1` the charge, `$2` the request id, `$3` the tier of the line
+/// (in order of appearance: the SQLite writer binds them by position).
+pub(crate) const LEDGER_DOUBLE_PAID: &str = "UPDATE ledger SET double_paid_nusd = $1 \
+    WHERE request_id = $2 AND double_paid_nusd = 0 AND served_by <> $3";
+
 /// A token count as SQL stores it (saturating: no count is that large).
 pub(crate) fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)

@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/postgres_v3.sql"),
     include_str!("schema/postgres_v4.sql"),
     include_str!("schema/postgres_v5.sql"),
+    include_str!("schema/postgres_v6.sql"),
 ];
 
 /// Arbitrary but fixed: replicas starting together migrate one at a time.

@@ -314,7 +314,9 @@ macro_rules! read_ops {
                  CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, \
                  CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, \
                  CAST(SUM(realtime_nusd) AS BIGINT) AS realtime_nusd, \
-                 CAST(SUM(served_nusd) AS BIGINT) AS served_nusd \
+                 CAST(SUM(served_nusd) AS BIGINT) AS served_nusd, \
+                 CAST(SUM(CASE WHEN double_paid_nusd > 0 THEN 1 ELSE 0 END) AS BIGINT) AS double_paid, \
+                 CAST(SUM(double_paid_nusd) AS BIGINT) AS double_paid_nusd \
                  FROM ledger WHERE completed_at >= $1 AND completed_at < $2 GROUP BY grp ORDER BY grp"
             ))
             .bind(from)
@@ -330,6 +332,8 @@ macro_rules! read_ops {
                         output_tokens: uint(row.try_get("output_tokens")?),
                         realtime_nusd: row.try_get("realtime_nusd")?,
                         served_nusd: row.try_get("served_nusd")?,
+                        double_paid: uint(row.try_get("double_paid")?),
+                        double_paid_nusd: row.try_get("double_paid_nusd")?,
                     })
                 })
                 .collect()

@@ -292,7 +292,13 @@ pub struct LedgerSum {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub realtime_nusd: i64,
+    /// What the answers cost at the tier that served each.
     pub served_nusd: i64,
+    /// Requests paid twice: answered one way, their batch line (or
+    /// realtime call) paid and answered too.
+    pub double_paid: u64,
+    /// What the second payments cost, beyond `served_nusd`.
+    pub double_paid_nusd: i64,
 }
 
 /// Upstream keys never reach a log line, even through `{:?}`.

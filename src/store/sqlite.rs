@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/sqlite_v3.sql"),
     include_str!("schema/sqlite_v4.sql"),
     include_str!("schema/sqlite_v5.sql"),
+    include_str!("schema/sqlite_v6.sql"),
 ];
 
 /// Commands waiting for the writer; intake beyond this waits (backpressure).

@@ -9,7 +9,7 @@
 use sqlx::sqlite::SqliteConnection;
 
 use super::model::request_from_sql;
-use super::ops::{sqlite_ops, to_i64, LEDGER_INSERT};
+use super::ops::{sqlite_ops, to_i64, LEDGER_DOUBLE_PAID, LEDGER_INSERT};
 use super::sqlite_direct::direct;
 use super::{Resolution, StoreError};
 use crate::model::{RequestId, RequestStatus, WindowId};
@@ -43,6 +43,7 @@ fn apply(
     let mut changed = Vec::with_capacity(resolutions.len());
     let mut callbacks = Vec::new();
     let mut ledger: Option<rusqlite::Statement<'_>> = None;
+    let mut double_paid: Option<rusqlite::Statement<'_>> = None;
     for r in resolutions {
         let to = r.status.status();
         let at = match statements.iter().position(|(s, _)| *s == to) {
@@ -99,6 +100,16 @@ fn apply(
                 ])?;
             }
             changed.push(r.id.clone());
+        } else if let (Some(charge), Some(served_by)) = (&r.charge, r.served_by) {
+            let double_paid = match &mut double_paid {
+                Some(prepared) => prepared,
+                None => double_paid.insert(db.prepare(LEDGER_DOUBLE_PAID)?),
+            };
+            double_paid.execute(rusqlite::params![
+                charge.served_nusd,
+                r.id.as_str(),
+                served_by.as_str(),
+            ])?;
         }
     }
     Ok((changed, callbacks))

@@ -577,6 +577,28 @@ macro_rules! write_ops {
                 }
                 changed.push(id);
             }
+            if returned.len() < rows.len() {
+                let applied = &changed[changed.len() - returned.len()..];
+                let applied: std::collections::HashSet<&str> = applied.iter().map(RequestId::as_str).collect();
+                for r in rows.iter().filter(|r| !applied.contains(r.id.as_str())) {
+                    record_double_paid(conn, r).await?;
+                }
+            }
+            Ok(())
+        }
+
+        /// The charge of a paid answer that did not apply, on the ledger
+        /// row of the answer that did (none without a charge or a row).
+        async fn record_double_paid(conn: &mut Conn, r: &Resolution) -> Result<(), StoreError> {
+            let (Some(charge), Some(served_by)) = (&r.charge, r.served_by) else {
+                return Ok(());
+            };
+            q(LEDGER_DOUBLE_PAID)
+                .bind(charge.served_nusd)
+                .bind(r.id.as_str())
+                .bind(served_by.as_str())
+                .execute(&mut *conn)
+                .await?;
             Ok(())
         }
 
