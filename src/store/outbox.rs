@@ -13,6 +13,8 @@
 //! The SQL is written once in `outbox_ops!` and compiled per backend in
 //! `ops.rs`, beside the reads and writes.
 
+use super::ops::Op;
+use super::{Store, StoreError};
 use crate::model::{DeliveryId, RequestId, RequestStatus};
 
 /// Where a delivery is in its life.
@@ -316,6 +318,139 @@ macro_rules! outbox_ops {
 }
 
 pub(crate) use outbox_ops;
+
+// ---- the store's face to the webhook worker --------------------------------
+// A delivery is enqueued by `resolve`, `resolve_one`, `fail_unresolved`
+// and `cancel` themselves, in their transaction, for a request with a
+// callback URL.
+
+impl Store {
+    // and `cancel` themselves, in their transaction, for a request with a
+
+    /// Claims up to `limit` due deliveries for one attempt each: their
+    /// attempt count goes up by one and they are leased until `lease_until`
+    /// (due again then if the attempt never reports).
+    pub async fn claim_deliveries(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Claim {
+            now,
+            lease_until,
+            limit,
+        }))
+        .await?
+        .deliveries()
+    }
+
+    /// pending → delivered.
+    pub async fn delivery_succeeded(
+        &self,
+        id: &DeliveryId,
+        status: u16,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Delivered {
+            id: id.clone(),
+            status,
+            now,
+        }))
+        .await?
+        .applied()
+    }
+
+    /// Schedules the next attempt after a failed `attempt` (ignored if the
+    /// delivery was claimed again since).
+    pub async fn delivery_retry(
+        &self,
+        id: &DeliveryId,
+        attempt: u32,
+        next_at: i64,
+        status: Option<u16>,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Retry {
+            id: id.clone(),
+            attempt,
+            next_at,
+            status,
+            error: error.to_owned(),
+        }))
+        .await?
+        .applied()
+    }
+
+    /// Gives back the claim of `attempt` without making it (its target host
+    /// had enough attempts in flight): not counted, due again at `next_at`.
+    pub async fn delivery_release(
+        &self,
+        id: &DeliveryId,
+        attempt: u32,
+        next_at: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Release {
+            id: id.clone(),
+            attempt,
+            next_at,
+        }))
+        .await?
+        .applied()
+    }
+
+    /// pending → dead (a dead letter), with the reason.
+    pub async fn delivery_dead(
+        &self,
+        id: &DeliveryId,
+        attempt: u32,
+        status: Option<u16>,
+        reason: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Dead {
+            id: id.clone(),
+            attempt,
+            status,
+            reason: reason.to_owned(),
+            now,
+        }))
+        .await?
+        .applied()
+    }
+
+    /// dead → pending with a fresh attempt count, due at `now`; false if it
+    /// is not a dead letter.
+    pub async fn replay_dead_letter(&self, id: &DeliveryId, now: i64) -> Result<bool, StoreError> {
+        self.write(Op::Outbox(OutboxOp::Replay {
+            id: id.clone(),
+            now,
+        }))
+        .await?
+        .applied()
+    }
+
+    /// Every dead letter → pending; returns how many.
+    pub async fn replay_dead_letters(&self, now: i64) -> Result<u64, StoreError> {
+        self.write(Op::Outbox(OutboxOp::ReplayAll { now }))
+            .await?
+            .count()
+    }
+
+    /// Dead letters, most recently dead first.
+    pub async fn dead_letters(&self, limit: u32) -> Result<Vec<DeliveryRecord>, StoreError> {
+        dispatch!(self.dead_letters(limit))
+    }
+
+    pub async fn delivery(&self, id: &DeliveryId) -> Result<Option<DeliveryRecord>, StoreError> {
+        dispatch!(self.delivery(id))
+    }
+
+    /// The number of pending deliveries and the earliest `next_attempt_at`.
+    pub async fn outbox_pending(&self) -> Result<(u64, Option<i64>), StoreError> {
+        dispatch!(self.outbox_pending())
+    }
+}
 
 #[cfg(test)]
 mod tests {
