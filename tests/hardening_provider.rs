@@ -457,3 +457,70 @@ async fn the_janitor_deletes_inputs_of_finished_windows_and_nothing_it_did_not_n
         app.stop().await.unwrap();
     }
 }
+
+/// A passthrough window's key is its caller's, and the store forgets it
+/// when the window finishes: the janitor can never list that account
+/// again. So a copy of the window's input the submission never recorded
+/// (an upload that timed out after it went through) is deleted when the
+/// window finishes, with the caller's key.
+#[tokio::test]
+async fn a_passthrough_windows_unrecorded_input_copies_are_deleted_when_it_finishes() {
+    const CALLER: &str = "sk-caller";
+    for dialect in DIALECTS {
+        let sim = sim::spawn(SimOptions::default()).await.unwrap();
+        sim.add_fault(Fault::next_job(JobOutcome::Stuck));
+        let toml = format!(
+            r#"
+[[upstreams]]
+name = "pt"
+dialect = "{dialect}"
+base_url = "{}"
+auth = "passthrough"
+
+[batching]
+poll_interval = "50ms"
+max_wait = "100ms"
+"#,
+            sim.base_url()
+        );
+        let app = TestApp::start(&toml, &[]).await;
+        let resp = post_chat(&app, CALLER, &[("carpool-mode", "async")], &chat("hello")).await;
+        assert_eq!(resp.status().as_u16(), 202, "{dialect}");
+        let id = resp.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            eventually(PATIENCE, || !sim.jobs().is_empty()).await,
+            "{dialect}: a job"
+        );
+        let window = sim.jobs()[0].metadata.as_ref().unwrap()["carpool_window"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let orphan = upload_named(&sim, &format!("{window}.jsonl")).await;
+        let foreign = upload_named(&sim, "nightly-export.jsonl").await;
+
+        sim.clear_faults();
+        let object = settled(&app, CALLER, &id).await;
+        assert_eq!(object["status"], "succeeded", "{dialect}: {object}");
+        let mut ids = input_files(&sim).await;
+        for _ in 0..600 {
+            if !ids.contains(&orphan) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            ids = input_files(&sim).await;
+        }
+        assert!(!ids.contains(&orphan), "{dialect}: the copy was deleted");
+        assert!(ids.contains(&foreign), "{dialect}: {foreign} left alone");
+        let deleted_with: Vec<_> = sim
+            .calls()
+            .into_iter()
+            .filter(|c| c.method == "DELETE" && c.path.ends_with(&orphan))
+            .map(|c| c.credential)
+            .collect();
+        assert_eq!(deleted_with, vec![Some(CALLER.to_owned())], "{dialect}");
+        app.stop().await.unwrap();
+    }
+}

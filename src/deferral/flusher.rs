@@ -30,7 +30,7 @@ use crate::model::Dialect;
 use crate::providers::{input_filename, write_input_line, JobPhase, JobView, ProviderError};
 use crate::resolution::deadline::answer_too_late;
 use crate::resolution::fallback::settle_unfinished;
-use crate::resolution::orphans::drop_surplus_copies;
+use crate::resolution::orphans::{drop_copies_at_end, drop_surplus_copies};
 use crate::store::{
     FlushReason, Lease, StoreError, WindowOutcome, WindowRecord, WindowState, WindowSummary,
 };
@@ -124,23 +124,29 @@ pub async fn fail_window(
 /// Deletes a failed window's input file at the provider (`delete_files`;
 /// best effort, a failure is only logged): nothing reads it again, and it
 /// would count against the provider's storage quota.
+/// Surplus copies of a passthrough window's input go too, whatever
+/// `delete_files` says ([`drop_copies_at_end`]).
 async fn delete_input(deferral: &Deferral, window: &WindowRecord) {
-    if !deferral.config.batching.delete_files {
-        return;
-    }
     let Some(upstream) = deferral.upstream(&window.key.upstream) else {
         return;
     };
-    // The caller's copy may predate the upload (a create refused for good).
-    let file_id = match deferral.store.window(&window.id).await {
-        Ok(Some(stored)) => stored.file_id,
-        _ => window.file_id.clone(),
-    };
-    let (Some(key), Some(file)) = (upstream.key_for(window), file_id) else {
+    let Some(key) = upstream.key_for(window) else {
         return;
     };
+    // The caller's copy may predate the upload (a create refused for good).
+    let mut window = window.clone();
+    if let Ok(Some(stored)) = deferral.store.window(&window.id).await {
+        window.file_id = stored.file_id.or(window.file_id);
+    }
     let client = upstream.client.scoped(&window.key.scope);
-    if let Err(err) = client.delete_file(key, &file).await {
+    drop_copies_at_end(&client, upstream.config.auth, key, &window).await;
+    let Some(file) = window.file_id.as_deref() else {
+        return;
+    };
+    if !deferral.config.batching.delete_files {
+        return;
+    }
+    if let Err(err) = client.delete_file(key, file).await {
         tracing::warn!(window = %window.id, file, error = %err, "could not delete a failed window's input file");
     }
 }

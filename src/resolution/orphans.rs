@@ -32,6 +32,30 @@ pub async fn drop_surplus_copies(
     window: &WindowRecord,
     kept: &str,
 ) {
+    drop_copies_but(client, key, window, Some(kept)).await;
+}
+
+/// At the end of a window on a passthrough upstream (`key` is its owner's):
+/// deletes every copy of its input but the recorded one, which the window's
+/// own clean-up deletes or keeps (`delete_files`). Managed windows are left
+/// to [`sweep`], which lists carpool's own key whenever it likes.
+pub async fn drop_copies_at_end(
+    client: &BatchClient,
+    auth: AuthMode,
+    key: &str,
+    window: &WindowRecord,
+) {
+    if auth == AuthMode::Passthrough {
+        drop_copies_but(client, key, window, window.file_id.as_deref()).await;
+    }
+}
+
+async fn drop_copies_but(
+    client: &BatchClient,
+    key: &str,
+    window: &WindowRecord,
+    kept: Option<&str>,
+) {
     let since = window.sealed_at.unwrap_or(window.opened_at) / 1000 - SKEW_SECS;
     let listed = match client.list_input_files(key, since).await {
         Ok(listed) => listed,
@@ -41,7 +65,10 @@ pub async fn drop_surplus_copies(
         }
     };
     let name = input_filename(&window.id);
-    for file in listed.iter().filter(|f| f.filename == name && f.id != kept) {
+    for file in listed
+        .iter()
+        .filter(|f| f.filename == name && Some(f.id.as_str()) != kept)
+    {
         delete(client, key, &window.id, file).await;
     }
 }

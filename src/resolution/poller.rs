@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::orphans::drop_copies_at_end;
 use super::reconcile::{reconcile, ReconcileError};
 use super::spool::SpoolError;
 use crate::deferral::engine::{now_ms, BatchUpstream, BusyGuard, Deferral};
@@ -180,6 +181,7 @@ async fn poll_job(
         job.error_file.as_deref(),
     ];
     delete_files(deferral, upstream, key, window, files.into_iter().flatten()).await;
+    drop_copies_at_end(client, upstream.config.auth, key, window).await;
     Ok(())
 }
 
