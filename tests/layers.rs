@@ -401,7 +401,11 @@ fn every_import_points_down_the_layers() {
     let mut files = Vec::new();
     rust_files(&src, &src, &mut files);
     files.sort();
-    assert!(files.len() > 50, "found only {} files under src/", files.len());
+    assert!(
+        files.len() > 50,
+        "found only {} files under src/",
+        files.len()
+    );
 
     let mut found = Vec::new();
     for file in &files {
@@ -428,7 +432,9 @@ fn every_import_points_down_the_layers() {
     let gone: Vec<String> = KNOWN
         .iter()
         .filter(|k| !occurring.contains(k))
-        .map(|(file, module)| format!("  (\"{file}\", \"{module}\") no longer occurs: remove it from KNOWN"))
+        .map(|(file, module)| {
+            format!("  (\"{file}\", \"{module}\") no longer occurs: remove it from KNOWN")
+        })
         .collect();
     assert!(
         new.is_empty() && gone.is_empty(),
@@ -477,7 +483,10 @@ fn workers_do_not_import_each_other() {
         .into_iter()
         .map(|v| v.path)
         .collect();
-    assert_eq!(got, vec!["resolution::waiters::Waiters", "webhooks::worker::run"]);
+    assert_eq!(
+        got,
+        vec!["resolution::waiters::Waiters", "webhooks::worker::run"]
+    );
 }
 
 #[test]
