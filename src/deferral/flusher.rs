@@ -124,6 +124,7 @@ pub async fn fail_window(
 /// Deletes a failed window's input file at the provider (`delete_files`;
 /// best effort, a failure is only logged): nothing reads it again, and it
 /// would count against the provider's storage quota.
+///
 /// Surplus copies of a passthrough window's input go too, whatever
 /// `delete_files` says ([`drop_copies_at_end`]).
 async fn delete_input(deferral: &Deferral, window: &WindowRecord) {
@@ -136,7 +137,7 @@ async fn delete_input(deferral: &Deferral, window: &WindowRecord) {
     // The caller's copy may predate the upload (a create refused for good).
     let mut window = window.clone();
     if let Ok(Some(stored)) = deferral.store.window(&window.id).await {
-        window.file_id = stored.file_id.or(window.file_id);
+        window.file_id = stored.file_id;
     }
     let client = upstream.client.scoped(&window.key.scope);
     drop_copies_at_end(&client, upstream.config.auth, key, &window).await;
